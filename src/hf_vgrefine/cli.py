@@ -1,0 +1,70 @@
+"""Command-line entry point ``hf-vgrefine``.
+
+Each sub-command lives in the module that implements it; that module exposes
+``add_cli(subparsers)`` which registers its parser and sets ``func`` (a callable taking the parsed
+``argparse.Namespace`` and returning an exit code). Modules are imported only when their command
+runs, so ``hf-vgrefine --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (command name, implementing module, one-line help). Order = order in --help.
+COMMANDS: list[tuple[str, str, str]] = [
+    ("demo", "hf_vgrefine.demo", "offline end-to-end run on the embedded default (build, measure, calibrate, refine, report)"),
+    ("capture", "hf_vgrefine.attention", "capture last-token attention to image tokens of a model and print a per-layer summary"),
+    ("build-vgmed", "hf_vgrefine.data.cli", "build a VGMED configuration as parquet + dataset card"),
+    ("measure", "hf_vgrefine.measure", "measure attention-vs-region grounding per layer (and head)"),
+    ("calibrate", "hf_vgrefine.calibrate", "choose VGRefine's masked layer and sensitive heads from grounding scores"),
+    ("install-metric", "hf_vgrefine.metrics_module", "install the grounding_ratio evaluate module so evaluate.load('grounding_ratio') works offline"),
+    ("evaluate", "hf_vgrefine.medvqa.cli", "Med-VQA closed-ended evaluation, baseline vs VGRefine"),
+]
+
+
+def _available_commands():
+    for name, module, help_ in COMMANDS:
+        spec = importlib.util.find_spec(module) if _parent_importable(module) else None
+        if spec is not None:
+            yield name, module, help_
+
+
+def _parent_importable(module: str) -> bool:
+    parent = module.rpartition(".")[0]
+    try:
+        importlib.import_module(parent)
+    except ImportError:
+        return False
+    return True
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Parser with every available command listed; only ``command``'s module is imported."""
+    parser = argparse.ArgumentParser(
+        prog="hf-vgrefine",
+        description="Visual grounding for medical VLMs: measure where a model looks, calibrate and apply VGRefine.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module, help_ in _available_commands():
+        if name == command:
+            importlib.import_module(module).add_cli(sub)
+        else:
+            sub.add_parser(name, help=help_, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if command is None else 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
