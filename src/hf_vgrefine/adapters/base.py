@@ -1,0 +1,125 @@
+"""Family-adapter base class: where the image tokens are, what grid they form, where the decoder is.
+
+Conventions (used by the whole package):
+
+* positions index the (left-)padded ``input_ids`` row, ``[0, T)``;
+* an image's grid tokens are listed row-major: token ``k`` of an ``R x C`` grid is cell
+  ``(k // C, k % C)``, flat index ``row * C + col``;
+* ``ImageSpan.end`` is the first position after the image's last placeholder token (``v_end``); the
+  "post-image" query rows of the study are ``[v_end, T)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """One image block of one sample.
+
+    ``positions``: LongTensor ``[rows * cols]``, row-major grid-token positions (newline tokens and
+    other non-grid placeholders excluded). ``start``/``end``: ``[start, end)`` covers every
+    placeholder token of the image (for Qwen ``end`` is the ``<|vision_end|>`` position).
+    """
+
+    start: int
+    end: int
+    rows: int
+    cols: int
+    positions: torch.Tensor
+    image_index: int = 0
+    block: str = "grid"
+    extra_positions: dict = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.rows * self.cols
+
+
+class UnsupportedModelError(ValueError):
+    """Raised for a model whose ``model_type`` has no registered adapter."""
+
+
+class FamilyAdapter:
+    """Base class. Subclasses set ``model_types`` and implement ``image_spans`` and ``token_grid``."""
+
+    model_types: tuple[str, ...] = ()
+    family: str = ""
+
+    def __init__(self, model):
+        self.model = model
+        self.config = model.config
+        self.text_config = self.config.get_text_config(decoder=True)
+
+    # ----------------------------------------------------------------- decoder structure
+    @property
+    def decoder_layers(self):
+        """The text decoder's layer list (v5 layout ``model.model.language_model.layers``, v4 fallbacks)."""
+        for path in ("model.language_model.layers", "language_model.model.layers", "model.layers",
+                     "language_model.layers"):
+            obj = self.model
+            try:
+                for part in path.split("."):
+                    obj = getattr(obj, part)
+            except AttributeError:
+                continue
+            if isinstance(obj, torch.nn.ModuleList):
+                return obj
+        raise AttributeError(f"cannot find the text decoder layers of {type(self.model).__name__}")
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.text_config.num_attention_heads)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(getattr(self.text_config, "num_key_value_heads", None) or self.num_heads)
+
+    @property
+    def image_token_id(self) -> int:
+        tid = getattr(self.config, "image_token_id", None)
+        if tid is None:
+            tid = getattr(self.config, "image_token_index", None)
+        if tid is None:
+            raise ValueError(f"{type(self.config).__name__} has no image_token_id; cannot locate image tokens")
+        return int(tid)
+
+    def text_attn_target(self, name: str):
+        """Argument for ``set_attn_implementation`` that switches only the text decoder to ``name``."""
+        return {"text_config": name}
+
+    # ----------------------------------------------------------------- image tokens
+    def image_runs(self, input_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """Per sample, the ``[start, end)`` runs of consecutive image-placeholder ids."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        is_img = (input_ids == self.image_token_id).to(torch.int8)
+        out = []
+        for row in is_img:
+            d = torch.diff(torch.nn.functional.pad(row, (1, 1)))
+            starts = (d == 1).nonzero().flatten().tolist()
+            ends = (d == -1).nonzero().flatten().tolist()
+            out.append(list(zip(starts, ends)))
+        return out
+
+    def image_spans(self, inputs: dict) -> list[list[ImageSpan]]:
+        """Per sample (batch order), per image (sequence order): its :class:`ImageSpan`."""
+        raise NotImplementedError
+
+    def token_grid(self, processor, image_size: tuple[int, int], span: ImageSpan | None = None,
+                   inputs: dict | None = None):
+        """:class:`hf_vgrefine.geometry.TokenGrid` of an image of original ``image_size=(W, H)`` pixels."""
+        raise NotImplementedError
+
+    def _require_images(self, runs):
+        if not any(runs):
+            raise ValueError(
+                f"no image tokens (id {self.image_token_id}) in input_ids: build the inputs with the model's "
+                "processor and an image (one image per prompt), e.g. processor(images=img, text=prompt)")

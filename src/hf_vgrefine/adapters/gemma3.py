@@ -1,0 +1,44 @@
+"""Gemma 3 / MedGemma (``Gemma3ForConditionalGeneration``): pooled square grid, bidirectional image block."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import FamilyAdapter, ImageSpan
+
+
+class Gemma3Adapter(FamilyAdapter):
+    model_types = ("gemma3",)
+    family = "gemma3"
+
+    @property
+    def grid_side(self) -> int:
+        n = int(self.config.mm_tokens_per_image)
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"mm_tokens_per_image={n} is not a square; cannot form a token grid")
+        return side
+
+    def image_spans(self, inputs):
+        runs = self.image_runs(inputs["input_ids"])
+        self._require_images(runs)
+        side = self.grid_side
+        out = []
+        for b, sample in enumerate(runs):
+            spans = []
+            for i, (s, e) in enumerate(sample):
+                if e - s != side * side:
+                    raise ValueError(f"sample {b}: image run of {e - s} tokens, expected {side * side}")
+                # pan-and-scan crops follow the full image as further blocks; block 0 is the full image
+                spans.append(ImageSpan(s, e, side, side, torch.arange(s, e), image_index=i,
+                                       block="grid" if i == 0 else "crop"))
+            out.append(spans)
+        return out
+
+    def token_grid(self, processor, image_size, span=None, inputs=None):
+        from ..processor_geometry import gemma3_grid
+
+        ip = getattr(processor, "image_processor", processor)
+        return gemma3_grid(ip, image_size, tokens_per_image=int(self.config.mm_tokens_per_image))

@@ -1,0 +1,42 @@
+"""LLaVA-1.5 family (``LlavaForConditionalGeneration``: llava-hf, HuatuoGPT-Vision-7B-hf, LLaVA-Med-hf)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import FamilyAdapter, ImageSpan
+
+
+class LlavaAdapter(FamilyAdapter):
+    model_types = ("llava",)
+    family = "llava"
+
+    @property
+    def grid_side(self) -> int:
+        vc = self.config.vision_config
+        return vc.image_size // vc.patch_size
+
+    def image_spans(self, inputs):
+        runs = self.image_runs(inputs["input_ids"])
+        self._require_images(runs)
+        side = self.grid_side
+        n = side * side
+        out = []
+        for b, sample in enumerate(runs):
+            spans = []
+            for i, (s, e) in enumerate(sample):
+                extra = e - s - n  # "full" strategy keeps CLS as the first token
+                if extra not in (0, 1):
+                    raise ValueError(f"sample {b}: image run of {e - s} tokens, expected {n} (grid {side}x{side})")
+                spans.append(ImageSpan(s, e, side, side, torch.arange(s + extra, e), image_index=i))
+            out.append(spans)
+        return out
+
+    def token_grid(self, processor, image_size, span=None, inputs=None):
+        from ..processor_geometry import llava_grid
+
+        vc = self.config.vision_config
+        ip = getattr(processor, "image_processor", processor)
+        return llava_grid(ip, image_size, patch_size=vc.patch_size, vision_image_size=vc.image_size)

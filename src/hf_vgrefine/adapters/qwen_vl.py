@@ -1,0 +1,53 @@
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL (Lingshu, MedVLM-R1, HuatuoGPT-Vision-Qwen2.5VL): ``image_grid_thw``
+gives each image's patch grid; the LLM grid is that grid divided by ``spatial_merge_size``."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import FamilyAdapter, ImageSpan
+
+
+class QwenVLAdapter(FamilyAdapter):
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    family = "qwen_vl"
+
+    @property
+    def merge_size(self) -> int:
+        return int(self.config.vision_config.spatial_merge_size)
+
+    def image_spans(self, inputs):
+        runs = self.image_runs(inputs["input_ids"])
+        self._require_images(runs)
+        thw = inputs.get("image_grid_thw")
+        if thw is None:
+            raise ValueError("Qwen-VL inputs need image_grid_thw (returned by the processor together with pixel_values)")
+        thw = torch.as_tensor(thw).tolist()
+        m = self.merge_size
+        k = 0
+        out = []
+        for b, sample in enumerate(runs):
+            spans = []
+            for i, (s, e) in enumerate(sample):
+                if k >= len(thw):
+                    raise ValueError(f"more image blocks in input_ids than rows in image_grid_thw ({len(thw)})")
+                t, h, w = thw[k]
+                rows, cols = h // m, w // m
+                if t != 1 or rows * cols != e - s:
+                    raise ValueError(f"sample {b}, image {i}: {e - s} image tokens but image_grid_thw={thw[k]} "
+                                     f"(merge {m}) gives {t}x{rows}x{cols}; videos/multi-frame inputs are not supported")
+                spans.append(ImageSpan(s, e, rows, cols, torch.arange(s, e), image_index=k))
+                k += 1
+            out.append(spans)
+        if k != len(thw):
+            raise ValueError(f"image_grid_thw has {len(thw)} rows but input_ids hold {k} image blocks")
+        return out
+
+    def token_grid(self, processor, image_size, span=None, inputs=None):
+        from ..processor_geometry import qwen_vl_grid
+
+        ip = getattr(processor, "image_processor", processor)
+        thw = None
+        if span is not None and inputs is not None and inputs.get("image_grid_thw") is not None:
+            thw = torch.as_tensor(inputs["image_grid_thw"])[span.image_index].tolist()
+        return qwen_vl_grid(ip, image_size, merge_size=self.merge_size, grid_thw=thw)

@@ -1,0 +1,385 @@
+"""Attention capture and attention-logit biasing through one registered attention function.
+
+The package registers ``"vgrefine"`` in ``transformers.AttentionInterface`` (and ``sdpa_mask`` under the same
+name in ``AttentionMaskInterface``, so layers keep receiving their causal/padding/bidirectional masks).
+The function always lets SDPA compute the layer output; when a :class:`_State` is active (a
+``contextvars.ContextVar`` set by :class:`AttentionProbe`) it additionally
+
+* **captures** post-softmax probabilities, in fp32, of chosen query rows x chosen heads of chosen layers,
+  gathered at the image-key columns — the same numbers eager ``output_attentions=True`` gives at those
+  rows/columns, without materialising ``T x T`` maps; optionally stops the forward after the last needed
+  layer (early exit);
+* **biases** attention logits of chosen (layer, sample, query rows, key columns) — :class:`KeyBias`;
+  a ``-inf`` bias is applied as a boolean mask composed (AND) with the mask the layer received, so the
+  kernel stays SDPA and blocked keys get exactly zero probability.
+
+Shapes: ``query`` ``[B, H, q, d]``; ``key``/``value`` ``[B, H_kv, kv, d]`` (cache included); masks
+``[B|1, 1, q, kv]`` (bool = allowed, or additive float) or ``None`` (plain causal).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+ATTN_NAME = "vgrefine"
+_STATE: contextvars.ContextVar = contextvars.ContextVar("hf_vgrefine_attention_state", default=None)
+_REGISTERED = False
+
+
+class _EarlyExit(Exception):
+    """Raised by the attention function after the last layer a capture needs (caught by the caller)."""
+
+
+# --------------------------------------------------------------------------------------------- state
+@dataclass
+class KeyBias:
+    """Additive bias on attention logits (before softmax).
+
+    For sample ``batch_index`` (index into the batch given to the probe; beam/sample expansion of
+    ``generate`` is followed automatically), in every layer of ``layers``, query rows at absolute
+    positions ``[row_start, row_stop)`` (``row_stop=None``: open-ended, decode steps included) get
+    ``value`` added on the logits of key positions ``cols``. ``value=-inf`` blocks those keys exactly.
+    ``heads=None``: all query heads. ``prefill_only=True``: only applied when the query length is > 1.
+    A bias of ``0.0`` is a no-op and is skipped.
+    """
+
+    layers: tuple
+    batch_index: int
+    row_start: int
+    row_stop: int | None
+    cols: torch.Tensor
+    value: float = -math.inf
+    heads: tuple | None = None
+    prefill_only: bool = False
+
+    def __post_init__(self):
+        self.layers = tuple(int(x) for x in self.layers)
+        self.cols = torch.as_tensor(self.cols, dtype=torch.long).flatten()
+        if self.heads is not None:
+            self.heads = tuple(int(h) for h in self.heads)
+
+
+@dataclass
+class _CapturePlan:
+    layers: frozenset
+    heads: torch.Tensor | None          # [h_sel] query-head indices, None = all
+    rows: torch.Tensor                  # [B, r] absolute query positions
+    row_weights: torch.Tensor           # [B, r] averaging weights (rows sum to 1)
+    cols: torch.Tensor                  # [B, N] absolute key positions (padded with 0)
+    stop_after: int | None
+    after_bias: bool = True
+    captured: dict = field(default_factory=dict)
+
+
+@dataclass
+class _State:
+    capture: _CapturePlan | None = None
+    biases: list = field(default_factory=list)
+    batch_size: int | None = None
+    bias_enabled: bool = True
+    calls: dict = field(default_factory=dict)   # layer -> number of biased calls (diagnostics)
+
+    def biases_for(self, layer: int, q_len: int):
+        if not self.bias_enabled:
+            return []
+        return [b for b in self.biases if layer in b.layers and b.value != 0.0 and not (b.prefill_only and q_len == 1)]
+
+
+def current_state() -> _State | None:
+    """The active probe state (``None`` outside any :class:`AttentionProbe`)."""
+    return _STATE.get()
+
+
+# --------------------------------------------------------------------------------------------- masks
+def _q_offset(attention_mask, q: int, kv: int) -> int:
+    """Absolute position of query row 0 (static-cache prefill without mask is upper-left aligned)."""
+    if attention_mask is None and q > 1 and kv > q:
+        return 0
+    return kv - q
+
+
+def allowed_matrix(attention_mask, q: int, kv: int, device) -> torch.Tensor:
+    """Boolean ``[B|1, 1, q, kv]``: True where the layer's own mask lets query row attend to key."""
+    if attention_mask is None:
+        off = _q_offset(None, q, kv)
+        i = torch.arange(q, device=device)[:, None] + off
+        j = torch.arange(kv, device=device)[None, :]
+        return (j <= i)[None, None]
+    m = attention_mask[..., :kv]
+    if m.dtype == torch.bool:
+        return m
+    return m > torch.finfo(m.dtype).min / 2
+
+
+def _expand_index(state: _State, B: int) -> int:
+    """Repeat factor between the probe's batch and the layer's batch (beam search / num_return_sequences)."""
+    base = state.batch_size or B
+    if B % base:
+        raise RuntimeError(f"attention batch {B} is not a multiple of the probed batch {base}")
+    return B // base
+
+
+def _compose(attention_mask, biases, query, kv: int, state: _State):
+    B, H, q, _ = query.shape
+    rep = _expand_index(state, B)
+    off = _q_offset(attention_mask, q, kv)
+    allowed = allowed_matrix(attention_mask, q, kv, query.device)
+    hard = all(math.isinf(b.value) and b.value < 0 and b.heads is None for b in biases)
+    if hard:
+        mask = allowed.expand(B, 1, q, kv).clone()
+    else:
+        neg = torch.finfo(query.dtype).min
+        mask = torch.zeros(B, H, q, kv, dtype=query.dtype, device=query.device)
+        mask.masked_fill_(~allowed.expand(B, H, q, kv), neg)
+    for bias in biases:
+        r0 = max(bias.row_start - off, 0)
+        r1 = q if bias.row_stop is None else min(bias.row_stop - off, q)
+        if r1 <= r0:
+            continue
+        cols = bias.cols.to(query.device)
+        cols = cols[cols < kv]
+        rows_b = range(bias.batch_index * rep, (bias.batch_index + 1) * rep)
+        for b in rows_b:
+            if hard:
+                mask[b, 0, r0:r1, cols] = False
+                continue
+            val = neg if math.isinf(bias.value) and bias.value < 0 else bias.value
+            for h in (range(H) if bias.heads is None else bias.heads):
+                block = mask[b, h, r0:r1]                      # view [r, kv]
+                block[:, cols] = (block[:, cols] + val).clamp_min(neg)
+    return mask
+
+
+# --------------------------------------------------------------------------------------------- capture
+def _capture(module, query, key, attention_mask, scaling, plan: _CapturePlan, state: _State, kw):
+    B, H, q, d = query.shape
+    kv = key.shape[2]
+    off = _q_offset(attention_mask, q, kv)
+    rep = _expand_index(state, B)
+    rows = plan.rows.to(query.device).repeat_interleave(rep, 0) - off          # [B, r] local rows
+    cols = plan.cols.to(query.device).repeat_interleave(rep, 0)               # [B, N]
+    weights = plan.row_weights.to(query.device).repeat_interleave(rep, 0)     # [B, r]
+    heads = plan.heads.to(query.device) if plan.heads is not None else torch.arange(H, device=query.device)
+    groups = H // key.shape[1]
+    r = rows.shape[1]
+    q_sel = query[:, heads].gather(2, rows[:, None, :, None].expand(B, heads.numel(), r, d))    # [B, h, r, d]
+    k_sel = key[:, heads // groups]                                                          # [B, h, kv, d]
+    scores = torch.matmul(q_sel.float(), k_sel.float().transpose(-1, -2)) * float(scaling)   # [B, h, r, kv]
+    softcap = kw.get("softcap")
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    ok = allowed_matrix(attention_mask, q, kv, query.device)
+    if ok.dim() == 4 and ok.shape[1] != 1:   # per-head float mask (soft bias path)
+        ok_rows = ok[:, heads].expand(B, -1, q, kv).gather(2, rows[:, None, :, None].expand(B, heads.numel(), r, kv))
+        add = attention_mask[:, heads].gather(2, rows[:, None, :, None].expand(B, heads.numel(), r, kv)).float()
+        scores = scores + torch.where(ok_rows, add, torch.zeros_like(add))
+    else:
+        ok_rows = ok.expand(B, 1, q, kv).gather(2, rows[:, None, :, None].expand(B, 1, r, kv))
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            add = attention_mask[..., :kv].expand(B, 1, q, kv).gather(2, rows[:, None, :, None].expand(B, 1, r, kv))
+            scores = scores + torch.where(ok_rows, add.float(), torch.zeros_like(add, dtype=torch.float32))
+    probs = scores.masked_fill(~ok_rows, float("-inf")).softmax(-1)
+    probs = torch.nan_to_num(probs, nan=0.0)                                   # fully masked (padding) rows
+    img = probs.gather(-1, cols[:, None, None, :].expand(B, heads.numel(), r, cols.shape[1]))  # [B, h, r, N]
+    plan.captured[module.layer_idx] = (img * weights[:, None, :, None]).sum(2)                # [B, h, N]
+
+
+# --------------------------------------------------------------------------------------------- the function
+def vgrefine_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Registered attention function: SDPA output, plus capture/bias when a probe state is active."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    state = _STATE.get()
+    layer = getattr(module, "layer_idx", None)
+    if state is None or layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    q_len, kv = query.shape[2], key.shape[2]
+    biases = state.biases_for(layer, q_len)
+    plan = state.capture
+    capture_here = plan is not None and layer in plan.layers and q_len > 1
+    if capture_here and not plan.after_bias:
+        _capture(module, query, key, attention_mask, scaling, plan, state, kwargs)
+    if biases:
+        attention_mask = _compose(attention_mask, biases, query, kv, state)
+        state.calls[layer] = state.calls.get(layer, 0) + 1
+    if capture_here and plan.after_bias:
+        _capture(module, query, key, attention_mask, scaling, plan, state, kwargs)
+    if capture_here and plan.stop_after == layer:
+        raise _EarlyExit
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def register_attention() -> str:
+    """Register ``"vgrefine"`` in both transformers registries (idempotent). Returns the name."""
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+
+        AttentionInterface.register(ATTN_NAME, vgrefine_attention)
+        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+        _REGISTERED = True
+    return ATTN_NAME
+
+
+# --------------------------------------------------------------------------------------------- probe
+class AttentionProbe:
+    """Context manager: switch the text decoder to ``"vgrefine"`` attention and activate a state.
+
+    On exit (also after an exception) the state is cleared and the model's original attention
+    implementation of the text decoder is restored. Nesting is supported (inner probes replace the state
+    while active). ``biases``: list of :class:`KeyBias`; ``batch_size``: the batch the sample indices of
+    biases/capture refer to (``generate`` may expand it for beams).
+    """
+
+    def __init__(self, model, biases=None, batch_size: int | None = None, adapter=None):
+        from .adapters import get_adapter
+
+        self.model = model
+        self.adapter = adapter or get_adapter(model)
+        self.state = _State(biases=list(biases or []), batch_size=batch_size)
+        self._token = None
+        self._previous = None
+
+    def _text_impl(self):
+        return getattr(self.adapter.text_config, "_attn_implementation", None)
+
+    def __enter__(self):
+        register_attention()
+        self._previous = self._text_impl()
+        if self._previous != ATTN_NAME:
+            self.model.set_attn_implementation(self.adapter.text_attn_target(ATTN_NAME))
+        self._token = _STATE.set(self.state)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._token is not None:
+            _STATE.reset(self._token)
+            self._token = None
+        if self._previous != ATTN_NAME and self._previous is not None:
+            self.model.set_attn_implementation(self.adapter.text_attn_target(self._previous))
+        return False
+
+
+# --------------------------------------------------------------------------------------------- capture API
+@dataclass
+class CapturedAttention:
+    """Captured attention to image tokens.
+
+    ``maps``: float32 ``[batch, n_layers, n_heads, n_max]`` post-softmax probabilities (over the full key
+    sequence, not renormalised) from the chosen query rows to each sample's image tokens, NaN-padded past
+    ``n_tokens[b]``. Several images in one sample: their grid tokens are concatenated in sequence order
+    (``spans[b]`` gives each image's size). ``layers``/``heads``: the indices the axes refer to.
+    """
+
+    maps: torch.Tensor
+    layers: list
+    heads: list
+    n_tokens: list
+    spans: list
+
+    def sample(self, b: int) -> torch.Tensor:
+        """``[n_layers, n_heads, n_tokens[b]]`` for sample ``b``."""
+        return self.maps[b, ..., : self.n_tokens[b]]
+
+    def layer_mean(self) -> torch.Tensor:
+        """Mean over the captured heads: ``[batch, n_layers, n_max]``."""
+        return self.maps.mean(2)
+
+
+def _query_rows(query, input_ids, attention_mask, spans):
+    B, T = input_ids.shape
+    if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+        raise ValueError("attention capture needs left padding (the last column of attention_mask must be 1 for "
+                         "every sample): set processor.tokenizer.padding_side = 'left'")
+    if isinstance(query, str) and query == "last":
+        rows = torch.full((B, 1), T - 1, dtype=torch.long)
+        return rows, torch.ones(B, 1)
+    if isinstance(query, str) and query == "post_image":
+        v_end = [max(s.end for s in sp) for sp in spans]
+        start = min(v_end)
+        rows = torch.arange(start, T)[None].expand(B, -1).clone()
+        w = torch.stack([(torch.arange(start, T) >= v).float() for v in v_end])
+        if (w.sum(1) == 0).any():
+            raise ValueError("query='post_image' needs at least one token after the image in every sample")
+        return rows, w / w.sum(1, keepdim=True)
+    if isinstance(query, str):
+        raise ValueError(f"query must be 'last', 'post_image' or explicit positions, got {query!r}")
+    q = [torch.as_tensor(x, dtype=torch.long).flatten() for x in (query if isinstance(query, (list, tuple)) and
+                                                                   len(query) == B and not isinstance(query[0], int)
+                                                                   else [query] * B)]
+    r = max(len(x) for x in q)
+    rows = torch.full((B, r), T - 1, dtype=torch.long)
+    w = torch.zeros(B, r)
+    for b, x in enumerate(q):
+        x = torch.where(x < 0, x + T, x)
+        if len(x) == 0 or (x < 0).any() or (x >= T).any():
+            raise ValueError(f"query positions for sample {b} must be non-empty and within [0, {T})")
+        rows[b, : len(x)] = x
+        w[b, : len(x)] = 1.0 / len(x)
+    return rows, w
+
+
+def _check_indices(name, values, limit):
+    bad = [v for v in values if not 0 <= v < limit]
+    if bad:
+        raise ValueError(f"{name} {bad} out of range: the model has {limit} (valid 0..{limit - 1})")
+
+
+def capture_image_attention(model, inputs: dict, layers=None, heads=None, query="last", early_exit: bool = True,
+                            spans=None, adapter=None, biases=None) -> CapturedAttention:
+    """Attention from query rows to image tokens, per layer and head, on SDPA.
+
+    ``inputs``: the processor's model inputs (left-padded batch). ``layers``/``heads``: 0-based indices
+    (``None`` = all); ``query``: ``"last"`` (row ``T-1``), ``"post_image"`` (mean over rows ``[v_end, T)``)
+    or explicit positions (one list for all samples, or one per sample; averaged). ``early_exit``: stop
+    the forward after the deepest captured layer (no logits computed). ``biases``: optional
+    :class:`KeyBias` list active during the capture (post-bias probabilities are captured).
+    Returns :class:`CapturedAttention` with ``maps [B, n_layers, n_heads, n_max]``.
+    """
+    from .adapters import get_adapter
+
+    adapter = adapter or get_adapter(model)
+    L, H = adapter.num_layers, adapter.num_heads
+    layers = list(range(L)) if layers is None else sorted({int(x) for x in layers})
+    heads = list(range(H)) if heads is None else [int(h) for h in heads]
+    _check_indices("layers", layers, L)
+    _check_indices("heads", heads, H)
+    input_ids = inputs["input_ids"]
+    B = input_ids.shape[0]
+    spans = spans if spans is not None else adapter.image_spans(inputs)
+    positions = [torch.cat([s.positions for s in sp]) for sp in spans]
+    n_tokens = [len(p) for p in positions]
+    cols = torch.zeros(B, max(n_tokens), dtype=torch.long)
+    for b, p in enumerate(positions):
+        cols[b, : len(p)] = p
+    rows, weights = _query_rows(query, input_ids, inputs.get("attention_mask"), spans)
+    plan = _CapturePlan(layers=frozenset(layers), heads=torch.tensor(heads), rows=rows, row_weights=weights,
+                        cols=cols, stop_after=max(layers) if early_exit else None)
+    probe = AttentionProbe(model, biases=biases, batch_size=B, adapter=adapter)
+    probe.state.capture = plan
+    kwargs = dict(inputs)
+    kwargs["use_cache"] = False
+    if not early_exit:
+        kwargs["logits_to_keep"] = 1
+    with torch.no_grad(), probe:
+        try:
+            model(**kwargs)
+        except _EarlyExit:
+            pass
+    missing = [l for l in layers if l not in plan.captured]
+    if missing:
+        raise RuntimeError(f"layers {missing} were not captured: the model's text attention did not go through the "
+                           "registered function (is the text decoder using attn_implementation='vgrefine'?)")
+    maps = torch.stack([plan.captured[l] for l in layers], 1).float()   # [B, L_sel, H_sel, N]
+    for b, n in enumerate(n_tokens):
+        maps[b, ..., n:] = float("nan")
+    return CapturedAttention(maps=maps, layers=layers, heads=heads, n_tokens=n_tokens, spans=spans)
