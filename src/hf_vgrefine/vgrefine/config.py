@@ -1,0 +1,202 @@
+"""``VGRefineConfig``: every knob of VGRefine, serialisable like ``GenerationConfig``.
+
+Defaults follow the package spec (method.md §4.7). ``faithful=True`` switches every knob on which the
+package default deliberately differs from the released code to the released behaviour:
+
+* ``compose_with_model_mask=False`` — the knockout layers get a fresh causal mask plus the blocked pairs
+  (the reference replaces the layer mask; batch size 1 only; loses Gemma3's bidirectional image block);
+* ``cache_generic=False`` and ``early_exit=False`` — every pass is a full forward;
+* ``huatuo_box_mapping="stretch"`` and ``min_cells_per_box=0`` — box → token mapping of the metric script;
+* ``calibration_eps=0.0`` — plain division in the calibration metrics.
+Triage semantics (layer-mean generic normalisation, ``eps=1e-10``, percentile 80 with strict ``<``,
+all-heads knockout on the masked layers, prefill only) are the released ones in both modes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+
+from .._version import __version__
+
+CONFIG_NAME = "vgrefine_config.json"
+INSTRUCTION = "Answer the question using a single word or phrase."
+GENERIC_QUESTION = "Write a general description of the image."
+
+# Published settings of the study's official code README (HuatuoGPT-Vision-7B: 28 layers x 28 heads).
+_HUATUO_HEADS = [[15, 4], [16, 5], [15, 1], [10, 6], [4, 0], [15, 24], [19, 6], [8, 3], [19, 18], [18, 10],
+                 [4, 17], [16, 2], [16, 17], [16, 1], [14, 23], [6, 18], [18, 19], [6, 11], [0, 2], [17, 26]]
+PRESETS = {
+    "huatuogpt-vision-7b": dict(
+        masked_layers=[16], sensitive_heads=_HUATUO_HEADS, percentile=80.0,
+        model_id="FreedomIntelligence/HuatuoGPT-Vision-7B-hf",
+        processor_settings={"do_pad": True},
+        notes="Published layer and 20 heads of the official code README; percentile 80 = released VGRefine() default."),
+    "huatuogpt-vision-7b-notebook": dict(
+        masked_layers=[16], sensitive_heads=_HUATUO_HEADS, percentile=50.0,
+        model_id="FreedomIntelligence/HuatuoGPT-Vision-7B-hf",
+        processor_settings={"do_pad": True},
+        notes="Visible parameter cell of the submission notebook eval_RAD.ipynb (percentile 50)."),
+}
+
+_CHOICES = {
+    "query": ("last", "post_image"),
+    "generic_norm": ("layer_mean", "per_head", "none"),
+    "knockout_heads": ("all", "sensitive"),
+    "knockout_scope": ("prefill", "all_steps"),
+    "knockout_set": ("triage", "oracle"),
+    "triage_source": ("heads", "layer"),
+    "huatuo_box_mapping": ("pad", "stretch"),
+}
+_FAITHFUL = dict(compose_with_model_mask=False, cache_generic=False, early_exit=False, huatuo_box_mapping="stretch",
+                 min_cells_per_box=0, calibration_eps=0.0)
+
+
+@dataclass
+class VGRefineConfig:
+    """Configuration of VGRefine (triage + knockout). Layer/head indices are 0-based query heads.
+
+    ``percentile``: knock out the image tokens whose triage score is strictly below this percentile
+    (linear interpolation); ``magnitude_threshold`` is used only when ``percentile is None``
+    (min-max-normalised scores below it are knocked out).
+    """
+
+    masked_layers: list = field(default_factory=list)
+    sensitive_heads: list = field(default_factory=list)
+    percentile: float | None = 80.0
+    magnitude_threshold: float | None = None
+    query: str = "last"
+    generic_norm: str = "layer_mean"
+    eps: float = 1e-10
+    calibration_eps: float = 1e-10
+    instruction: str | None = INSTRUCTION
+    generic_prompt: str = GENERIC_QUESTION
+    knockout_heads: str = "all"
+    knockout_scope: str = "prefill"
+    knockout_set: str = "triage"
+    triage_source: str = "heads"
+    att_map_layer: int | None = None
+    compose_with_model_mask: bool = True
+    cache_generic: bool = True
+    early_exit: bool = True
+    huatuo_box_mapping: str = "pad"
+    min_cells_per_box: int = 1
+    faithful: bool = False
+    model_id: str | None = None
+    processor_settings: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    notes: str = ""
+    version: str = __version__
+
+    def __post_init__(self):
+        self.masked_layers = [int(x) for x in self.masked_layers]
+        self.sensitive_heads = [[int(l), int(h)] for l, h in self.sensitive_heads]
+        if self.faithful:
+            for k, v in _FAITHFUL.items():
+                setattr(self, k, v)
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self):
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"VGRefineConfig.{name}={getattr(self, name)!r}; choose one of {allowed}")
+        if self.percentile is None and self.magnitude_threshold is None:
+            raise ValueError("set percentile (e.g. 80) or magnitude_threshold (in [0, 1])")
+        if self.percentile is not None and not 0.0 <= float(self.percentile) <= 100.0:
+            raise ValueError(f"percentile must be in [0, 100], got {self.percentile}")
+        if self.triage_source == "heads" and not self.sensitive_heads and self.knockout_set == "triage":
+            raise ValueError("sensitive_heads is empty: give (layer, head) pairs, load a preset "
+                             "(VGRefineConfig.from_preset) or run hf_vgrefine.calibrate")
+        if self.triage_source == "layer" and self.att_map_layer is None:
+            raise ValueError("triage_source='layer' needs att_map_layer")
+        if not self.masked_layers:
+            raise ValueError("masked_layers is empty: give the decoder layer(s) where the knockout applies")
+
+    def check_model(self, num_layers: int, num_heads: int):
+        """Raise a clear error if layers/heads do not exist in a model of this size."""
+        bad_l = [l for l in self.masked_layers if not 0 <= l < num_layers]
+        bad_h = [(l, h) for l, h in self.sensitive_heads if not (0 <= l < num_layers and 0 <= h < num_heads)]
+        if self.att_map_layer is not None and not 0 <= self.att_map_layer < num_layers:
+            bad_l.append(self.att_map_layer)
+        if bad_l or bad_h:
+            raise ValueError(f"config does not fit the model ({num_layers} layers x {num_heads} query heads): "
+                             f"layers out of range {bad_l}, (layer, head) out of range {bad_h}. "
+                             "Was the preset made for another model? Recalibrate with hf_vgrefine.calibrate.")
+
+    @property
+    def triage_layers(self) -> list:
+        """Layers the triage pass must capture (sensitive heads' layers, or ``att_map_layer``)."""
+        if self.triage_source == "layer":
+            return [self.att_map_layer]
+        return sorted({l for l, _ in self.sensitive_heads})
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        return copy.deepcopy(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VGRefineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown VGRefineConfig fields {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        faithful = d.pop("faithful", False)
+        obj = cls(**d)
+        if faithful:
+            obj.faithful = True
+            obj.__post_init__()
+        return obj
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """Write ``vgrefine_config.json`` into ``save_directory`` atomically (temp file + rename)."""
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        fd, tmp = tempfile.mkstemp(dir=save_directory, prefix=".vgrefine_config.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_json_string())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | os.PathLike, revision: str | None = None, **overrides):
+        """Load from a JSON file, a directory holding ``vgrefine_config.json``, a preset name, or a hub repo id."""
+        p = os.fspath(path_or_repo)
+        if p in PRESETS:
+            return cls.from_preset(p, **overrides)
+        if os.path.isdir(p):
+            p = os.path.join(p, CONFIG_NAME)
+        elif not os.path.exists(p):
+            from huggingface_hub import hf_hub_download
+
+            try:
+                p = hf_hub_download(p, CONFIG_NAME, revision=revision)
+            except Exception as e:  # the hub error is kept as the cause
+                raise FileNotFoundError(
+                    f"no VGRefine config at {path_or_repo!r}: not a file, not a directory with {CONFIG_NAME}, not a "
+                    f"preset ({', '.join(PRESETS)}), and the hub lookup failed ({type(e).__name__})") from e
+        with open(p) as f:
+            d = json.load(f)
+        d.update(overrides)
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "VGRefineConfig":
+        """Published settings: ``"huatuogpt-vision-7b"`` (percentile 80) or ``"huatuogpt-vision-7b-notebook"`` (50)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+        d = copy.deepcopy(PRESETS[name])
+        d.update(overrides)
+        return cls.from_dict(d)
