@@ -1,0 +1,100 @@
+"""``hf-vgrefine evaluate`` — Med-VQA closed-ended evaluation, baseline vs VGRefine.
+
+Also runnable as a module, which is what ``accelerate launch`` needs for data parallelism::
+
+    accelerate launch --num_processes 2 -m hf_vgrefine.medvqa.cli --model ID --benchmarks bundle --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .protocol import VGREFINE_INSTRUCTION
+from .scorers import SCORERS
+
+HELP = "Med-VQA closed-ended evaluation, baseline vs VGRefine"
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from .loaders import BENCHMARKS
+    from .runner import DECODING_PRESETS
+
+    p.add_argument("--model", required=True, help="Hub id or local folder of an image-text-to-text model")
+    p.add_argument("--revision", default=None, help="model revision (recorded in the manifest)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--benchmarks", default="bundle",
+                   help=f"comma-separated: {', '.join(BENCHMARKS)} (bundle = the HuatuoGPT-Vision evaluation file)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding local copies as <data-dir>/<benchmark>; missing ones come from the Hub")
+    p.add_argument("--methods", default="baseline,vgrefine", help="comma-separated: baseline, vgrefine")
+    p.add_argument("--vgrefine-config", default=None, help="VGRefine preset name, JSON file or JSON string")
+    p.add_argument("--limit", type=int, default=None, help="first N items per dataset")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 1 (greedy) / 256 (huatuo_official)")
+    p.add_argument("--decoding", default="greedy", choices=sorted(DECODING_PRESETS))
+    p.add_argument("--scorer", default="mcq_letter", choices=sorted(SCORERS))
+    p.add_argument("--instruction", default=VGREFINE_INSTRUCTION,
+                   help="text appended to every prompt after one space ('none' to disable)")
+    p.add_argument("--chat-template", default=None, help="file with a chat template overriding the processor's")
+    p.add_argument("--open", action="store_true", help="also evaluate open-ended items (reported separately)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", required=True, help="output folder (predictions, summary, manifest); reruns resume")
+
+
+def add_cli(subparsers) -> argparse.ArgumentParser:
+    """Register the ``evaluate`` sub-command (contract of :mod:`hf_vgrefine.cli`)."""
+    p = subparsers.add_parser("evaluate", help=HELP, description=HELP)
+    _add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _load(args, device):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    processor = AutoProcessor.from_pretrained(args.model, revision=args.revision)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, revision=args.revision, dtype=dtype)
+    return model.to(device).eval(), processor
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load data and model, run :func:`~.runner.evaluate`, print the summary on the main process."""
+    from accelerate import PartialState
+
+    from .loaders import load_benchmark
+    from .runner import evaluate
+
+    state = PartialState()
+    items = []
+    for name in [b for b in args.benchmarks.split(",") if b.strip()]:
+        items += load_benchmark(name, data_dir=args.data_dir)
+    model, processor = _load(args, state.device)
+    chat_template = None
+    if args.chat_template:
+        with open(args.chat_template, encoding="utf-8") as f:
+            chat_template = f.read()
+    instruction = None if str(args.instruction).lower() in ("", "none") else args.instruction
+    report = evaluate(
+        model, processor, items, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        vgrefine_config=args.vgrefine_config, scorer=args.scorer, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, decoding=args.decoding, instruction=instruction,
+        chat_template=chat_template, answer_types=("closed", "open") if args.open else ("closed",),
+        out_dir=args.out, limit=args.limit, seed=args.seed, model_id=args.model, revision=args.revision,
+        progress=not args.no_progress)
+    if state.is_main_process:
+        print(report.to_markdown())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hf-vgrefine evaluate", description=HELP)
+    _add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
