@@ -81,6 +81,7 @@ class _State:
     biases: list = field(default_factory=list)
     batch_size: int | None = None
     bias_enabled: bool = True
+    replace_mask: bool = False                  # reference semantics: fresh causal mask in biased layers
     calls: dict = field(default_factory=dict)   # layer -> number of biased calls (diagnostics)
 
     def biases_for(self, layer: int, q_len: int):
@@ -126,6 +127,10 @@ def _expand_index(state: _State, B: int) -> int:
 def _compose(attention_mask, biases, query, kv: int, state: _State):
     B, H, q, _ = query.shape
     rep = _expand_index(state, B)
+    if state.replace_mask:
+        if B != 1:
+            raise RuntimeError("compose_with_model_mask=False (faithful mask replacement) supports batch size 1 only")
+        attention_mask = None
     off = _q_offset(attention_mask, q, kv)
     allowed = allowed_matrix(attention_mask, q, kv, query.device)
     hard = all(math.isinf(b.value) and b.value < 0 and b.heads is None for b in biases)

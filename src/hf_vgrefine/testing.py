@@ -34,7 +34,7 @@ _SPECIAL = {
 _BASE_WORDS = (
     list(string.ascii_uppercase) + list(string.ascii_lowercase) + list("0123456789") + list(".,:;?!()'\"-/")
     + """the a an is are there in of on this image picture question answer using single word or phrase
-    write general description yes no what which where left right upper lower abnormality lesion present
+    Write Answer Is Does Can What Which write general description yes no what which where left right upper lower abnormality lesion present
     visible show shown see seen contain contains can does do be found any sign region structure brain
     liver lung kidney heart with from to and at by for it that option letter given choices directly
     user assistant system you your bright dark spot normal abnormal""".split()
@@ -75,9 +75,9 @@ def tiny_tokenizer(extra_words: list[str] | None = None):
 _LLAVA_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>\n"
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
-    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}\n"
-    "{% else %}<|assistant|>\n{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{{ '\\n' }}"
+    "{% else %}<|assistant|>\n{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{{ '\\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 _QWEN_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
@@ -277,5 +277,9 @@ def tiny_processor(family: str, extra_words: list[str] | None = None, **image_kw
         tok.image_token = "<image>"
         tok.image_token_id = IMAGE
         cls = tf.Qwen2VLProcessor if family == "qwen2_vl" else tf.Qwen2_5_VLProcessor
-        return cls(image_processor=ip, tokenizer=tok, video_processor=None, chat_template=_QWEN_TEMPLATE)
+        try:
+            return cls(image_processor=ip, tokenizer=tok, video_processor=None, chat_template=_QWEN_TEMPLATE)
+        except AttributeError as e:  # transformers 5.x resolves the video processor class through torchvision
+            raise RuntimeError(f"{cls.__name__} cannot be built without torchvision in this environment ({e}); "
+                               "use the image processor alone (Qwen2VLImageProcessor) and hand-built ids") from e
     raise ValueError(f"no tiny processor for {family!r}; available: llava, llava_next, qwen2_vl, qwen2_5_vl")

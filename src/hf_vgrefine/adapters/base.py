@@ -118,6 +118,55 @@ class FamilyAdapter:
         """:class:`hf_vgrefine.geometry.TokenGrid` of an image of original ``image_size=(W, H)`` pixels."""
         raise NotImplementedError
 
+    def image_placeholder(self, processor) -> str:
+        """The string the chat template emits for an image (expanded by the processor)."""
+        tok = getattr(processor, "image_token", None)
+        if not tok:
+            raise ValueError(f"{type(processor).__name__} has no image_token; pass generic_inputs explicitly")
+        return tok
+
+    def image_suffix_text(self, processor) -> str:
+        """Text the processor inserts after the expanded image tokens (none for most families)."""
+        return ""
+
+    # ----------------------------------------------------------------- re-batching
+    _ID_DERIVED = {"mm_token_type_ids": torch.int32, "token_type_ids": torch.long}
+
+    def id_derived(self, input_ids: torch.Tensor, like: dict) -> dict:
+        """Inputs that are functions of ``input_ids`` (image-token type ids), for the keys present in ``like``."""
+        out = {}
+        for key, dtype in self._ID_DERIVED.items():
+            if key in like:
+                out[key] = (input_ids == self.image_token_id).to(like[key].dtype if torch.is_tensor(like[key]) else dtype)
+        return out
+
+    def select_images(self, inputs: dict, samples: list[int]) -> dict:
+        """Image inputs (pixel values and their side tensors) of ``samples`` (one image per sample), in order.
+
+        Qwen-style flattened patches are sliced with the per-image patch counts of ``image_grid_thw``.
+        """
+        B = inputs["input_ids"].shape[0]
+        out = {}
+        thw = inputs.get("image_grid_thw")
+        for key, val in inputs.items():
+            if key in ("input_ids", "attention_mask") or key in self._ID_DERIVED or not torch.is_tensor(val):
+                continue
+            if key == "pixel_values" and thw is not None:
+                counts = torch.as_tensor(thw).prod(-1).tolist()
+                if len(counts) != B:
+                    raise ValueError("one image per sample is required (image_grid_thw has "
+                                     f"{len(counts)} rows for a batch of {B})")
+                starts = [0]
+                for c in counts:
+                    starts.append(starts[-1] + c)
+                out[key] = torch.cat([val[starts[b]:starts[b + 1]] for b in samples])
+            elif val.shape[0] == B:
+                out[key] = val[samples]
+            else:
+                raise ValueError(f"cannot split input {key!r} of shape {tuple(val.shape)} per sample "
+                                 f"(batch {B}); pass one image per sample")
+        return out
+
     def _require_images(self, runs):
         if not any(runs):
             raise ValueError(

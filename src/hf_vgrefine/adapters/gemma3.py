@@ -37,6 +37,17 @@ class Gemma3Adapter(FamilyAdapter):
             out.append(spans)
         return out
 
+    def image_suffix_text(self, processor) -> str:
+        """Text the processor inserts right after the image tokens (``<eoi>`` + blank line)."""
+        full = getattr(processor, "full_image_sequence", None)
+        tok = getattr(processor, "image_token", None)
+        if full and tok and tok in full:
+            return full[full.rindex(tok) + len(tok):]
+        return ""
+
+    def image_placeholder(self, processor) -> str:
+        return getattr(processor, "boi_token", None) or "<start_of_image>"
+
     def token_grid(self, processor, image_size, span=None, inputs=None):
         from ..processor_geometry import gemma3_grid
 

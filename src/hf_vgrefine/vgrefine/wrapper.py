@@ -1,0 +1,345 @@
+"""``VGRefineWrapper``: VGRefine around any supported HF VLM, inside ``generate``.
+
+Per call:
+
+1. **Triage** (step I): capture the question prompt's attention to the image at the sensitive heads'
+   layers (early exit after the deepest one), and the generic prompt's at the same layers (cached per
+   image content); compute the relative map and the knockout set per sample (:mod:`.triage`).
+2. **Knockout** (step II): during ``model.generate`` the registered attention function blocks the
+   post-image prompt rows ``[v_end, T)`` from attending to the knocked-out image keys in the masked
+   layers (all heads by default), composed with the layer's own mask; prefill only by default.
+
+Everything goes through :class:`hf_vgrefine.attention.AttentionProbe`: the model's attention
+implementation is restored on exit, also after an exception.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessorList
+
+from ..adapters import get_adapter
+from ..attention import AttentionProbe, KeyBias, capture_image_attention
+from .config import VGRefineConfig
+from .logits import VGRefineLogitsProcessor
+from .triage import knockout_set, triage_scores
+
+
+@dataclass
+class SampleTriage:
+    """Triage result of one sample.
+
+    ``keep_mask``: bool ``[N]`` (True = kept image token, row-major over ``grid``); ``triage_map``: float
+    ``[N]`` relative score; ``knocked_out``: token indices in ``[0, N)``; ``knocked_out_positions``: the
+    same as positions in the padded sequence; ``threshold``: percentile value (or magnitude threshold).
+    """
+
+    keep_mask: torch.Tensor
+    triage_map: torch.Tensor
+    knocked_out: torch.Tensor
+    knocked_out_positions: torch.Tensor
+    threshold: float
+    grid: tuple
+    query_rows: tuple
+    flags: list = field(default_factory=list)
+
+    @property
+    def n_visual(self) -> int:
+        return int(self.keep_mask.numel())
+
+    @property
+    def keep_grid(self) -> torch.Tensor:
+        return self.keep_mask.view(*self.grid)
+
+    @property
+    def map_grid(self) -> torch.Tensor:
+        return self.triage_map.view(*self.grid)
+
+
+@dataclass
+class TriageResult:
+    samples: list
+    biases: list
+    timings: dict
+    generic_cache_hits: int = 0
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+    def __len__(self):
+        return len(self.samples)
+
+
+def _image_key(adapter, inputs, b: int) -> str:
+    h = hashlib.sha1()
+    for k, v in sorted(adapter.select_images(inputs, [b]).items()):
+        t = v.detach().to("cpu").contiguous()
+        h.update(k.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def left_pad(rows: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad a list of 1-D id tensors → ``input_ids``, ``attention_mask`` ``[B, T]``."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = r
+        mask[i, T - len(r):] = 1
+    return ids, mask
+
+
+class VGRefineWrapper:
+    """VGRefine around ``model`` (a supported HF VLM, e.g. ``LlavaForConditionalGeneration``).
+
+    ``config``: :class:`VGRefineConfig`, a preset name, a path/hub id with ``vgrefine_config.json``.
+    ``processor``: the model's processor; needed to build the generic prompt unless
+    ``generic_norm="none"`` or ``generic_inputs=`` is passed to the calls.
+
+    ``generate(**inputs, **generation_kwargs)`` has the signature and return type of ``model.generate``;
+    ``__call__(**inputs)`` is one refined forward; ``refine_inputs(**inputs)`` returns the triage only.
+    ``with wrapper:`` keeps the model on the package's attention function for several calls.
+    """
+
+    def __init__(self, model, config=None, processor=None, cache_size: int = 512):
+        if config is None:
+            raise ValueError("VGRefineWrapper needs a config: VGRefineConfig(...), a preset name "
+                             "(e.g. 'huatuogpt-vision-7b') or a directory/hub id with vgrefine_config.json")
+        if not isinstance(config, VGRefineConfig):
+            config = VGRefineConfig.from_pretrained(config)
+        self.model = model
+        self.config = config
+        self.processor = processor
+        self.adapter = get_adapter(model)
+        config.check_model(self.adapter.num_layers, self.adapter.num_heads)
+        self._cache: OrderedDict = OrderedDict()
+        self.cache_size = cache_size
+        self.last_triage: TriageResult | None = None
+        self._probe: AttentionProbe | None = None
+
+    # ------------------------------------------------------------------ context use
+    def __enter__(self):
+        self._probe = AttentionProbe(self.model, adapter=self.adapter)
+        self._probe.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.__exit__(*exc)
+        return False
+
+    # ------------------------------------------------------------------ generic prompt
+    def _generic_tail(self) -> torch.Tensor:
+        """Token ids of the generic prompt after the image tokens, rendered with the processor's template."""
+        if self.processor is None:
+            raise ValueError("building the generic prompt needs the model's processor: "
+                             "VGRefineWrapper(model, config, processor=processor), or pass generic_inputs=, or "
+                             "set generic_norm='none'")
+        text = self.config.generic_prompt
+        if self.config.instruction:
+            text = f"{text} {self.config.instruction}"
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        rendered = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        placeholder = self.adapter.image_placeholder(self.processor)
+        if placeholder not in rendered:
+            raise ValueError(f"the processor's chat template did not emit the image placeholder {placeholder!r}; "
+                             "pass generic_inputs= built with your own template")
+        tail = self.adapter.image_suffix_text(self.processor) + rendered.split(placeholder, 1)[1]
+        ids = self.processor.tokenizer(tail, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        return ids
+
+    def _generic_batch(self, inputs, spans, samples):
+        """Generic-prompt inputs for ``samples``: each sample's prefix up to its image end + generic tail."""
+        tail = self._generic_tail()
+        rows = []
+        for b in samples:
+            valid = inputs["attention_mask"][b].bool() if "attention_mask" in inputs else None
+            ids = inputs["input_ids"][b]
+            start = int(valid.float().argmax()) if valid is not None else 0
+            rows.append(torch.cat([ids[start:spans[b][0].end], tail]))
+        pad = getattr(getattr(self.processor, "tokenizer", None), "pad_token_id", None)
+        pad = pad if pad is not None else (self.adapter.text_config.pad_token_id or 0)
+        ids, mask = left_pad(rows, pad)
+        batch = {"input_ids": ids, "attention_mask": mask, **self.adapter.select_images(inputs, samples)}
+        batch.update(self.adapter.id_derived(ids, inputs))
+        return batch
+
+    # ------------------------------------------------------------------ step I
+    def refine_inputs(self, generic_inputs: dict | None = None, gt_token_masks=None, **inputs) -> TriageResult:
+        """Triage of a (left-padded) batch: per sample the kept/knocked-out image tokens and the map.
+
+        ``generic_inputs``: optional generic-prompt inputs (same images, same order) instead of building
+        them with the processor. ``gt_token_masks``: list of bool ``[N]`` per sample, needed for
+        ``knockout_set="oracle"`` (K = every image token outside the ground truth).
+        """
+        cfg = self.config
+        t0 = time.perf_counter()
+        spans = self.adapter.image_spans(inputs)
+        B, T = inputs["input_ids"].shape
+        for b, sp in enumerate(spans):
+            main = [s for s in sp if s.block in ("grid", "base")]
+            if len(main) != 1:
+                raise ValueError(f"sample {b} has {len(main)} images; VGRefine supports one image per prompt")
+        layers = cfg.triage_layers
+        timings, hits = {}, 0
+        q_maps = g_maps = None
+        if cfg.knockout_set == "triage":
+            q_maps = capture_image_attention(self.model, inputs, layers=layers, query=cfg.query,
+                                             early_exit=cfg.early_exit, spans=spans, adapter=self.adapter)
+            timings["question_pass_s"] = time.perf_counter() - t0
+            if cfg.generic_norm != "none":
+                t1 = time.perf_counter()
+                g_maps, hits = self._generic_maps(inputs, spans, layers, generic_inputs)
+                timings["generic_pass_s"] = time.perf_counter() - t1
+        samples, biases = [], []
+        for b, sp in enumerate(spans):
+            span = sp[0]
+            n = span.n_tokens
+            if cfg.knockout_set == "oracle":
+                if gt_token_masks is None:
+                    raise ValueError("knockout_set='oracle' needs gt_token_masks (one bool [N] per sample)")
+                gt = torch.as_tensor(gt_token_masks[b], dtype=torch.bool).flatten()
+                if gt.numel() != n:
+                    raise ValueError(f"gt_token_masks[{b}] has {gt.numel()} cells, the image has {n} tokens")
+                scores, K, tau, flags = gt.float(), ~gt, float("nan"), ["oracle"]
+            else:
+                qm = q_maps.sample(b)[..., :n]
+                gm = g_maps[b] if g_maps is not None else None
+                scores = triage_scores(qm, gm, q_maps.layers, cfg)
+                K, tau, flags = knockout_set(scores, cfg)
+            ko = K.nonzero().flatten()
+            pos = span.positions[ko]
+            row_stop = T if cfg.knockout_scope == "prefill" else None
+            if cfg.knockout_heads == "all":
+                biases.append(KeyBias(layers=tuple(cfg.masked_layers), batch_index=b, row_start=span.end,
+                                      row_stop=row_stop, cols=pos))
+            else:
+                for l in cfg.masked_layers:
+                    hs = tuple(h for ll, h in cfg.sensitive_heads if ll == l)
+                    if hs:
+                        biases.append(KeyBias(layers=(l,), batch_index=b, row_start=span.end, row_stop=row_stop,
+                                              cols=pos, heads=hs))
+            samples.append(SampleTriage(keep_mask=~K, triage_map=scores.float(), knocked_out=ko,
+                                        knocked_out_positions=pos, threshold=tau, grid=(span.rows, span.cols),
+                                        query_rows=(span.end, T), flags=flags))
+        timings["triage_s"] = time.perf_counter() - t0
+        result = TriageResult(samples=samples, biases=biases, timings=timings, generic_cache_hits=hits)
+        self.last_triage = result
+        return result
+
+    def _generic_maps(self, inputs, spans, layers, generic_inputs):
+        cfg = self.config
+        B = inputs["input_ids"].shape[0]
+        keys = [None] * B
+        maps = [None] * B
+        hits = 0
+        if generic_inputs is None and cfg.cache_generic:
+            tail_key = None
+            for b in range(B):
+                keys[b] = (_image_key(self.adapter, inputs, b), cfg.query, tuple(layers), cfg.generic_prompt,
+                           cfg.instruction)
+                if keys[b] in self._cache:
+                    self._cache.move_to_end(keys[b])
+                    maps[b] = self._cache[keys[b]]
+                    hits += 1
+        todo = [b for b in range(B) if maps[b] is None]
+        if todo:
+            # one pass per unique image among the missing samples
+            uniq = {}
+            for b in todo:
+                uniq.setdefault(keys[b] if keys[b] is not None else ("sample", b), []).append(b)
+            reps = [v[0] for v in uniq.values()]
+            if generic_inputs is not None:
+                batch = generic_inputs
+                reps = list(range(B))
+                uniq = {("sample", b): [b] for b in range(B)}
+            else:
+                batch = self._generic_batch(inputs, spans, reps)
+            g_spans = self.adapter.image_spans(batch)
+            for b, r in enumerate(reps):
+                if g_spans[b][0].n_tokens != spans[r][0].n_tokens:
+                    raise ValueError(f"generic prompt of sample {r} has {g_spans[b][0].n_tokens} image tokens, the "
+                                     f"question prompt {spans[r][0].n_tokens}: both must use the same image inputs")
+            cap = capture_image_attention(self.model, batch, layers=layers, query=cfg.query,
+                                          early_exit=cfg.early_exit, spans=g_spans, adapter=self.adapter)
+            for i, (key, members) in enumerate(uniq.items()):
+                m = cap.sample(i).clone()
+                for b in members:
+                    maps[b] = m
+                if cfg.cache_generic and key[0] != "sample":
+                    self._cache[key] = m
+                    while len(self._cache) > self.cache_size:
+                        self._cache.popitem(last=False)
+        return maps, hits
+
+    # ------------------------------------------------------------------ step II
+    def logits_processor(self, answer_choices=None, triage: TriageResult | None = None, generic_inputs=None,
+                         **inputs) -> VGRefineLogitsProcessor:
+        """Run the triage on ``inputs`` and arm the knockout in the active ``with wrapper:`` context.
+
+        Returns the :class:`VGRefineLogitsProcessor` to put in ``generate``'s ``logits_processor`` list.
+        """
+        if self._probe is None:
+            raise RuntimeError("use inside `with wrapper:` (the knockout must be active during model.generate)")
+        triage = triage or self.refine_inputs(generic_inputs=generic_inputs, **inputs)
+        state = self._probe.state
+        state.biases = list(triage.biases)
+        state.batch_size = inputs["input_ids"].shape[0]
+        state.bias_enabled = True
+        state.replace_mask = not self.config.compose_with_model_mask
+        state.calls.clear()
+        state.capture = None
+        return VGRefineLogitsProcessor(state, knockout_scope=self.config.knockout_scope,
+                                       answer_choices=answer_choices, masked_layers=self.config.masked_layers)
+
+    def generate(self, generic_inputs: dict | None = None, answer_choices=None, gt_token_masks=None, **kwargs):
+        """``model.generate`` with VGRefine; same arguments and return value as ``model.generate``.
+
+        Extra keywords: ``generic_inputs`` (see :meth:`refine_inputs`), ``answer_choices`` (token ids the
+        first answer token is restricted to), ``gt_token_masks`` (oracle knockout).
+        """
+        model_inputs = {k: v for k, v in kwargs.items() if k in self._input_keys(kwargs)}
+        triage = self.refine_inputs(generic_inputs=generic_inputs, gt_token_masks=gt_token_masks, **model_inputs)
+        user_lp = kwargs.pop("logits_processor", None)
+        outer = self._probe is not None
+        if not outer:
+            self.__enter__()
+        try:
+            lp = self.logits_processor(answer_choices=answer_choices, triage=triage, **model_inputs)
+            procs = LogitsProcessorList(list(user_lp or []) + [lp])
+            t0 = time.perf_counter()
+            out = self.model.generate(**kwargs, logits_processor=procs)
+            triage.timings["generate_s"] = time.perf_counter() - t0
+            triage.timings["steps"] = lp.steps
+        finally:
+            if not outer:
+                self.__exit__(None, None, None)
+        return out
+
+    def __call__(self, generic_inputs: dict | None = None, **inputs):
+        """One refined forward (prefill with the knockout); returns the model's output."""
+        triage = self.refine_inputs(generic_inputs=generic_inputs,
+                                    **{k: v for k, v in inputs.items() if k in self._input_keys(inputs)})
+        probe = AttentionProbe(self.model, biases=triage.biases, batch_size=inputs["input_ids"].shape[0],
+                               adapter=self.adapter)
+        probe.state.replace_mask = not self.config.compose_with_model_mask
+        with torch.no_grad(), probe:
+            return self.model(**inputs)
+
+    @staticmethod
+    def _input_keys(kwargs) -> set:
+        known = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "image_sizes", "mm_token_type_ids",
+                 "token_type_ids", "pixel_attention_mask"}
+        if "input_ids" not in kwargs:
+            raise ValueError("VGRefine needs input_ids with image tokens (the processor's output for an image + "
+                             "prompt); inputs_embeds alone are not supported")
+        return known & set(kwargs)

@@ -1,0 +1,356 @@
+"""VGRefine vs an independent eager reference written here (own triage from eager output_attentions, own
+masked eager attention), on tiny random models of every family."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface, LogitsProcessor, LogitsProcessorList
+from transformers.masking_utils import eager_mask
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from hf_vgrefine.adapters import get_adapter
+from hf_vgrefine.testing import FAMILIES, build_tiny_model, tiny_inputs, tiny_processor
+from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
+
+GRIDS = {"llava_next": [(40, 70), (60, 30), (28, 28), (50, 50)], "qwen2_vl": [(4, 4), (2, 3), (3, 5), (4, 2)],
+         "qwen2_5_vl": [(4, 4), (2, 3), (3, 5), (4, 2)], "qwen3_vl": [(4, 4), (2, 3), (3, 5), (4, 2)]}
+HEADS = [[0, 1], [1, 2], [2, 3], [1, 0]]
+
+
+def _grids(fam, n):
+    return GRIDS[fam][:n] if fam in GRIDS else None
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request):
+    return build_tiny_model(request.param, num_hidden_layers=3)
+
+
+def _cfg(**kw):
+    base = dict(masked_layers=[1], sensitive_heads=HEADS, percentile=50.0)
+    base.update(kw)
+    return VGRefineConfig(**base)
+
+
+# ------------------------------------------------------------------ the independent reference
+def _eager_last_rows(model, inputs):
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        with torch.no_grad():
+            att = model(**inputs, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+    return [a.double() for a in att]     # per layer [B, H, T, T]
+
+
+def _image_positions(model, inputs):
+    """Image grid positions per sample, found here from the ids (LLaVA-NeXT: first side**2 = base block)."""
+    cfg = model.config
+    out = []
+    for row in inputs["input_ids"]:
+        pos = (row == cfg.image_token_id).nonzero().flatten()
+        if cfg.model_type == "llava_next":
+            side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+            pos = pos[: side * side]
+        end = int((row == cfg.image_token_id).nonzero().flatten()[-1]) + 1
+        out.append((pos, end))
+    return out
+
+
+def reference_triage(model, q_inputs, g_inputs, heads, percentile, eps=1e-10):
+    qa, ga = _eager_last_rows(model, q_inputs), _eager_last_rows(model, g_inputs)
+    qpos, gpos = _image_positions(model, q_inputs), _image_positions(model, g_inputs)
+    ko = []
+    for b in range(q_inputs["input_ids"].shape[0]):
+        rel = []
+        for l, h in heads:
+            a = qa[l][b, h, -1, qpos[b][0]]
+            g = ga[l][b, :, -1, gpos[b][0]].mean(0)
+            rel.append((a / (g + eps)).numpy())
+        s = np.mean(rel, 0)
+        tau = np.percentile(s, percentile)
+        ko.append(qpos[b][0][torch.from_numpy(s < tau)])
+    return ko
+
+
+_REF = {}
+
+
+def _ref_attention(module, query, key, value, attention_mask, **kw):
+    spec = _REF.get("spec")
+    q, kv = query.shape[2], key.shape[2]
+    if spec is not None and module.layer_idx in spec["layers"] and (q > 1 or spec["all_steps"]):
+        B = query.shape[0]
+        rep = B // len(spec["blocked"])
+        if attention_mask is None or spec.get("fresh"):
+            causal = torch.ones(q, kv, dtype=torch.bool).tril(kv - q)
+            attention_mask = torch.zeros(B, 1, q, kv).masked_fill(~causal, float("-inf"))
+        m = attention_mask[..., :kv].expand(B, 1, q, kv).clone()
+        for bb in range(B):
+            pos, v_end = spec["blocked"][bb // rep]
+            for r in range(q):
+                if kv - q + r >= v_end:
+                    m[bb, 0, r, pos] = float("-inf")
+        attention_mask = m
+    return eager_attention_forward(module, query, key, value, attention_mask, **kw)
+
+
+class _RefModel:
+    """Context: the model runs the test's masked eager attention with the given blocked keys per sample."""
+
+    def __init__(self, model, blocked, layers, all_steps=False, fresh=False):
+        self.model, self.spec = model, {"blocked": blocked, "layers": layers, "all_steps": all_steps, "fresh": fresh}
+
+    def __enter__(self):
+        AttentionInterface.register("test_ref_vgrefine", _ref_attention)
+        AttentionMaskInterface.register("test_ref_vgrefine", eager_mask)
+        _REF["spec"] = self.spec
+        self.model.set_attn_implementation({"text_config": "test_ref_vgrefine"})
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.set_attn_implementation({"text_config": "sdpa"})
+        _REF.clear()
+
+
+# ------------------------------------------------------------------ tests
+def test_equivalence_with_eager_reference(tiny):
+    model = tiny.model
+    inputs = tiny_inputs(tiny, [3, 6], _grids(tiny.family, 2), seed=1)
+    generic = tiny_inputs(tiny, [9, 2], _grids(tiny.family, 2), seed=1)       # same images, other text
+    assert torch.equal(inputs["pixel_values"], generic["pixel_values"])
+    cfg = _cfg()
+    w = VGRefineWrapper(model, cfg)
+    out = w.generate(**inputs, generic_inputs=generic, max_new_tokens=4, do_sample=False)
+    tri = w.last_triage
+    ref_ko = reference_triage(model, inputs, generic, HEADS, 50.0)
+    for b in range(2):
+        assert torch.equal(tri[b].knocked_out_positions.sort().values, ref_ko[b].sort().values)
+    blocked = [(ref_ko[b], p[1]) for b, p in enumerate(_image_positions(model, inputs))]
+    with _RefModel(model, blocked, [1]), torch.no_grad():
+        ref_out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        ref_logits = model(**inputs).logits[:, -1]
+    assert torch.equal(out, ref_out)
+    ours = w(**inputs, generic_inputs=generic).logits[:, -1]
+    torch.testing.assert_close(ours, ref_logits, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        plain = model(**inputs).logits[:, -1]
+    assert (plain - ours).abs().max() > 1e-4
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+
+
+def test_batch_of_four_equals_one_by_one(tiny):
+    model = tiny.model
+    lengths = [3, 7, 2, 5]
+    inputs = tiny_inputs(tiny, lengths, _grids(tiny.family, 4), seed=3)
+    generic = tiny_inputs(tiny, [4, 4, 4, 4], _grids(tiny.family, 4), seed=3)
+    w = VGRefineWrapper(model, _cfg(percentile=70.0))
+    out = w.generate(**inputs, generic_inputs=generic, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    batch_logits = w(**inputs, generic_inputs=generic).logits[:, -1]
+    for b in range(4):
+        one = tiny_inputs(tiny, [lengths[b]], _grids(tiny.family, 4)[b:b + 1] if tiny.family in GRIDS else None,
+                          seed=3)
+        gen1 = tiny_inputs(tiny, [4], _grids(tiny.family, 4)[b:b + 1] if tiny.family in GRIDS else None, seed=3)
+        # the hand-built fixture draws images per batch: take sample b's image inputs from the batch
+        sub = get_adapter(model).select_images(inputs, [b])
+        one.update(sub)
+        gen1.update(sub)
+        ids_b = inputs["input_ids"][b][inputs["attention_mask"][b].bool()][None]
+        one["input_ids"], one["attention_mask"] = ids_b, torch.ones_like(ids_b)
+        gids = generic["input_ids"][b][generic["attention_mask"][b].bool()][None]
+        gen1["input_ids"], gen1["attention_mask"] = gids, torch.ones_like(gids)
+        one.update(get_adapter(model).id_derived(ids_b, inputs))
+        gen1.update(get_adapter(model).id_derived(gids, generic))
+        o1 = w.generate(**one, generic_inputs=gen1, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        assert torch.equal(o1[0, -3:], out[b, -3:])
+        l1 = w(**one, generic_inputs=gen1).logits[0, -1]
+        torch.testing.assert_close(l1, batch_logits[b], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_beam_search_and_sampling_match_reference(family):
+    tiny = build_tiny_model(family, num_hidden_layers=3)
+    model = tiny.model
+    inputs = tiny_inputs(tiny, [3, 6], _grids(family, 2), seed=5)
+    generic = tiny_inputs(tiny, [5, 5], _grids(family, 2), seed=5)
+    w = VGRefineWrapper(model, _cfg())
+    ko = reference_triage(model, inputs, generic, HEADS, 50.0)
+    blocked = [(ko[b], p[1]) for b, p in enumerate(_image_positions(model, inputs))]
+    beams = w.generate(**inputs, generic_inputs=generic, max_new_tokens=4, num_beams=3, do_sample=False)
+    torch.manual_seed(11)
+    sampled = w.generate(**inputs, generic_inputs=generic, max_new_tokens=4, do_sample=True, top_k=50)
+    with _RefModel(model, blocked, [1]), torch.no_grad():
+        ref_beams = model.generate(**inputs, max_new_tokens=4, num_beams=3, do_sample=False)
+        torch.manual_seed(11)
+        ref_sampled = model.generate(**inputs, max_new_tokens=4, do_sample=True, top_k=50)
+    assert torch.equal(beams, ref_beams)
+    assert torch.equal(sampled, ref_sampled)
+
+
+def test_knockout_scope_prefill_vs_all_steps():
+    tiny = build_tiny_model("llava", num_hidden_layers=3)
+    model = tiny.model
+    inputs = tiny_inputs(tiny, [3, 6], seed=7)
+    generic = tiny_inputs(tiny, [5, 5], seed=7)
+    pre = VGRefineWrapper(model, _cfg(knockout_scope="prefill"))
+    allst = VGRefineWrapper(model, _cfg(knockout_scope="all_steps"))
+    kw = dict(generic_inputs=generic, max_new_tokens=5, do_sample=False, output_logits=True,
+              return_dict_in_generate=True)
+    a, b = pre.generate(**inputs, **kw), allst.generate(**inputs, **kw)
+    torch.testing.assert_close(a.logits[0], b.logits[0], atol=0, rtol=0)       # identical prefill
+    ko = reference_triage(model, inputs, generic, HEADS, 50.0)
+    blocked = [(ko[i], p[1]) for i, p in enumerate(_image_positions(model, inputs))]
+    with _RefModel(model, blocked, [1], all_steps=True), torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=5, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    assert torch.equal(b.sequences, ref.sequences)
+    for s in range(1, 5):
+        torch.testing.assert_close(b.logits[s], ref.logits[s], atol=1e-4, rtol=0)
+    assert max((a.logits[s] - b.logits[s]).abs().max().item() for s in range(1, 5)) > 1e-5
+    steps = allst.last_triage.timings["steps"]
+    assert all(st["knockout_active"] for st in steps)
+    assert [st["knockout_active"] for st in pre.last_triage.timings["steps"]][:2] == [True, False]
+
+
+def test_knocked_out_fraction_matches_percentile():
+    tiny = build_tiny_model("qwen2_vl", num_hidden_layers=3)
+    inputs = tiny_inputs(tiny, [4], [(6, 8)], seed=2)          # 48 image tokens
+    generic = tiny_inputs(tiny, [6], [(6, 8)], seed=2)
+    for p in (20.0, 50.0, 80.0):
+        tri = VGRefineWrapper(tiny.model, _cfg(percentile=p)).refine_inputs(generic_inputs=generic, **inputs)[0]
+        s = tri.triage_map.double().numpy()
+        assert int((~tri.keep_mask).sum()) == int((s < np.percentile(s, p)).sum())
+        assert abs((~tri.keep_mask).float().mean().item() - p / 100) <= 1 / 48 + 1e-9
+
+
+def test_faithful_mask_replacement_semantics():
+    """faithful=True replaces the layer mask with a fresh causal one (Gemma3 loses its bidirectional image
+    block); the default composes with it. LLaVA (causal only): both agree."""
+    for fam, differs in (("gemma3", True), ("llava", False)):
+        tiny = build_tiny_model(fam, num_hidden_layers=3)
+        inputs = tiny_inputs(tiny, [4], seed=4)
+        generic = tiny_inputs(tiny, [6], seed=4)
+        default = VGRefineWrapper(tiny.model, _cfg())(**inputs, generic_inputs=generic).logits[0, -1]
+        faithful_cfg = _cfg(faithful=True)
+        assert faithful_cfg.compose_with_model_mask is False and faithful_cfg.early_exit is False
+        faithful = VGRefineWrapper(tiny.model, faithful_cfg)(**inputs, generic_inputs=generic).logits[0, -1]
+        ko = reference_triage(tiny.model, inputs, generic, HEADS, 50.0)
+        blocked = [(ko[0], _image_positions(tiny.model, inputs)[0][1])]
+        with _RefModel(tiny.model, blocked, [1], fresh=True), torch.no_grad():
+            ref = tiny.model(**inputs).logits[0, -1]
+        torch.testing.assert_close(faithful, ref, atol=1e-4, rtol=0)
+        assert ((default - faithful).abs().max() > 1e-4) == differs
+
+
+def test_restored_after_exception_mid_generate():
+    tiny = build_tiny_model("llava", num_hidden_layers=3)
+    model = tiny.model
+    inputs = tiny_inputs(tiny, [3, 6], seed=8)
+    generic = tiny_inputs(tiny, [5, 5], seed=8)
+    with torch.no_grad():
+        before = model(**inputs).logits
+
+    class Boom(LogitsProcessor):
+        def __init__(self):
+            self.n = 0
+
+        def __call__(self, input_ids, scores):
+            self.n += 1
+            if self.n == 2:
+                raise KeyboardInterrupt("injected")
+            return scores
+
+    w = VGRefineWrapper(model, _cfg())
+    with pytest.raises(KeyboardInterrupt):
+        w.generate(**inputs, generic_inputs=generic, max_new_tokens=4, logits_processor=LogitsProcessorList([Boom()]))
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before)
+    w.generate(**inputs, generic_inputs=generic, max_new_tokens=2)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before)
+
+
+def test_user_logits_processor_list_and_answer_choices():
+    tiny = build_tiny_model("llava", num_hidden_layers=3)
+    model = tiny.model
+    inputs = tiny_inputs(tiny, [3, 6], seed=9)
+    generic = tiny_inputs(tiny, [5, 5], seed=9)
+    w = VGRefineWrapper(model, _cfg())
+    expected = w.generate(**inputs, generic_inputs=generic, max_new_tokens=3, do_sample=False)
+    with w:
+        lp = w.logits_processor(generic_inputs=generic, **inputs)
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, logits_processor=LogitsProcessorList([lp]))
+        assert torch.equal(out, expected)
+        lp = w.logits_processor(generic_inputs=generic, answer_choices=[40, 41], **inputs)
+        out = model.generate(**inputs, max_new_tokens=1, do_sample=False, logits_processor=LogitsProcessorList([lp]))
+    assert set(out[:, -1].tolist()) <= {40, 41}
+    lp_outside = VGRefineWrapper(model, _cfg())
+    with pytest.raises(RuntimeError, match="with wrapper"):
+        lp_outside.logits_processor(**inputs)
+
+
+def test_generic_prompt_built_by_processor_equals_processor_output():
+    from PIL import Image
+
+    tiny = build_tiny_model("llava", num_hidden_layers=3)
+    proc = tiny_processor("llava")
+    rng = np.random.RandomState(0)
+    imgs = [Image.fromarray((rng.rand(40, 60, 3) * 255).astype("uint8")) for _ in range(2)]
+
+    def render(q):
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+        return proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+    q = [render("is there a lesion in the liver ? Answer the question using a single word or phrase ."),
+         render("what is left ?")]
+    inputs = proc(images=imgs, text=q, return_tensors="pt", padding=True)
+    w = VGRefineWrapper(tiny.model, _cfg(), processor=proc)
+    built = w._generic_batch(inputs, w.adapter.image_spans(inputs), [0, 1])
+    g_text = render("Write a general description of the image. Answer the question using a single word or phrase.")
+    ref = proc(images=imgs, text=[g_text, g_text], return_tensors="pt", padding=True)
+    assert torch.equal(built["input_ids"], ref["input_ids"])
+    assert torch.equal(built["pixel_values"], ref["pixel_values"])
+    w.generate(**inputs, max_new_tokens=2)
+    assert w.last_triage.generic_cache_hits == 0
+    w.generate(**inputs, max_new_tokens=2)
+    assert w.last_triage.generic_cache_hits == 2
+    cached = w.refine_inputs(**inputs)
+    fresh = VGRefineWrapper(tiny.model, _cfg(cache_generic=False), processor=proc).refine_inputs(**inputs)
+    for a, b in zip(cached.samples, fresh.samples):
+        torch.testing.assert_close(a.triage_map, b.triage_map, atol=0, rtol=0)
+
+
+def test_errors_before_any_forward():
+    tiny = build_tiny_model("llava", num_hidden_layers=3)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        VGRefineWrapper(tiny.model, _cfg(masked_layers=[7]))
+    with pytest.raises(ValueError, match="does not fit the model"):
+        VGRefineWrapper(tiny.model, _cfg(sensitive_heads=[[0, 9]]))
+    w = VGRefineWrapper(tiny.model, _cfg())
+    no_img = {"input_ids": torch.tensor([[1, 5, 6]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    with pytest.raises(ValueError, match="no image tokens"):
+        w.generate(**no_img, max_new_tokens=1)
+    with pytest.raises(ValueError, match="processor"):
+        w.generate(**tiny_inputs(tiny, [3]), max_new_tokens=1)
+    with pytest.raises(ValueError, match="percentile"):
+        VGRefineConfig(masked_layers=[1], sensitive_heads=HEADS, percentile=120)
+    with pytest.raises(ValueError, match="knockout_scope"):
+        VGRefineConfig(masked_layers=[1], sensitive_heads=HEADS, knockout_scope="decode")
+
+
+def test_config_round_trip_and_presets(tmp_path):
+    cfg = VGRefineConfig.from_preset("huatuogpt-vision-7b")
+    assert cfg.masked_layers == [16] and len(cfg.sensitive_heads) == 20 and cfg.percentile == 80.0
+    assert cfg.triage_layers[-1] == 19
+    assert VGRefineConfig.from_preset("huatuogpt-vision-7b-notebook").percentile == 50.0
+    cfg.save_pretrained(tmp_path)
+    assert VGRefineConfig.from_pretrained(tmp_path) == cfg
+    assert VGRefineConfig.from_pretrained(tmp_path / "vgrefine_config.json") == cfg
+    f = VGRefineConfig.from_preset("huatuogpt-vision-7b", faithful=True)
+    assert (f.compose_with_model_mask, f.cache_generic, f.early_exit, f.huatuo_box_mapping, f.min_cells_per_box,
+            f.calibration_eps) == (False, False, False, "stretch", 0, 0.0)
+    assert (f.generic_norm, f.eps, f.percentile, f.knockout_heads, f.knockout_scope) == \
+        ("layer_mean", 1e-10, 80.0, "all", "prefill")
+    with pytest.raises(FileNotFoundError, match="no VGRefine config"):
+        VGRefineConfig.from_pretrained(tmp_path / "missing")
