@@ -476,7 +476,7 @@ def full_samples(data_dir=None, *, download: bool = True) -> Iterator[dict]:
         if masks and mask is None:
             counter["masks do not cover every box (mask left empty, all boxes kept)"] += 1
         obj = label.replace("_", " ").lower()
-        image_key = str(PurePosixPath(rel).with_suffix(""))
+        image_key = _slake_key(rel) if source == "slake" else str(PurePosixPath(rel).with_suffix(""))
         stem = f"{source}/{image_key}/{label}"
         modality_raw = str(row.get("modality", ""))
         yield _sample(
