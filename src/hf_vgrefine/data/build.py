@@ -394,7 +394,13 @@ def build_vgmed(
     out_stage = None
     try:
         builder = _builder(config, cache_dir=stage, data_dir=data_dir, max_samples=max_samples, download=download)
-        builder.download_and_prepare()
+        try:
+            builder.download_and_prepare()
+        except datasets.exceptions.DatasetGenerationError as exc:
+            cause = exc.__cause__
+            if cause is None:
+                raise
+            raise cause.with_traceback(cause.__traceback__) from None  # the source error, not datasets' wrapper
         ds = builder.as_dataset(split=schema.SPLIT)
         _validate(ds, config)
         if write_parquet:
