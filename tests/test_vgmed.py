@@ -242,6 +242,23 @@ def test_load_vgmed_uses_the_cache(atlas_build, tmp_path):
         load_vgmed("coco", cache_dir=tmp_path / "empty")
 
 
+def test_local_folder_named_vgmed_and_shadowing(atlas_build, tmp_path, monkeypatch):
+    """A built folder named `vgmed` in the cwd is what `load_dataset("vgmed")` reads there (datasets' rule);
+    the package loader is immune to a stray `./vgmed` source folder."""
+    import datasets
+
+    from hf_vgrefine.data import build_vgmed, load_vgmed
+
+    build_vgmed("atlas", tmp_path / "vgmed", cache_dir=tmp_path / "c", max_samples=4, progress=False)
+    monkeypatch.chdir(tmp_path)
+    assert len(datasets.load_dataset("vgmed", "atlas", split="test")) == 8
+    stray = tmp_path / "stray"
+    (stray / "vgmed").mkdir(parents=True)
+    (stray / "vgmed" / "notes.py").write_text("x = 1\n")
+    monkeypatch.chdir(stray)
+    assert len(load_vgmed("atlas", cache_dir=atlas_build["cache"])) == 550
+
+
 # ---------------------------------------------------------------------------------------------------
 # CLI
 
@@ -318,7 +335,7 @@ def _assert_not_loadable(out: Path, cache: Path):
     from hf_vgrefine.data import cached_path
 
     assert not out.exists()
-    with pytest.raises(Exception):
+    with pytest.raises(FileNotFoundError):
         datasets.load_dataset(str(out), "atlas", split="test")
     assert cached_path("atlas", cache) is None
     leftovers = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.partial")]
@@ -440,6 +457,47 @@ def test_push_to_hub_uploads_config_and_card(tmp_path, monkeypatch):
     assert calls[2][1] == "README.md" and "config_name: atlas" in calls[2][2]
     with pytest.raises(ValueError, match="coco"):
         push_config(out, "coco", "someone/vgmed")
+
+
+def test_hub_downloads_are_verified(tmp_path, monkeypatch):
+    """Downloads are checked against the Hub's own content hash (LFS sha256 / git blob id) and pins."""
+    import hashlib
+
+    import huggingface_hub
+
+    from hf_vgrefine.data import CorruptSourceError
+    from hf_vgrefine.data.sources import fetch_hub_file, git_blob_sha1_file
+
+    payload = b"{\"image\": \"xmlab1\"}\n"
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    good_lfs = blobs / hashlib.sha256(payload).hexdigest()
+    good_lfs.write_bytes(payload)
+    bad_lfs = blobs / ("0" * 64)
+    bad_lfs.write_bytes(payload)
+    git = blobs / "g"
+    git.write_bytes(payload)
+    good_git = blobs / git_blob_sha1_file(git)
+    git.rename(good_git)
+    target = {"n": 0}
+
+    def fake_download(repo_id, filename, repo_type=None, **kw):
+        target["n"] += 1
+        link = tmp_path / f"snap-{target['n']}" / filename
+        link.parent.mkdir()
+        link.symlink_to(target["blob"])
+        return str(link)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    for blob in (good_lfs, good_git):
+        target["blob"] = blob
+        assert fetch_hub_file("r/x", "a.jsonl", hint="h").read_bytes() == payload
+    target["blob"] = bad_lfs
+    with pytest.raises(CorruptSourceError, match="sha256"):
+        fetch_hub_file("r/x", "a.jsonl", hint="h")
+    target["blob"] = good_lfs
+    with pytest.raises(CorruptSourceError, match="does not match the expected"):
+        fetch_hub_file("r/x", "a.jsonl", hint="h", sha256="1" * 64)
 
 
 def test_png_helpers_round_trip():

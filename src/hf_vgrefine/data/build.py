@@ -178,7 +178,7 @@ def render_card(configs: Optional[dict] = None, default: Optional[str] = None) -
         size_categories=[_size_category(total)] if total else None,
         tags=["medical", "visual-grounding", "attention", "segmentation", "hf_vgrefine"],
         license_name="mixed-per-row",
-        license_link="LICENSE-per-row: see the `license` column and the Licences section",
+        license_link="#licences",
     )
     MetadataConfigs(
         {
@@ -332,6 +332,14 @@ def _write_parquet(ds, dest: Path, max_shard_size: int) -> list[Path]:
     return paths
 
 
+def _drop_superseded(entry: Path) -> None:
+    """Remove cache entries of the same configuration written by other package versions."""
+    for version_dir in entry.parent.parent.iterdir():
+        for other in version_dir.iterdir() if version_dir.is_dir() else ():
+            if other != entry and other.is_dir() and other.name.startswith("hf_vgrefine-"):
+                shutil.rmtree(other, ignore_errors=True)
+
+
 def _touch_default(cache_root: Path) -> None:
     """Keep the default configuration the newest cache entry, so the bare name resolves to it."""
     from .builder import VGMED, cache_hash
@@ -423,6 +431,7 @@ def build_vgmed(
                     _write_card(out)
             if prefill_cache:
                 _swap_in(staged_cache, cache_root / rel, stage)
+                _drop_superseded(cache_root / rel)
                 if config != schema.DEFAULT_CONFIG:
                     _touch_default(cache_root)
     finally:

@@ -286,10 +286,10 @@ def _pair_rows(loc_rows, att_rows, loc_path, att_path, key_fn):
         return [None] * len(loc_rows)
     if len(att_rows) == len(loc_rows) and all(key_fn(a) == key_fn(b) for a, b in zip(loc_rows, att_rows)):
         return list(att_rows)
-    by_key = {}
+    by_key: dict = {}
     for r in att_rows:
-        by_key.setdefault(key_fn(r), r)
-    paired = [by_key.get(key_fn(r)) for r in loc_rows]
+        by_key.setdefault(key_fn(r), []).append(r)
+    paired = [by_key[k].pop(0) if by_key.get(k := key_fn(r)) else None for r in loc_rows]
     missing = sum(p is None for p in paired)
     if missing:
         logger.warning("%d localization rows of %s have no attribute row in %s", missing, loc_path, att_path)
@@ -303,9 +303,11 @@ def _attribute_question(att_row, obj, stem):
 
 
 def _progress(iterable, total, desc):
+    from datasets.utils import are_progress_bars_disabled
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit="target", leave=False)
+    return tqdm(iterable, total=total, desc=f"reading {desc} sources", unit="target", leave=False,
+                disable=are_progress_bars_disabled())
 
 
 def _finish(counter: Counter, config: str):
