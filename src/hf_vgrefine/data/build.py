@@ -246,7 +246,9 @@ regions of a target are kept (the released preparation code reused the last regi
 
 `atlas` images are axial Colin27 slices in the **radiological** convention (anterior at the top,
 patient-left on image-right); left/right in labels refer to the patient. Masks and boxes come from the AAL
-atlas on the same grid; cross-sections under 150 pixels are dropped.
+atlas on the same grid; cross-sections under 150 pixels are dropped. The liver-lesion row (pydicom's
+`examples_overlay.dcm`, abdominal MR) uses the lesion outlined in the file's overlay plane as its region; the
+overlay is never drawn into the image, and a larger liver mass on the same slice is not outlined there.
 
 ## Licences
 
