@@ -3,6 +3,8 @@
 Also runnable as a module, which is what ``accelerate launch`` needs for data parallelism::
 
     accelerate launch --num_processes 2 -m hf_vgrefine.medvqa.cli --model ID --benchmarks bundle --out DIR
+    # several CPU processes (accelerate's --cpu launcher starts one process unless MPI is set up):
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m hf_vgrefine.medvqa.cli ...
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 1 (greedy) / 256 (huatuo_official)")
     p.add_argument("--decoding", default="greedy", choices=sorted(DECODING_PRESETS))
     p.add_argument("--scorer", default="mcq_letter", choices=sorted(SCORERS))
-    p.add_argument("--instruction", default=VGREFINE_INSTRUCTION,
-                   help="text appended to every prompt after one space ('none' to disable)")
+    p.add_argument("--instruction", default="auto",
+                   help="text appended to every prompt after one space; 'auto' = the VGRefine config's instruction "
+                        f"or {VGREFINE_INSTRUCTION!r}; 'none' disables")
     p.add_argument("--chat-template", default=None, help="file with a chat template overriding the processor's")
     p.add_argument("--open", action="store_true", help="also evaluate open-ended items (reported separately)")
     p.add_argument("--seed", type=int, default=42)
@@ -63,12 +66,10 @@ def _load(args, device):
 
 def run(args: argparse.Namespace) -> int:
     """Load data and model, run :func:`~.runner.evaluate`, print the summary on the main process."""
-    from accelerate import PartialState
-
     from .loaders import load_benchmark
-    from .runner import evaluate
+    from .runner import evaluate, partial_state
 
-    state = PartialState()
+    state = partial_state()
     items = []
     for name in [b for b in args.benchmarks.split(",") if b.strip()]:
         items += load_benchmark(name, data_dir=args.data_dir)

@@ -49,13 +49,16 @@ class Method:
     ``model.generate`` (returns token ids ``(B, T_in + T_new)`` or an output with ``.sequences``).
 
     ``gen_kwargs`` override the run's decoding kwargs for this method; ``prompt_fn(item, prompt)`` may
-    rewrite the prompt (a prompt variant); ``config`` is recorded in the manifest.
+    rewrite the prompt (a prompt variant); ``unsupported(item)`` returns a reason string for items the
+    method cannot answer (they get an error record: excluded from accuracy, listed); ``config`` is
+    recorded in the manifest.
     """
 
     name: str
     generate_fn: Callable[..., Any]
     gen_kwargs: dict[str, Any] = field(default_factory=dict)
     prompt_fn: Callable[[MedVQAItem, str], str] | None = None
+    unsupported: Callable[[MedVQAItem], str | None] | None = None
     config: Any = None
 
 
@@ -65,34 +68,23 @@ def baseline_method(model, name: str = "baseline", **gen_kwargs) -> Method:
 
 
 def resolve_vgrefine_config(spec: Any):
-    """VGRefine configuration from ``None`` / a config object / a dict / a JSON file or string / a
-    preset name. Dicts and JSON go through ``VGRefineConfig`` (``from_dict`` if defined, else the
-    constructor); a preset name through ``VGRefineConfig.from_preset`` (or ``load_preset``) when
-    available, otherwise it is handed to the wrapper as is."""
+    """VGRefine configuration from ``None`` / a ``VGRefineConfig`` / a dict / a JSON string / a preset
+    name, JSON file, folder with ``vgrefine_config.json`` or Hub id (``VGRefineConfig.from_pretrained``)."""
     if spec is None or not isinstance(spec, (str, os.PathLike, dict)):
         return spec
-    from hf_vgrefine import vgrefine as vg
+    from hf_vgrefine.vgrefine import VGRefineConfig
 
     if isinstance(spec, (str, os.PathLike)):
         s = os.fspath(spec)
-        if os.path.isfile(s):
-            with open(s, encoding="utf-8") as f:
-                spec = json.load(f)
-        elif s.lstrip().startswith("{"):
-            spec = json.loads(s)
-        else:
-            cls = getattr(vg, "VGRefineConfig", None)
-            for owner, attr in ((cls, "from_preset"), (cls, "preset"), (vg, "load_preset"), (vg, "get_preset")):
-                fn = getattr(owner, attr, None) if owner is not None else None
-                if callable(fn):
-                    return fn(s)
-            return s
-    cls = vg.VGRefineConfig
-    for attr in ("from_dict", "from_json_dict"):
-        fn = getattr(cls, attr, None)
-        if callable(fn):
-            return fn(spec)
-    return cls(**spec)
+        if not s.lstrip().startswith("{"):
+            return VGRefineConfig.from_pretrained(s)
+        spec = json.loads(s)
+    return VGRefineConfig.from_dict(spec)
+
+
+def _single_image_only(item: MedVQAItem) -> str | None:
+    n = len(item.images)
+    return None if n == 1 else f"unsupported: VGRefine needs exactly one image per prompt ({n} given)"
 
 
 def vgrefine_method(model, processor, config: Any = None, name: str = "vgrefine", **gen_kwargs) -> Method:
@@ -109,7 +101,8 @@ def vgrefine_method(model, processor, config: Any = None, name: str = "vgrefine"
                           f"imported ({e}); run with methods=('baseline',) or install a version with VGRefine") from e
     cfg = resolve_vgrefine_config(config)
     wrapper = VGRefineWrapper(model, cfg, processor=processor)
-    return Method(name, wrapper.generate, dict(gen_kwargs), config=cfg)
+    return Method(name, wrapper.generate, dict(gen_kwargs), unsupported=_single_image_only,
+                  config=getattr(wrapper, "config", cfg))
 
 
 def resolve_methods(methods: Iterable[str | Method], model, processor, vgrefine_config=None) -> list[Method]:
@@ -490,11 +483,36 @@ def build_manifest(model, processor, *, model_id, revision, methods: Sequence[Me
 # evaluate
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def partial_state():
+    """``accelerate.PartialState`` (works without ``accelerate launch``: one process).
+
+    ``ACCELERATE_USE_CPU=1`` selects CPU processes (gloo) — needed for several CPU processes, e.g.
+    ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m hf_vgrefine.medvqa.cli …``.
+    ``accelerate launch --cpu --num_processes N`` starts only one process unless MPI is configured
+    (``--mpirun_hostfile``); that case is detected and reported with a warning.
+    """
+    import warnings
+
+    from accelerate import PartialState
+
+    state = PartialState(cpu=_env_flag("ACCELERATE_USE_CPU"))
+    if (state.num_processes == 1 and _env_flag("ACCELERATE_USE_CPU") and os.environ.get("MASTER_ADDR")
+            and not os.environ.get("WORLD_SIZE")):
+        warnings.warn("accelerate launch --cpu with several processes needs MPI (--mpirun_hostfile); running as ONE "
+                      "process. For several CPU processes use: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+                      "--num_processes N -m hf_vgrefine.medvqa.cli ...", RuntimeWarning, stacklevel=2)
+    return state
+
+
 def evaluate(model, processor, items: Sequence[MedVQAItem] | PreparedItems,
              methods: Sequence[str | Method] = ("baseline", "vgrefine"), vgrefine_config: Any = None, *,
              scorer: str = "mcq_letter", batch_size: int = 8, max_new_tokens: int | None = None,
              decoding: str = "greedy", gen_kwargs: Mapping[str, Any] | None = None,
-             instruction: str | None = VGREFINE_INSTRUCTION, template: str = MCQ_TEMPLATE,
+             instruction: str | None = "auto", template: str = MCQ_TEMPLATE,
              chat_template: str | None = None, answer_types: Sequence[str] = (CLOSED,),
              out_dir: str | os.PathLike | None = None, limit: int | None = None, seed: int = 42,
              model_id: str | None = None, revision: str | None = None, progress: bool = True) -> EvalReport:
@@ -502,7 +520,9 @@ def evaluate(model, processor, items: Sequence[MedVQAItem] | PreparedItems,
 
     Items are filtered (:func:`~.protocol.prepare_items`: ``answer_types``, no-option and duplicate
     removal, first ``limit`` per dataset). Every method sees the same items, order and prompt
-    (:func:`item_prompt`: MCQ prompt + ``instruction``), rendered with the processor chat template
+    (:func:`item_prompt`: MCQ prompt + ``instruction``; ``"auto"``: the VGRefine config's ``instruction``
+    when a method has one, else :data:`~.protocol.VGREFINE_INSTRUCTION`, as ``medvqa.md`` §4 requires the
+    baseline to see the VGRefine answer-pass prompt; None: no suffix), rendered with the processor chat template
     (``chat_template`` overrides it) in left-padded batches of ``batch_size``.
     Decoding: ``decoding`` preset (``"greedy"``: ``do_sample=False``, 1 new token; ``"huatuo_official"``:
     sampling, 256 tokens), ``max_new_tokens`` / ``gen_kwargs`` override it, a method's own
@@ -514,11 +534,10 @@ def evaluate(model, processor, items: Sequence[MedVQAItem] | PreparedItems,
     merges and writes the summary. ``out_dir`` is required with several processes; with ``out_dir``
     a rerun skips (method, id) pairs already recorded. Returns an :class:`EvalReport` on every process.
     """
-    from accelerate import PartialState
     from tqdm.auto import tqdm
     from transformers import set_seed
 
-    state = PartialState()
+    state = partial_state()
     world, rank = state.num_processes, state.process_index
     if world > 1 and out_dir is None:
         raise ValueError("out_dir is required when running with several processes")
@@ -527,6 +546,9 @@ def evaluate(model, processor, items: Sequence[MedVQAItem] | PreparedItems,
     score_closed = get_scorer(scorer)
     method_objs = resolve_methods(methods, model, processor, vgrefine_config)
     method_names = [m.name for m in method_objs]
+    if instruction == "auto":
+        instruction = next((m.config.instruction for m in method_objs if hasattr(m.config, "instruction")),
+                           VGREFINE_INSTRUCTION)
     if decoding not in DECODING_PRESETS:
         raise ValueError(f"unknown decoding {decoding!r}; choose one of {sorted(DECODING_PRESETS)}")
     run_kwargs = dict(DECODING_PRESETS[decoding])
@@ -617,6 +639,10 @@ def _run_batch(model, processor, method: Method, batch: Sequence[MedVQAItem], pr
         prompt = prompts[it.id]
         if method.prompt_fn is not None:
             prompt = method.prompt_fn(it, prompt)
+        reason = method.unsupported(it) if method.unsupported is not None else None
+        if reason:
+            recs[i] = _record(method.name, it, prompt, None, error=reason)
+            continue
         try:
             ims = [open_image(im) for im in it.images]
         except Exception as e:  # noqa: BLE001 - fail loudly: recorded, excluded, listed
