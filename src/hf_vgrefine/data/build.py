@@ -398,7 +398,10 @@ def build_vgmed(
             encoding="utf-8", errors="replace"):
         raise FileExistsError(f"{out} holds a README.md not written by build_vgmed; choose another --out")
     cache_root = datasets_cache_dir(cache_dir)
-    if not progress:
+    from datasets.utils import are_progress_bars_disabled
+
+    restore_bars = not progress and not are_progress_bars_disabled()
+    if restore_bars:
         datasets.disable_progress_bars()
     stage = _mkstage(cache_root, ".vgmed-staging-")
     out_stage = None
@@ -440,7 +443,7 @@ def build_vgmed(
         shutil.rmtree(stage, ignore_errors=True)
         if out_stage is not None:
             shutil.rmtree(out_stage, ignore_errors=True)
-        if not progress:
+        if restore_bars:
             datasets.enable_progress_bars()
     if push_to_hub:
         push_config(out, config, push_to_hub, private=private)
