@@ -354,3 +354,23 @@ def test_config_round_trip_and_presets(tmp_path):
         ("layer_mean", 1e-10, 80.0, "all", "prefill")
     with pytest.raises(FileNotFoundError, match="no VGRefine config"):
         VGRefineConfig.from_pretrained(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("masked", [[1], [2]])
+def test_share_prefix_equals_plain_path(tiny, masked):
+    """Resuming the answer prefill at the first masked layer from the triage pass gives the same tokens and
+    logits as the plain path (padded batch; beam search for one family)."""
+    model = tiny.model
+    inputs = tiny_inputs(tiny, [3, 6], _grids(tiny.family, 2), seed=12)
+    generic = tiny_inputs(tiny, [5, 5], _grids(tiny.family, 2), seed=12)
+    kw = dict(generic_inputs=generic, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+              return_dict_in_generate=True)
+    if tiny.family == "llava":
+        kw["num_beams"] = 2
+    outs = [VGRefineWrapper(model, _cfg(masked_layers=masked, share_prefix=share)).generate(**inputs, **kw)
+            for share in (False, True)]
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    for a, b in zip(outs[0].logits, outs[1].logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    layers = get_adapter(model).decoder_layers
+    assert all(type(layer).__name__ != "_ReplayLayer" for layer in layers)   # originals restored

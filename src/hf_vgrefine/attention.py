@@ -72,7 +72,9 @@ class _CapturePlan:
     cols: torch.Tensor                  # [B, N] absolute key positions (padded with 0)
     stop_after: int | None
     after_bias: bool = True
+    record_kv_below: int = 0             # also keep (key, value) of every layer < this (prefix sharing)
     captured: dict = field(default_factory=dict)
+    kv: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -209,6 +211,8 @@ def vgrefine_attention(module, query, key, value, attention_mask, dropout=0.0, s
     biases = state.biases_for(layer, q_len)
     plan = state.capture
     capture_here = plan is not None and layer in plan.layers and q_len > 1
+    if plan is not None and layer < plan.record_kv_below and q_len > 1:
+        plan.kv[layer] = (key, value)
     if capture_here and not plan.after_bias:
         _capture(module, query, key, attention_mask, scaling, plan, state, kwargs)
     if biases:
@@ -290,6 +294,7 @@ class CapturedAttention:
     heads: list
     n_tokens: list
     spans: list
+    prefix: dict | None = None
 
     def sample(self, b: int) -> torch.Tensor:
         """``[n_layers, n_heads, n_tokens[b]]`` for sample ``b``."""
@@ -340,7 +345,7 @@ def _check_indices(name, values, limit):
 
 
 def capture_image_attention(model, inputs: dict, layers=None, heads=None, query="last", early_exit: bool = True,
-                            spans=None, adapter=None, biases=None) -> CapturedAttention:
+                            spans=None, adapter=None, biases=None, record_prefix: int = 0) -> CapturedAttention:
     """Attention from query rows to image tokens, per layer and head, on SDPA.
 
     ``inputs``: the processor's model inputs (left-padded batch). ``layers``/``heads``: 0-based indices
@@ -348,6 +353,9 @@ def capture_image_attention(model, inputs: dict, layers=None, heads=None, query=
     or explicit positions (one list for all samples, or one per sample; averaged). ``early_exit``: stop
     the forward after the deepest captured layer (no logits computed). ``biases``: optional
     :class:`KeyBias` list active during the capture (post-bias probabilities are captured).
+    ``record_prefix=n``: also keep every layer ``< n``'s keys/values and layer ``n-1``'s output hidden
+    states (``result.prefix = {"kv": {layer: (k, v)}, "hidden": [B, T, D]}``) so that a later prefill of the
+    same inputs can resume at layer ``n`` (see :class:`PrefixReplay`).
     Returns :class:`CapturedAttention` with ``maps [B, n_layers, n_heads, n_max]``.
     """
     from .adapters import get_adapter
@@ -367,19 +375,32 @@ def capture_image_attention(model, inputs: dict, layers=None, heads=None, query=
     for b, p in enumerate(positions):
         cols[b, : len(p)] = p
     rows, weights = _query_rows(query, input_ids, inputs.get("attention_mask"), spans)
-    plan = _CapturePlan(layers=frozenset(layers), heads=torch.tensor(heads), rows=rows, row_weights=weights,
-                        cols=cols, stop_after=max(layers) if early_exit else None)
+    stop = max(layers + [record_prefix]) if record_prefix else max(layers)
+    if record_prefix and stop >= L:
+        raise ValueError(f"record_prefix={record_prefix} must be < the number of layers ({L})")
+    plan = _CapturePlan(layers=frozenset(layers) | ({stop} if record_prefix else frozenset()),
+                        heads=torch.tensor(heads), rows=rows, row_weights=weights, cols=cols,
+                        stop_after=stop if (early_exit or record_prefix) else None, record_kv_below=record_prefix)
     probe = AttentionProbe(model, biases=biases, batch_size=B, adapter=adapter)
     probe.state.capture = plan
     kwargs = dict(inputs)
     kwargs["use_cache"] = False
     if not early_exit:
         kwargs["logits_to_keep"] = 1
-    with torch.no_grad(), probe:
-        try:
-            model(**kwargs)
-        except _EarlyExit:
-            pass
+    hidden = {}
+    hook = None
+    if record_prefix:
+        hook = adapter.decoder_layers[record_prefix - 1].register_forward_hook(
+            lambda mod, args, out: hidden.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad(), probe:
+            try:
+                model(**kwargs)
+            except _EarlyExit:
+                pass
+    finally:
+        if hook is not None:
+            hook.remove()
     missing = [l for l in layers if l not in plan.captured]
     if missing:
         raise RuntimeError(f"layers {missing} were not captured: the model's text attention did not go through the "
@@ -387,4 +408,69 @@ def capture_image_attention(model, inputs: dict, layers=None, heads=None, query=
     maps = torch.stack([plan.captured[l] for l in layers], 1).float()   # [B, L_sel, H_sel, N]
     for b, n in enumerate(n_tokens):
         maps[b, ..., n:] = float("nan")
-    return CapturedAttention(maps=maps, layers=layers, heads=heads, n_tokens=n_tokens, spans=spans)
+    prefix = {"kv": plan.kv, "hidden": hidden["h"], "n_layers": record_prefix} if record_prefix else None
+    return CapturedAttention(maps=maps, layers=layers, heads=heads, n_tokens=n_tokens, spans=spans, prefix=prefix)
+
+
+# --------------------------------------------------------------------------------------------- prefix replay
+class _ReplayLayer(torch.nn.Module):
+    """Stands in for decoder layer ``i < n`` during one prefill: writes the recorded keys/values into the
+    cache and (for layer ``n-1``) returns the recorded output; any other call runs the real layer."""
+
+    def __init__(self, inner, layer_idx: int, kv, hidden, seq_len: int):
+        super().__init__()
+        self.inner = inner
+        self._replay = {"layer_idx": layer_idx, "kv": kv, "hidden": hidden, "T": seq_len, "armed": True}
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        r = self._replay
+        if not (r["armed"] and hidden_states.shape[1] == r["T"]):
+            return self.inner(hidden_states, *args, **kwargs)
+        r["armed"] = False
+        rep = hidden_states.shape[0] // r["kv"][0].shape[0]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:
+            k, v = r["kv"]
+            cache.update(k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0), r["layer_idx"])
+        if r["hidden"] is None:
+            return hidden_states
+        return r["hidden"].to(hidden_states.dtype).repeat_interleave(rep, 0)
+
+
+class PrefixReplay:
+    """Context manager: the next prefill of the same inputs starts at layer ``n`` from a recorded prefix.
+
+    Layers ``< n`` of the text decoder are temporarily replaced (restored on exit, also after an exception)
+    by stand-ins that write the recorded keys/values into the generation cache and hand over the recorded
+    hidden states; decode steps run the real layers. Valid only when the recorded pass saw exactly the
+    same inputs (ids, mask, images, position ids) and no bias below layer ``n``.
+    """
+
+    def __init__(self, adapter, prefix: dict, seq_len: int):
+        self.layers = adapter.decoder_layers
+        self.prefix = prefix
+        self.T = seq_len
+        self._orig = []
+
+    def __enter__(self):
+        n = self.prefix["n_layers"]
+        self._orig = [self.layers[i] for i in range(n)]
+        for i in range(n):
+            hidden = self.prefix["hidden"] if i == n - 1 else None
+            self.layers[i] = _ReplayLayer(self._orig[i], i, self.prefix["kv"][i], hidden, self.T)
+        return self
+
+    def __exit__(self, *exc):
+        for i, layer in enumerate(self._orig):
+            self.layers[i] = layer
+        self._orig = []
+        return False
+
+    def all_used(self) -> bool:
+        return all(not self.layers[i]._replay["armed"] for i in range(len(self._orig)))

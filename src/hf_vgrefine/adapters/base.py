@@ -48,6 +48,9 @@ class FamilyAdapter:
 
     model_types: tuple[str, ...] = ()
     family: str = ""
+    # True: generate's prefill passes 1-D ``position_ids`` (cumsum of the mask) that a plain forward must
+    # receive explicitly to be identical; False: the model derives positions itself (Qwen M-RoPE).
+    explicit_position_ids: bool = True
 
     def __init__(self, model):
         self.model = model

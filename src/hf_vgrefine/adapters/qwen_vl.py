@@ -11,6 +11,7 @@ from .base import FamilyAdapter, ImageSpan
 class QwenVLAdapter(FamilyAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     family = "qwen_vl"
+    explicit_position_ids = False
 
     @property
     def merge_size(self) -> int:

@@ -24,7 +24,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from ..adapters import get_adapter
-from ..attention import AttentionProbe, KeyBias, capture_image_attention
+from ..attention import AttentionProbe, KeyBias, PrefixReplay, capture_image_attention
 from .config import VGRefineConfig
 from .logits import VGRefineLogitsProcessor
 from .triage import knockout_set, triage_scores
@@ -67,6 +67,8 @@ class TriageResult:
     biases: list
     timings: dict
     generic_cache_hits: int = 0
+    prefix: dict | None = None
+    seq_len: int = 0
 
     def __getitem__(self, i):
         return self.samples[i]
@@ -84,6 +86,15 @@ def _image_key(adapter, inputs, b: int) -> str:
         h.update(str(t.dtype).encode())
         h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
     return h.hexdigest()
+
+
+def generation_position_ids(inputs: dict) -> torch.Tensor:
+    """The ``position_ids`` ``generate`` gives the prefill: cumulative count of real tokens − 1 (pads → 0)."""
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        T = inputs["input_ids"].shape[1]
+        return torch.arange(T, device=inputs["input_ids"].device)[None].expand(inputs["input_ids"].shape[0], T)
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def left_pad(rows: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,9 +203,15 @@ class VGRefineWrapper:
         layers = cfg.triage_layers
         timings, hits = {}, 0
         q_maps = g_maps = None
+        share = cfg.share_prefix and min(cfg.masked_layers) > 0
         if cfg.knockout_set == "triage":
-            q_maps = capture_image_attention(self.model, inputs, layers=layers, query=cfg.query,
-                                             early_exit=cfg.early_exit, spans=spans, adapter=self.adapter)
+            q_inputs = inputs
+            if share and self.adapter.explicit_position_ids:
+                # same position ids as generate's prefill, so the recorded prefix can be replayed
+                q_inputs = dict(inputs, position_ids=generation_position_ids(inputs))
+            q_maps = capture_image_attention(self.model, q_inputs, layers=layers, query=cfg.query,
+                                             early_exit=cfg.early_exit, spans=spans, adapter=self.adapter,
+                                             record_prefix=min(cfg.masked_layers) if share else 0)
             timings["question_pass_s"] = time.perf_counter() - t0
             if cfg.generic_norm != "none":
                 t1 = time.perf_counter()
@@ -232,7 +249,8 @@ class VGRefineWrapper:
                                         knocked_out_positions=pos, threshold=tau, grid=(span.rows, span.cols),
                                         query_rows=(span.end, T), flags=flags))
         timings["triage_s"] = time.perf_counter() - t0
-        result = TriageResult(samples=samples, biases=biases, timings=timings, generic_cache_hits=hits)
+        result = TriageResult(samples=samples, biases=biases, timings=timings, generic_cache_hits=hits,
+                              prefix=q_maps.prefix if q_maps is not None else None, seq_len=T)
         self.last_triage = result
         return result
 
@@ -317,7 +335,14 @@ class VGRefineWrapper:
             lp = self.logits_processor(answer_choices=answer_choices, triage=triage, **model_inputs)
             procs = LogitsProcessorList(list(user_lp or []) + [lp])
             t0 = time.perf_counter()
-            out = self.model.generate(**kwargs, logits_processor=procs)
+            if triage.prefix is not None:
+                with PrefixReplay(self.adapter, triage.prefix, triage.seq_len) as replay:
+                    out = self.model.generate(**kwargs, logits_processor=procs)
+                if not replay.all_used():
+                    raise RuntimeError("share_prefix: the answer prefill did not consume the recorded prefix "
+                                       "(inputs changed between triage and generate?)")
+            else:
+                out = self.model.generate(**kwargs, logits_processor=procs)
             triage.timings["generate_s"] = time.perf_counter() - t0
             triage.timings["steps"] = lp.steps
         finally:

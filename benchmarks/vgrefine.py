@@ -1,0 +1,166 @@
+"""VGRefine cost vs plain ``generate``, and a straightforward three-pass eager implementation as the foil.
+
+Model: LLaVA, text hidden 256, 8 layers, 576 image tokens, ~650-token prompt, batch 1, CPU (1 thread).
+The VGRefine config is the published HuatuoGPT-Vision-7B one scaled to 8 layers: masked layer 4
+(16/28), 20 sensitive heads in layers 0..5 (deepest 19/28). Prints median wall-time ratios for 16 and
+1 new tokens, with a cold generic cache (new image every call) and a warm one (same image), and the
+peak-memory ratio (fresh process per variant).
+
+Targets (16 new tokens): cold <= 1.5, warm <= 1.3, peak memory <= 1.15.
+Run: python benchmarks/vgrefine.py [--rounds 20] [--device cuda --hidden 3584 --layers 28 --heads 28 --kv-heads 4 --bf16]
+"""
+
+import argparse
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import eager_mask
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import PeakMemory, bench_inputs, bench_model, interleaved, median, peak_in_fresh_process, setup_threads  # noqa: E402
+
+from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper  # noqa: E402
+
+_FOIL = {}
+
+
+def _foil_attention(module, query, key, value, attention_mask, **kw):
+    """Three-pass foil, pass 3: eager attention with an additive -inf mask on the blocked pairs."""
+    spec = _FOIL.get("spec")
+    if spec is not None and module.layer_idx in spec["layers"] and query.shape[2] > 1:
+        B, _, q, _ = query.shape
+        kv = key.shape[2]
+        if attention_mask is None:
+            attention_mask = torch.zeros(B, 1, q, kv, dtype=query.dtype, device=query.device).masked_fill(
+                torch.ones(q, kv, dtype=torch.bool, device=query.device).triu(1), torch.finfo(query.dtype).min)
+        m = attention_mask[..., :kv].clone()
+        m[:, :, spec["rows"][0]:spec["rows"][1], spec["cols"]] = torch.finfo(query.dtype).min
+        attention_mask = m
+    return eager_attention_forward(module, query, key, value, attention_mask, **kw)
+
+
+def make_config(layers, heads, seed=0):
+    rng = random.Random(seed)
+    deepest = max(1, round(layers * 19 / 28))
+    masked = round(layers * 16 / 28)
+    pairs = sorted({(rng.randrange(deepest + 1), rng.randrange(heads)) for _ in range(60)})[:20]
+    pairs = [list(p) for p in pairs[:19]] + [[deepest, 0]]
+    return VGRefineConfig(masked_layers=[masked], sensitive_heads=pairs, percentile=80.0, generic_norm="none"), \
+        VGRefineConfig(masked_layers=[masked], sensitive_heads=pairs, percentile=80.0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--new-tokens", type=int, nargs="+", default=[16, 1])
+    ap.add_argument("--skip-foil", action="store_true")
+    ap.add_argument("--mem-variant", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    setup_threads()
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = bench_model(layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads, dtype=dtype,
+                        device=args.device)
+    _, cfg = make_config(args.layers, args.heads)
+    warm_inputs = bench_inputs(model, batch=args.batch, device=args.device)
+    generic = bench_inputs(model, batch=args.batch, text_tokens=22, device=args.device)   # same image, generic text
+    counter = [100]
+
+    def fresh_image():
+        counter[0] += 1
+        q = bench_inputs(model, batch=args.batch, seed=counter[0], device=args.device)
+        g = bench_inputs(model, batch=args.batch, seed=counter[0], text_tokens=22, device=args.device)
+        return q, g
+
+    wrapper = VGRefineWrapper(model, cfg)
+    AttentionInterface.register("bench_foil", _foil_attention)
+    AttentionMaskInterface.register("bench_foil", eager_mask)
+
+    def run_variants(n_new):
+        gen = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+
+        def plain():
+            with torch.no_grad():
+                model.generate(**warm_inputs, **gen)
+
+        def warm():
+            wrapper.generate(**warm_inputs, generic_inputs=None if wrapper._cache else generic, **gen)
+
+        def cold():
+            q, g = fresh_image()
+            wrapper._cache.clear()
+            wrapper.generate(**q, generic_inputs=g, **gen)
+
+        def foil():
+            q, g = fresh_image()
+            model.set_attn_implementation({"text_config": "eager"})
+            try:
+                with torch.no_grad():
+                    qa = model(**q, output_attentions=True).attentions
+                    ga = model(**g, output_attentions=True).attentions
+                pos = (q["input_ids"][0] == 300).nonzero().flatten()
+                gpos = (g["input_ids"][0] == 300).nonzero().flatten()
+                rel = [qa[l][0, h, -1, pos].float() / (ga[l][0, :, -1, gpos].float().mean(0) + 1e-10)
+                       for l, h in cfg.sensitive_heads]
+                s = torch.stack(rel).mean(0).cpu().numpy()
+                ko = pos[torch.from_numpy(s < np.percentile(s, cfg.percentile)).to(pos.device)]
+                _FOIL["spec"] = {"layers": cfg.masked_layers, "rows": (int(pos[-1]) + 1, q["input_ids"].shape[1]),
+                                 "cols": ko}
+                model.set_attn_implementation({"text_config": "bench_foil"})
+                with torch.no_grad():
+                    model.generate(**q, **gen)
+            finally:
+                _FOIL.clear()
+                model.set_attn_implementation({"text_config": "sdpa"})
+
+        variants = {"plain_generate": plain, "vgrefine_warm": warm, "vgrefine_cold": cold}
+        if not args.skip_foil:
+            variants["three_pass_eager"] = foil
+        return variants
+
+    if args.mem_variant:
+        name, n_new = args.mem_variant.split(":")
+        fn = run_variants(int(n_new))[name]
+        if name == "vgrefine_warm":
+            fn()    # fill the cache first: warm = generic map cached
+        with PeakMemory(args.device) as pm:
+            fn()
+        print(f"MEM {pm.extra_mib} {pm.total_mib}")
+        return
+    T = warm_inputs["input_ids"].shape[1]
+    print(f"model: LLaVA text hidden {args.hidden}, {args.layers} layers, {args.heads} heads ({args.kv_heads} KV), "
+          f"{dtype}, device {args.device}; prompt {T} tokens (576 image); batch {args.batch}; "
+          f"masked layer {cfg.masked_layers}, deepest sensitive layer {max(l for l, _ in cfg.sensitive_heads)}; "
+          f"{torch.get_num_threads()} thread(s); {args.rounds} interleaved rounds")
+    for n_new in args.new_tokens:
+        variants = run_variants(n_new)
+        times = interleaved(variants, rounds=args.rounds, device=args.device)
+        base = median(times["plain_generate"])
+        for name in variants:
+            print(f"  [{n_new:2d} new] {name:18s} median {median(times[name]) * 1e3:8.1f} ms  "
+                  f"min {min(times[name]) * 1e3:8.1f} ms  ratio {median(times[name]) / base:.3f}")
+        print(f"RATIO {n_new} new tokens: cold/plain = {median(times['vgrefine_cold']) / base:.3f} (target <= 1.5)  "
+              f"warm/plain = {median(times['vgrefine_warm']) / base:.3f} (target <= 1.3)"
+              + ("" if args.skip_foil else f"  three-pass-eager/plain = {median(times['three_pass_eager']) / base:.3f}"))
+        extra = ["--device", args.device, "--hidden", str(args.hidden), "--layers", str(args.layers), "--heads",
+                 str(args.heads), "--kv-heads", str(args.kv_heads), "--batch", str(args.batch)] + (["--bf16"] if args.bf16 else [])
+        mem = {name: peak_in_fresh_process(__file__, f"{name}:{n_new}", extra) for name in variants}
+        pb = mem["plain_generate"]
+        print(f"RATIO {n_new} new tokens peak memory (process peak): " + "  ".join(
+            f"{k}/plain = {v[1] / pb[1]:.3f}" for k, v in mem.items() if k != "plain_generate")
+            + "  (target <= 1.15);  increments MiB: " + " ".join(f"{k}={v[0]:.1f}" for k, v in mem.items()))
+
+
+if __name__ == "__main__":
+    main()
