@@ -597,7 +597,7 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
                       generic_question: str = GENERIC_QUESTION, head_norm: str = "per_head",
                       scores: Iterable[str] | None = None, metric_options: dict | None = None,
                       min_cells_per_box: int = 1, chat_template: str | None = None, generic_cache_size: int = 1024,
-                      progress: bool = True, n_boot: int = 1000) -> GroundingResults:
+                      progress: bool = True, n_boot: int = 1000, plot: bool = True) -> GroundingResults:
     """Measure attention-vs-region grounding of ``model`` on ``dataset``, per layer (and per head).
 
     Args:
@@ -623,6 +623,7 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
             :func:`hf_vgrefine.metrics.grounding_scores` (``threshold_mode``, ``tolerance``, ...).
         min_cells_per_box: 1 (default) or 0 (faithful degenerate-box rule, method.md §3.2).
         generic_cache_size: images whose generic maps stay cached in memory (LRU).
+        n_boot, plot: bootstrap resamples of the saved summary; write ``layers.png`` (with ``output_dir``).
     Returns:
         :class:`GroundingResults` (on the main process: all samples, merged over processes).
     """
@@ -700,7 +701,7 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
         if results is None:
             results = _empty_results(settings, score_names)
         results.info["last_run"] = counters
-        results.save(output_dir, n_boot=n_boot)
+        results.save(output_dir, n_boot=n_boot, plot=plot)
         return results
     if world > 1:
         from accelerate.utils import gather_object

@@ -139,8 +139,7 @@ def plot_attention_overlay(image, token_map, grid, boxes=None, mask=None, ax=Non
     ax.imshow(img, cmap="gray" if img.ndim == 2 else None, extent=extent, interpolation="nearest")
     import matplotlib
 
-    cm = matplotlib.colormaps[cmap].copy()
-    cm.set_bad(alpha=0.0)
+    cm = matplotlib.colormaps[cmap].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
     im = ax.imshow(np.ma.masked_invalid(heat), cmap=cm, alpha=alpha, vmin=lo, vmax=hi, extent=extent,
                    interpolation="nearest")
     _draw_gt(ax, boxes, mask, w0, h0, gt_color)
@@ -284,8 +283,7 @@ def plot_head_heatmap(matrix, path=None, selected: Sequence[Sequence[int]] = (),
     ax = fig.add_subplot(1, 1, 1)
     import matplotlib
 
-    cm = matplotlib.colormaps[cmap].copy()
-    cm.set_bad("lightgrey")
+    cm = matplotlib.colormaps[cmap].with_extremes(bad="lightgrey")
     im = ax.imshow(np.ma.masked_invalid(m), cmap=cm, aspect="auto", interpolation="nearest", origin="upper")
     li = {l: i for i, l in enumerate(layers)}
     hi = {h: i for i, h in enumerate(heads)}
