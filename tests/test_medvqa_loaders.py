@@ -170,3 +170,10 @@ def test_registry_and_hub_defaults(data, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     assert len(load_benchmark("vqa-rad")) == 4 and seen == [("flaviagiammarino/vqa-rad", "test")]
+
+
+def test_omnimedvqa_from_archive(data, tmp_path):
+    shutil.make_archive(str(tmp_path / "OmniMedVQA"), "zip", root_dir=data / "omnimedvqa", base_dir="OmniMedVQA")
+    items = omnimedvqa(tmp_path)  # only OmniMedVQA.zip there: extracted once into the cache
+    assert len(items) == 3 and all(os.path.exists(im) for it in items for im in it.images)
+    _all_images_open(items)

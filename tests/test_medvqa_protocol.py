@@ -180,7 +180,7 @@ def test_wilson_and_mcnemar():
 
 
 def test_prepare_items_filters_and_dedups():
-    mk = lambda i, **kw: MedVQAItem(**{"id": f"i{i}", "dataset": "D", "images": [b"x"], "question": f"q{i}",  # noqa: E731
+    mk = lambda i, **kw: MedVQAItem(**{"id": f"i{i}", "dataset": "D", "images": [b"x"], "question": f"q{i}",
                                        "options": ["yes", "no"], "answer": "yes", **kw})
     items = [mk(0), mk(1), mk(2, answer_type="open", options=[]), mk(3, options=[]),
              mk(4, question="q0"),  # same (dataset, question, image, options) as i0

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from _tiny_llava import load_tiny_llava, save_tiny_llava
+
 from hf_vgrefine.medvqa import (
     MMMU_TEMPLATE,
     MedVQAItem,
@@ -56,7 +56,7 @@ def _lines(path):
 
 
 def test_end_to_end_methods_summary_and_comparison(tmp_path, tiny, items):
-    path, model, processor = tiny
+    _, model, processor = tiny
     four_tokens = Method("baseline_4tok", model.generate, {"max_new_tokens": 4})
     mmmu_prompt = Method("mmmu_prompt", model.generate,
                          prompt_fn=lambda it, p: build_mcq_prompt(it.question, it.options, template=MMMU_TEMPLATE))
@@ -215,7 +215,7 @@ def test_cli_one_process_vs_accelerate_two_processes(tmp_path, tiny, data):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", "hf_vgrefine.medvqa.cli", *args, "--out", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((tmp_path / "two" / "manifest.json").read_text())["world_size"] == 2
     assert not list((tmp_path / "two").glob("predictions.rank*.jsonl"))
@@ -225,3 +225,32 @@ def test_cli_one_process_vs_accelerate_two_processes(tmp_path, tiny, data):
     s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
     assert s1 == s2
     assert "| baseline |" in proc.stdout
+
+
+def test_resume_guard_and_rescoring(tmp_path, tiny, data):
+    _, model, processor = tiny
+    its = load_benchmark("vqa-rad", data_dir=data)
+    calls = []
+
+    def gen(**kw):
+        calls.append(kw["input_ids"].shape[0])
+        return model.generate(**kw)
+
+    first = evaluate(model, processor, its, methods=[Method("baseline", gen)], out_dir=tmp_path, progress=False)
+    assert sum(calls) == 3 and {r["scorer"] for r in first.records} == {"mcq_letter"}
+    with pytest.raises(ValueError, match="different settings.*instruction"):
+        evaluate(model, processor, its, methods=[Method("baseline", gen)], out_dir=tmp_path, instruction=None,
+                 progress=False)
+    with pytest.raises(ValueError, match="different settings.*decoding"):
+        evaluate(model, processor, its, methods=[Method("baseline", gen)], out_dir=tmp_path, max_new_tokens=3,
+                 progress=False)
+    # another scorer: nothing is generated again, stored responses are re-scored
+    again = evaluate(model, processor, its, methods=[Method("baseline", gen)], out_dir=tmp_path,
+                     scorer="yesno_xor_substring", progress=False)
+    assert sum(calls) == 3 and again.summary["scorer"]["name"] == "yesno_xor_substring"
+    assert {r["scorer"] for r in _lines(tmp_path / "predictions.jsonl")} == {"yesno_xor_substring"}
+    assert [r["response"] for r in again.records] == [r["response"] for r in first.records]
+    # a new method may be added to an existing out_dir
+    more = evaluate(model, processor, its, methods=[Method("baseline", gen), Method("b2", model.generate, {"max_new_tokens": 2})],
+                    out_dir=tmp_path, progress=False)
+    assert sum(calls) == 3 and more.summary["methods"] == ["baseline", "b2"]

@@ -377,8 +377,12 @@ def omnimedvqa(source: str | os.PathLike, access: str = "Open-access", datasets:
     qa_dir = root / "QA_information" / access
     if not qa_dir.is_dir():
         found = sorted(root.glob(f"*/QA_information/{access}"))
+        if not found:  # the release may ship as an archive
+            for z in sorted(root.glob("*.zip")):
+                ex = extract_zip(z)
+                found += sorted(ex.glob(f"QA_information/{access}")) + sorted(ex.glob(f"*/QA_information/{access}"))
         if not found:
-            raise FileNotFoundError(f"no QA_information/{access} under {root}")
+            raise FileNotFoundError(f"no QA_information/{access} under {root} (nor in a .zip there)")
         qa_dir = found[0]
         root = qa_dir.parent.parent
     resolve = ImageResolver([root])

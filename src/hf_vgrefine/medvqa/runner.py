@@ -212,7 +212,7 @@ class _ShardWriter:
 
     def __init__(self, path: Path):
         self.path = path
-        self.f = open(path, "a+b")
+        self.f = open(path, "a+b")  # noqa: SIM115 - kept open across batches, closed by close()
         self.f.seek(0, os.SEEK_END)
         if self.f.tell() > 0:  # a crash may have left a partial last line: start on a fresh one
             self.f.seek(-1, os.SEEK_END)
@@ -240,13 +240,17 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def merge_shards(out_dir: str | os.PathLike, order: Sequence[tuple[str, str]] = ()) -> list[dict]:
+def merge_shards(out_dir: str | os.PathLike, order: Sequence[tuple[str, str]] = (),
+                 transform: Callable[[list[dict]], list[dict]] | None = None) -> list[dict]:
     """Merge shards into ``predictions.jsonl`` (atomic replace), then delete the shards.
 
     ``order``: (method, id) keys giving the output order; other records follow in read order.
+    ``transform``: applied to the de-duplicated records before writing (e.g. re-scoring).
     """
     out = Path(out_dir)
     recs = read_records(out)
+    if transform is not None:
+        recs = transform(recs)
     rank = {k: i for i, k in enumerate(order)}
     recs.sort(key=lambda r: rank.get((r["method"], r["id"]), len(rank)))
     _atomic_write(out / PREDICTIONS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
@@ -356,8 +360,8 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
                      f" | {_pct(mi['accuracy'])} [{_pct(mi['ci_low'])}, {_pct(mi['ci_high'])}] (n={mi['n']}) |")
     d = summary["definitions"]
     lines += ["", f"Macro: {d['macro']}. Micro: {d['micro']}.",
-              f"Scorer: `{summary['scorer']['name']}` v{summary['scorer']['version']}. "
-              f"Instruction appended: {summary['prompt']['instruction']!r}.", ""]
+              (f"Scorer: `{summary['scorer']['name']}` v{summary['scorer']['version']}. "
+               f"Instruction appended: {summary['prompt']['instruction']!r}."), ""]
     steps = sorted({s for m in methods for s in summary["closed"][m]["steps"]})
     if steps:
         lines += ["Extraction steps (items):", "", "| method | " + " | ".join(steps) + " |",
@@ -376,8 +380,8 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
             lines.append(f"| {name} | {cell['n']} | {_pct(cell['acc_a'])} | {_pct(cell['acc_b'])} | {delta} | "
                          f"{cell['a_only']} | {cell['b_only']} | {cell['p_value']:.4g} |")
         gained = sum(f["change"] == "gained" for f in c["flipped"])
-        lines += ["", f"Flipped items: {len(c['flipped'])} ({gained} gained, {len(c['flipped']) - gained} lost); "
-                      "listed in summary.json.", ""]
+        lines += ["", (f"Flipped items: {len(c['flipped'])} ({gained} gained, {len(c['flipped']) - gained} lost); "
+                       "listed in summary.json."), ""]
     if any(summary["open"][m] for m in methods):
         lines += ["## Open-ended (reported separately)", "", "| method | dataset | n | exact match (%) | token recall (%) |",
                   "|---|---|---|---|---|"]
@@ -476,7 +480,43 @@ def build_manifest(model, processor, *, model_id, revision, methods: Sequence[Me
                      "config": m.config} for m in methods],
         "batch_size": batch_size, "world_size": world_size, "limit_per_dataset": limit,
         "answer_types": list(answer_types), "removed_by_filter": dict(removed),
+        "resume_keys": {m.name: resume_key(model, m, model_id=model_id, revision=revision, gen_kwargs=gen_kwargs,
+                                           template=template, instruction=instruction, chat_template=tmpl)
+                        for m in methods},
     })
+
+
+def resume_key(model, method: Method, *, model_id, revision, gen_kwargs: Mapping, template: str,
+               instruction: str | None, chat_template: str | None) -> dict[str, Any]:
+    """What must not change between runs that share an ``out_dir`` for ``method`` (JSON-able): model,
+    decoding, prompt template/instruction, chat template, method kwargs / config. The scorer may change:
+    stored responses are re-scored."""
+    cfg = getattr(model, "config", None)
+    return _jsonable({
+        "model": model_id or getattr(cfg, "_name_or_path", None) or type(model).__name__,
+        "revision": revision or getattr(cfg, "_commit_hash", None), "class": type(model).__name__,
+        "dtype": str(getattr(model, "dtype", "")),
+        "decoding": {**dict(gen_kwargs), **method.gen_kwargs}, "template": template, "instruction": instruction,
+        "chat_template_sha1": hashlib.sha1(chat_template.encode()).hexdigest() if isinstance(chat_template, str) else None,
+        "prompt_variant": method.prompt_fn is not None, "config": method.config,
+    })
+
+
+def _check_resume(out: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Raise if ``out`` holds results of a method made with other settings; returns the old keys."""
+    path = out / "manifest.json"
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text(encoding="utf-8")).get("resume_keys", {})
+    except (json.JSONDecodeError, OSError):
+        return {}
+    for name, key in manifest["resume_keys"].items():
+        if name in old and old[name] != key:
+            diff = sorted(k for k in set(key) | set(old[name]) if key.get(k) != old[name].get(k))
+            raise ValueError(f"{out} already holds results of method {name!r} made with different settings "
+                             f"({', '.join(diff)}); use another out_dir or the original settings")
+    return old
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -579,7 +619,12 @@ def evaluate(model, processor, items: Sequence[MedVQAItem] | PreparedItems,
     writer = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        old_keys = _check_resume(out, manifest)
         done = {(r["method"], r["id"]) for r in read_records(out) if r.get("error") is None}
+        state.wait_for_everyone()  # every process has read the old manifest before it is replaced
+        manifest["resume_keys"] = {**old_keys, **manifest["resume_keys"]}
+        if state.is_main_process:
+            _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         writer = _ShardWriter(out / f"predictions.rank{rank}.jsonl")
     my_items = [it for i, it in enumerate(all_items) if i % world == rank]
     t0 = time.time()
@@ -606,14 +651,19 @@ def evaluate(model, processor, items: Sequence[MedVQAItem] | PreparedItems,
     elapsed = time.time() - t0
 
     order = [(m, it.id) for m in method_names for it in all_items]
+    by_id = {it.id: it for it in all_items}
+
+    def rescore(recs: list[dict]) -> list[dict]:
+        return [_rescore(r, by_id.get(r["id"]), score_closed, scorer) for r in recs]
+
     if out is not None:
         state.wait_for_everyone()
         if state.is_main_process:
-            merge_shards(out, order)
+            merge_shards(out, order, transform=rescore)
         state.wait_for_everyone()
         records = read_records(out)
     else:
-        records = memory
+        records = rescore(memory)
     wanted = set(order)
     pos = {k: i for i, k in enumerate(order)}
     records = sorted((r for r in records if (r["method"], r["id"]) in wanted), key=lambda r: pos[(r["method"], r["id"])])
@@ -670,6 +720,20 @@ def _run_batch(model, processor, method: Method, batch: Sequence[MedVQAItem], pr
                 s = score_open(resp, it)
                 recs[i] = _record(method.name, it, prompt, resp, exact=s.exact, recall=s.recall)
     return [r for r in recs if r is not None]
+
+
+def _rescore(rec: dict, item: MedVQAItem | None, score_closed, scorer: str) -> dict:
+    """Score a stored response again with the current scorer (records of other items: unchanged)."""
+    if item is None or rec.get("error") is not None or rec.get("response") is None:
+        return rec
+    rec = dict(rec)
+    if item.answer_type == CLOSED:
+        s = score_closed(rec["response"], item)
+        rec.update(extracted=s.extracted, step=s.step, target=s.target, correct=bool(s.correct), scorer=scorer)
+    else:
+        s = score_open(rec["response"], item)
+        rec.update(exact=s.exact, recall=s.recall, scorer="exact_match+token_recall")
+    return rec
 
 
 def _record(method: str, it: MedVQAItem, prompt: str, response: str | None, *, extracted=None, step=None,

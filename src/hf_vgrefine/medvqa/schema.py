@@ -6,9 +6,9 @@ import hashlib
 import io
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Union
+from typing import Any
 
-ImageRef = Union[bytes, str]  # encoded image bytes (PNG/JPEG/…) or a filesystem path
+ImageRef = bytes | str  # encoded image bytes (PNG/JPEG/…) or a filesystem path
 
 CLOSED, OPEN = "closed", "open"
 
