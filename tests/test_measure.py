@@ -296,3 +296,27 @@ def test_data_parallel_shards_merge(llava, ds, tmp_path):
     assert merged.ids == list(ds["id"]) and merged.info["last_run"]["measured"] == 4
     single = measure_grounding(model, proc, ds, progress=False)
     np.testing.assert_allclose(merged.get("attention_ratio"), single.get("attention_ratio"), rtol=1e-6)
+
+
+def test_load_grounding_dataset_from_disk(ds, tmp_path):
+    from datasets import DatasetDict
+
+    from hf_vgrefine.measure import load_grounding_dataset
+
+    ds.save_to_disk(str(tmp_path / "one"))
+    assert load_grounding_dataset(str(tmp_path / "one"))["id"] == ds["id"]
+    DatasetDict({"test": ds, "other": ds.select([0])}).save_to_disk(str(tmp_path / "dict"))
+    assert len(load_grounding_dataset(str(tmp_path / "dict"), split="other")) == 1
+    with pytest.raises(ValueError, match="split"):
+        load_grounding_dataset(str(tmp_path / "dict"), split="nope")
+    assert len(load_grounding_dataset(FIXTURE)) == 7                        # parquet + dataset card
+
+
+def test_generic_cache_equals_recomputation(llava, ds):
+    model, proc = llava
+    one = measure_grounding(model, proc, ds, batch_size=1, generic_cache_size=1, progress=False)
+    assert one.info["last_run"]["generic_images"] == 4 and one.info["last_run"]["generic_cache_hits"] == 3
+    none = measure_grounding(model, proc, ds, batch_size=7, generic_cache_size=0, progress=False)
+    assert none.info["last_run"]["generic_images"] == 4         # de-duplicated within the batch
+    for k in one.scores:
+        np.testing.assert_allclose(one.scores[k], none.scores[k], rtol=1e-6, atol=1e-9, err_msg=k)

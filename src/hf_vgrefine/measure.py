@@ -38,7 +38,7 @@ import re
 import tempfile
 import time
 from collections import OrderedDict
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -790,12 +790,17 @@ def _measure_batch(model, processor, adapter, rows, idx, ids, layers, per_head, 
     g_maps = [None] * len(rows)
     if relative:
         hashes = [_image_hash(im) for im in images]
-        missing = []
+        local, missing = {}, {}                        # this batch's generic maps; unique uncached images
         for h, im in zip(hashes, images):
-            if cache.get(h) is None and h not in [m[0] for m in missing]:
-                missing.append((h, im))
-            elif cache.get(h) is not None:
+            if h in local or h in missing:
+                continue
+            hit = cache.get(h)
+            if hit is not None:
                 cache.hits += 1
+                local[h] = hit
+            else:
+                missing[h] = im
+        missing = list(missing.items())
         for s in range(0, len(missing), batch_size):
             chunk = missing[s:s + batch_size]
             ginp = generic_inputs(processor, [im for _, im in chunk], instruction=instruction,
@@ -804,8 +809,9 @@ def _measure_batch(model, processor, adapter, rows, idx, ids, layers, per_head, 
             counters["generic_passes"] += 1
             counters["generic_images"] += len(chunk)
             for (h, _), m in zip(chunk, maps):
-                cache.put(h, m if per_head and head_norm == "per_head" else m.mean(1, keepdims=True))
-        g_maps = [cache.get(h) for h in hashes]
+                local[h] = m if per_head and head_norm == "per_head" else m.mean(1, keepdims=True)
+                cache.put(h, local[h])
+        g_maps = [local[h] for h in hashes]
 
     meta_rows, per = [], {}
     for b, row in enumerate(rows):
@@ -889,7 +895,8 @@ def load_grounding_dataset(name_or_path: str, config: str | None = None, split: 
     * a folder written by ``Dataset.save_to_disk`` -> ``load_from_disk`` (a ``DatasetDict`` -> ``split``);
     * any other local folder or a hub name -> ``load_dataset(name_or_path, config, split=split)``
       (parquet + dataset card, as written by ``hf_vgrefine.data.build_vgmed``);
-    * ``"vgmed"`` with no such local folder -> ``hf_vgrefine.data.load_vgmed(config)`` when available.
+    * ``"vgmed"`` with no such local folder -> ``hf_vgrefine.data.load_vgmed(config, split=split)`` (the package's
+      builder; ``atlas`` is built offline on first use, other configurations need ``hf-vgrefine build-vgmed``).
     """
     import datasets
 
@@ -903,12 +910,10 @@ def load_grounding_dataset(name_or_path: str, config: str | None = None, split: 
             ds = ds[split]
         return ds
     if not os.path.exists(p) and name_or_path == "vgmed":
-        try:
-            from .data import load_vgmed  # type: ignore[attr-defined]
-        except ImportError:
-            load_vgmed = None
-        if load_vgmed is not None:
-            return load_vgmed(config) if config else load_vgmed()
+        from .data import load_vgmed  # builds the offline `atlas` configuration on first use
+
+        kw = {"split": split} if split else {}
+        return load_vgmed(config, **kw) if config else load_vgmed(**kw)
     ds = datasets.load_dataset(p if os.path.exists(p) else name_or_path, config, split=split)
     return ds
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -150,7 +150,7 @@ def plot_attention_overlay(image, token_map, grid, boxes=None, mask=None, ax=Non
     if title:
         ax.set_title(title, fontsize=9)
     if colorbar:
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, format="%.3g")
     if path is not None:
         save_figure(fig, path)
     return fig
