@@ -374,3 +374,56 @@ def test_share_prefix_equals_plain_path(tiny, masked):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     layers = get_adapter(model).decoder_layers
     assert all(type(layer).__name__ != "_ReplayLayer" for layer in layers)   # originals restored
+
+
+def _generic_like(inputs, tiny, tail):
+    """Generic-prompt inputs that share each question's prefix up to the image end, then ``tail``."""
+    adapter = get_adapter(tiny.model)
+    spans = adapter.image_spans(inputs)
+    rows = []
+    for b, sp in enumerate(spans):
+        start = int(inputs["attention_mask"][b].float().argmax())
+        rows.append(torch.cat([inputs["input_ids"][b, start:sp[0].end], torch.tensor(tail)]))
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):], mask[b, T - len(r):] = r, 1
+    out = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    out.update(input_ids=ids, attention_mask=mask, **adapter.id_derived(ids, inputs))
+    return out
+
+
+def test_shared_generic_pass_equals_full_generic_pass(tiny):
+    """share_prefix runs only the generic prompt's tail on the question's cached image prefix; the triage
+    map equals the one from a full generic pass, and the model is left untouched."""
+    inputs = tiny_inputs(tiny, [3, 6], _grids(tiny.family, 2), seed=13)
+    generic = _generic_like(inputs, tiny, [40, 41, 42, 43, 44, 45])
+    full = VGRefineWrapper(tiny.model, _cfg(masked_layers=[2])).refine_inputs(generic_inputs=generic, **inputs)
+    w = VGRefineWrapper(tiny.model, _cfg(masked_layers=[2], share_prefix=True))
+    shared = w.refine_inputs(generic_inputs=generic, **inputs)
+    for a, b in zip(full.samples, shared.samples):
+        torch.testing.assert_close(a.triage_map, b.triage_map, atol=1e-5, rtol=1e-5)
+        assert torch.equal(a.knocked_out, b.knocked_out)
+    # the triage map really depends on the generic tail
+    other = VGRefineWrapper(tiny.model, _cfg(masked_layers=[2], share_prefix=True)).refine_inputs(
+        generic_inputs=_generic_like(inputs, tiny, [50, 51, 52]), **inputs)
+    assert (other.samples[0].triage_map - shared.samples[0].triage_map).abs().max() > 1e-4
+
+
+def test_shared_generic_pass_with_processor_prompt():
+    """LLaVA with the real processor: the generic prompt built from the chat template, shared prefix."""
+    from PIL import Image
+
+    tiny = build_tiny_model("llava", num_hidden_layers=3)
+    proc = tiny_processor("llava")
+    rng = np.random.RandomState(1)
+    imgs = [Image.fromarray((rng.rand(40 + 9 * i, 60, 3) * 255).astype("uint8")) for i in range(2)]
+    msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+            for q in ("is there a lesion in the liver ?", "what is left ?")]
+    text = [proc.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
+    inputs = proc(images=imgs, text=text, return_tensors="pt", padding=True)
+    full = VGRefineWrapper(tiny.model, _cfg(), processor=proc).refine_inputs(**inputs)
+    shared = VGRefineWrapper(tiny.model, _cfg(share_prefix=True), processor=proc).refine_inputs(**inputs)
+    for a, b in zip(full.samples, shared.samples):
+        torch.testing.assert_close(a.triage_map, b.triage_map, atol=1e-5, rtol=1e-5)

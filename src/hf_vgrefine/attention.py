@@ -305,8 +305,13 @@ class CapturedAttention:
         return self.maps.mean(2)
 
 
-def _query_rows(query, input_ids, attention_mask, spans):
+def _query_rows(query, input_ids, attention_mask, spans, past: int = 0):
+    """Absolute query rows ``[B, r]`` and their averaging weights; ``past`` = cached tokens before ``input_ids``."""
     B, T = input_ids.shape
+    if past:
+        if not (isinstance(query, str) and query == "last"):
+            raise ValueError("with a cache only query='last' is supported")
+        return torch.full((B, 1), past + T - 1, dtype=torch.long), torch.ones(B, 1)
     if attention_mask is not None and not bool(attention_mask[:, -1].all()):
         raise ValueError("attention capture needs left padding (the last column of attention_mask must be 1 for "
                          "every sample): set processor.tokenizer.padding_side = 'left'")
@@ -345,7 +350,8 @@ def _check_indices(name, values, limit):
 
 
 def capture_image_attention(model, inputs: dict, layers=None, heads=None, query="last", early_exit: bool = True,
-                            spans=None, adapter=None, biases=None, record_prefix: int = 0) -> CapturedAttention:
+                            spans=None, adapter=None, biases=None, record_prefix: int = 0,
+                            record_kv: int = 0, cache=None) -> CapturedAttention:
     """Attention from query rows to image tokens, per layer and head, on SDPA.
 
     ``inputs``: the processor's model inputs (left-padded batch). ``layers``/``heads``: 0-based indices
@@ -355,7 +361,10 @@ def capture_image_attention(model, inputs: dict, layers=None, heads=None, query=
     :class:`KeyBias` list active during the capture (post-bias probabilities are captured).
     ``record_prefix=n``: also keep every layer ``< n``'s keys/values and layer ``n-1``'s output hidden
     states (``result.prefix = {"kv": {layer: (k, v)}, "hidden": [B, T, D]}``) so that a later prefill of the
-    same inputs can resume at layer ``n`` (see :class:`PrefixReplay`).
+    same inputs can resume at layer ``n`` (see :class:`PrefixReplay`). ``record_kv=m``: keep keys/values of
+    every layer ``< m`` too (``result.prefix["kv"]``). ``cache``: a filled ``transformers`` cache the
+    inputs continue (then ``inputs`` hold only the new tokens plus the full 2-D ``attention_mask``, query
+    and image positions are absolute, i.e. counted from the start of the cached sequence).
     Returns :class:`CapturedAttention` with ``maps [B, n_layers, n_heads, n_max]``.
     """
     from .adapters import get_adapter
@@ -368,23 +377,31 @@ def capture_image_attention(model, inputs: dict, layers=None, heads=None, query=
     _check_indices("heads", heads, H)
     input_ids = inputs["input_ids"]
     B = input_ids.shape[0]
+    past = cache.get_seq_length() if cache is not None else 0
+    if past and spans is None:
+        raise ValueError("with a cache, pass the image spans of the cached sequence (spans=...)")
     spans = spans if spans is not None else adapter.image_spans(inputs)
     positions = [torch.cat([s.positions for s in sp]) for sp in spans]
     n_tokens = [len(p) for p in positions]
     cols = torch.zeros(B, max(n_tokens), dtype=torch.long)
     for b, p in enumerate(positions):
         cols[b, : len(p)] = p
-    rows, weights = _query_rows(query, input_ids, inputs.get("attention_mask"), spans)
+    rows, weights = _query_rows(query, input_ids, inputs.get("attention_mask"), spans, past)
     stop = max(layers + [record_prefix]) if record_prefix else max(layers)
     if record_prefix and stop >= L:
         raise ValueError(f"record_prefix={record_prefix} must be < the number of layers ({L})")
     plan = _CapturePlan(layers=frozenset(layers) | ({stop} if record_prefix else frozenset()),
                         heads=torch.tensor(heads), rows=rows, row_weights=weights, cols=cols,
-                        stop_after=stop if (early_exit or record_prefix) else None, record_kv_below=record_prefix)
+                        stop_after=stop if (early_exit or record_prefix) else None,
+                        record_kv_below=max(record_prefix, record_kv))
     probe = AttentionProbe(model, biases=biases, batch_size=B, adapter=adapter)
     probe.state.capture = plan
     kwargs = dict(inputs)
-    kwargs["use_cache"] = False
+    kwargs["use_cache"] = cache is not None
+    if cache is not None:
+        import inspect
+
+        kwargs["cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"] = cache
     if not early_exit:
         kwargs["logits_to_keep"] = 1
     hidden = {}
@@ -408,7 +425,9 @@ def capture_image_attention(model, inputs: dict, layers=None, heads=None, query=
     maps = torch.stack([plan.captured[l] for l in layers], 1).float()   # [B, L_sel, H_sel, N]
     for b, n in enumerate(n_tokens):
         maps[b, ..., n:] = float("nan")
-    prefix = {"kv": plan.kv, "hidden": hidden["h"], "n_layers": record_prefix} if record_prefix else None
+    prefix = None
+    if record_prefix or record_kv:
+        prefix = {"kv": plan.kv, "hidden": hidden.get("h"), "n_layers": record_prefix}
     return CapturedAttention(maps=maps, layers=layers, heads=heads, n_tokens=n_tokens, spans=spans, prefix=prefix)
 
 

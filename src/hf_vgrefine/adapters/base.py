@@ -94,6 +94,15 @@ class FamilyAdapter:
             raise ValueError(f"{type(self.config).__name__} has no image_token_id; cannot locate image tokens")
         return int(tid)
 
+    def position_ids(self, inputs: dict) -> torch.Tensor:
+        """Position ids of ``inputs`` as the model's prefill uses them, ``[..., B, T]`` (leading axes for
+        multi-axis RoPE). Default: ``generate``'s 1-D positions (count of real tokens − 1, pads → 0)."""
+        mask = inputs.get("attention_mask")
+        ids = inputs["input_ids"]
+        if mask is None:
+            return torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+        return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
     def text_attn_target(self, name: str):
         """Argument for ``set_attn_implementation`` that switches only the text decoder to ``name``."""
         return {"text_config": name}

@@ -44,6 +44,15 @@ class QwenVLAdapter(FamilyAdapter):
             raise ValueError(f"image_grid_thw has {len(thw)} rows but input_ids hold {k} image blocks")
         return out
 
+    def position_ids(self, inputs):
+        """M-RoPE position ids ``[3, B, T]`` (computed without touching the model's cached rope deltas)."""
+        mm = inputs.get("mm_token_type_ids")
+        if mm is None:
+            mm = (inputs["input_ids"] == self.image_token_id).int()
+        pos, _ = self.model.model.get_rope_index(inputs["input_ids"], mm, image_grid_thw=inputs.get("image_grid_thw"),
+                                                 attention_mask=inputs.get("attention_mask"))
+        return pos
+
     def token_grid(self, processor, image_size, span=None, inputs=None):
         from ..processor_geometry import qwen_vl_grid
 

@@ -59,9 +59,11 @@ _FAITHFUL = dict(compose_with_model_mask=False, cache_generic=False, early_exit=
 class VGRefineConfig:
     """Configuration of VGRefine (triage + knockout). Layer/head indices are 0-based query heads.
 
-    ``share_prefix`` (optional, off by default): the answer prefill resumes at the first masked layer from
-    the triage pass's hidden states and keys/values (layers below it are identical in both passes), which
-    saves ``min(masked_layers) / num_layers`` of a prefill; equal to the plain path (tested).
+    ``share_prefix`` (optional, off by default) reuses the question triage pass twice: (1) the answer
+    prefill resumes at the first masked layer from its hidden states and keys/values (layers below are
+    identical in both passes), saving ``min(masked_layers) / num_layers`` of a prefill; (2) the generic
+    prompt, which shares the question's prefix up to the image end, runs only its text tail on the
+    cached prefix. Both equal the plain path (tested).
 
     ``percentile``: knock out the image tokens whose triage score is strictly below this percentile
     (linear interpolation); ``magnitude_threshold`` is used only when ``percentile is None``

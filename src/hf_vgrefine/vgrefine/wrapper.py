@@ -88,6 +88,27 @@ def _image_key(adapter, inputs, b: int) -> str:
     return h.hexdigest()
 
 
+def _common_tail(inputs, spans, generic_inputs, adapter):
+    """The generic prompt's ids after the image if every sample's generic prompt is the question's prefix
+    (up to the image end) followed by one common tail; else ``None`` (then a full generic pass runs)."""
+    g_spans = adapter.image_spans(generic_inputs)
+    tails = []
+    for b, sp in enumerate(spans):
+        q_ids, g_ids = inputs["input_ids"][b], generic_inputs["input_ids"][b]
+        q_start = int(inputs["attention_mask"][b].float().argmax()) if "attention_mask" in inputs else 0
+        g_start = int(generic_inputs["attention_mask"][b].float().argmax()) if "attention_mask" in generic_inputs else 0
+        g_end = g_spans[b][0].end
+        if not torch.equal(q_ids[q_start:sp[0].end], g_ids[g_start:g_end]):
+            return None
+        tails.append(g_ids[g_end:])
+    if any(not torch.equal(t, tails[0]) for t in tails[1:]):
+        return None
+    for key in ("pixel_values", "image_grid_thw", "image_sizes"):
+        if key in inputs and (key not in generic_inputs or not torch.equal(inputs[key], generic_inputs[key])):
+            return None
+    return tails[0]
+
+
 def generation_position_ids(inputs: dict) -> torch.Tensor:
     """The ``position_ids`` ``generate`` gives the prefill: cumulative count of real tokens − 1 (pads → 0)."""
     mask = inputs.get("attention_mask")
@@ -204,18 +225,29 @@ class VGRefineWrapper:
         timings, hits = {}, 0
         q_maps = g_maps = None
         share = cfg.share_prefix and min(cfg.masked_layers) > 0
+        share_generic = cfg.share_prefix and cfg.generic_norm != "none" and cfg.query == "last"
+        tail_ids = None
+        if share_generic:
+            tail_ids = self._generic_tail() if generic_inputs is None else _common_tail(inputs, spans, generic_inputs,
+                                                                                          self.adapter)
+            share_generic = tail_ids is not None
+        positions = None
         if cfg.knockout_set == "triage":
             q_inputs = inputs
-            if share and self.adapter.explicit_position_ids:
-                # same position ids as generate's prefill, so the recorded prefix can be replayed
-                q_inputs = dict(inputs, position_ids=generation_position_ids(inputs))
+            if cfg.share_prefix:
+                positions = self.adapter.position_ids(inputs)
+                if self.adapter.explicit_position_ids:
+                    # same position ids as generate's prefill, so the recorded prefix can be replayed
+                    q_inputs = dict(inputs, position_ids=positions)
+            n_kv = max(layers + ([min(cfg.masked_layers)] if share else [])) + 1 if share_generic else 0
             q_maps = capture_image_attention(self.model, q_inputs, layers=layers, query=cfg.query,
                                              early_exit=cfg.early_exit, spans=spans, adapter=self.adapter,
-                                             record_prefix=min(cfg.masked_layers) if share else 0)
+                                             record_prefix=min(cfg.masked_layers) if share else 0, record_kv=n_kv)
             timings["question_pass_s"] = time.perf_counter() - t0
             if cfg.generic_norm != "none":
                 t1 = time.perf_counter()
-                g_maps, hits = self._generic_maps(inputs, spans, layers, generic_inputs)
+                shared = (q_maps.prefix, positions, tail_ids) if share_generic else None
+                g_maps, hits = self._generic_maps(inputs, spans, layers, generic_inputs, shared)
                 timings["generic_pass_s"] = time.perf_counter() - t1
         samples, biases = [], []
         for b, sp in enumerate(spans):
@@ -254,7 +286,7 @@ class VGRefineWrapper:
         self.last_triage = result
         return result
 
-    def _generic_maps(self, inputs, spans, layers, generic_inputs):
+    def _generic_maps(self, inputs, spans, layers, generic_inputs, shared=None):
         cfg = self.config
         B = inputs["input_ids"].shape[0]
         keys = [None] * B
@@ -276,6 +308,13 @@ class VGRefineWrapper:
             for b in todo:
                 uniq.setdefault(keys[b] if keys[b] is not None else ("sample", b), []).append(b)
             reps = [v[0] for v in uniq.values()]
+            if shared is not None:
+                if generic_inputs is not None:
+                    reps = list(range(B))
+                    uniq = {("sample", b): [b] for b in range(B)}
+                cap = self._generic_tail_capture(inputs, spans, layers, reps, *shared)
+                self._store_generic(cap, uniq, maps)
+                return maps, hits
             if generic_inputs is not None:
                 batch = generic_inputs
                 reps = list(range(B))
@@ -289,15 +328,45 @@ class VGRefineWrapper:
                                      f"question prompt {spans[r][0].n_tokens}: both must use the same image inputs")
             cap = capture_image_attention(self.model, batch, layers=layers, query=cfg.query,
                                           early_exit=cfg.early_exit, spans=g_spans, adapter=self.adapter)
-            for i, (key, members) in enumerate(uniq.items()):
-                m = cap.sample(i).clone()
-                for b in members:
-                    maps[b] = m
-                if cfg.cache_generic and key[0] != "sample":
-                    self._cache[key] = m
-                    while len(self._cache) > self.cache_size:
-                        self._cache.popitem(last=False)
+            self._store_generic(cap, uniq, maps)
         return maps, hits
+
+    def _store_generic(self, cap, uniq: dict, maps: list):
+        for i, (key, members) in enumerate(uniq.items()):
+            m = cap.sample(i).clone()
+            for b in members:
+                maps[b] = m
+            if self.config.cache_generic and key[0] != "sample":
+                self._cache[key] = m
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+
+    def _generic_tail_capture(self, inputs, spans, layers, reps, prefix, positions, tail):
+        """Generic-prompt maps from the question pass's cached image prefix: only the generic prompt's
+        text after the image is run (``[v_end, T)`` of the question is masked out), with the position ids
+        it has in a standalone generic prompt. Equal to a full generic pass (tested)."""
+        from transformers import DynamicCache
+
+        tail = tail.to(inputs["input_ids"].device)
+        n, t = len(reps), tail.numel()
+        idx = torch.tensor(reps, device=tail.device)
+        cache = DynamicCache()
+        for layer in range(max(layers) + 1):
+            k, v = prefix["kv"][layer]
+            cache.update(k[idx], v[idx], layer)
+        mask = inputs["attention_mask"][idx].clone()
+        for i, b in enumerate(reps):
+            mask[i, spans[b][0].end:] = 0
+        mask = torch.cat([mask, mask.new_ones(n, t)], 1)
+        ends = torch.tensor([spans[b][0].end for b in reps], device=tail.device)
+        start = positions[..., idx, :].gather(-1, ends.view(*([1] * (positions.dim() - 2)), n, 1).expand(
+            *positions.shape[:-2], n, 1))
+        pos = start + torch.arange(t, device=tail.device)
+        ids = tail[None].expand(n, t)
+        batch = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        batch.update(self.adapter.id_derived(ids, inputs))
+        return capture_image_attention(self.model, batch, layers=layers, query="last", early_exit=True,
+                                       spans=[spans[b] for b in reps], adapter=self.adapter, cache=cache)
 
     # ------------------------------------------------------------------ step II
     def logits_processor(self, answer_choices=None, triage: TriageResult | None = None, generic_inputs=None,
