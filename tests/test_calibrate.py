@@ -133,8 +133,10 @@ def test_calibrate_qwen_and_cli(ds, tmp_path):
 
     out = tmp_path / "cal"
     rc = main(["calibrate", "--model", str(mdir), "--dataset", FIXTURE, "--k", "3", "--exclude-layers", "0",
+               "--processor-setting", "do_pad=false", "--processor-setting", 'size={"shortest_edge": 28}',
                "--no-progress", "--out", str(out)])
     assert rc == 0
     c = VGRefineConfig.from_pretrained(str(out))
+    assert c.processor_settings["do_pad"] is False and c.processor_settings["size"] == {"shortest_edge": 28}
     assert c.masked_layers == [1] and all(l == 1 for l, _ in c.sensitive_heads) and len(c.sensitive_heads) == 3
     assert (out / "calibration_heads.png").exists()

@@ -210,12 +210,14 @@ def calibrate(model, processor, dataset, k: int = 20, criterion: str = "attentio
     from ._version import __version__
 
     calibration["package_version"] = __version__
+    proc_settings = processor_settings(processor)        # image-processor attributes (settable as-is)
+    calibration["image_processor_class"] = proc_settings.pop("image_processor_class", None)
     cfg = VGRefineConfig(
         masked_layers=[best], sensitive_heads=selected, percentile=percentile,
         query=results.info.get("query", "last"), calibration_eps=float(results.info.get("eps", eps)),
         instruction=results.info.get("instruction", instruction),
         model_id=str(getattr(model.config, "_name_or_path", "") or "") or None,
-        processor_settings=processor_settings(processor), calibration=_json_safe(calibration),
+        processor_settings=proc_settings, calibration=_json_safe(calibration),
         notes=f"calibrated by hf_vgrefine.calibrate on {len(results)} samples ({rank_by}, criterion {criterion})")
     cfg.check_model(adapter.num_layers, adapter.num_heads)
     if output_dir is not None:

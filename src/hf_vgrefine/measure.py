@@ -29,6 +29,7 @@ merges the shards and writes ``per_sample.parquet``, ``summary.json`` and ``laye
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -170,7 +171,9 @@ def processor_settings(processor) -> dict:
         v = getattr(ip, k, None)
         if v is None:
             continue
-        if hasattr(v, "items"):
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):    # transformers SizeDict
+            v = {kk: vv for kk, vv in dataclasses.asdict(v).items() if vv is not None}
+        elif hasattr(v, "items"):
             v = {kk: vv for kk, vv in dict(v).items() if vv is not None}
         elif isinstance(v, tuple):
             v = list(v)
@@ -885,6 +888,9 @@ def load_model_and_processor(model_id: str, dtype: str = "auto", device: str | N
     for k, v in (processor_overrides or {}).items():
         if ip is None or not hasattr(ip, k):
             raise ValueError(f"image processor {type(ip).__name__} has no setting {k!r}")
+        cur = getattr(ip, k)
+        if isinstance(v, dict) and dataclasses.is_dataclass(cur) and not isinstance(cur, type):
+            v = type(cur)(**v)                       # keep transformers' SizeDict type
         setattr(ip, k, v)
     return model, processor
 
