@@ -88,6 +88,18 @@ def _image_key(adapter, inputs, b: int) -> str:
     return h.hexdigest()
 
 
+def _take_rows(adapter, inputs: dict, rows: list) -> dict:
+    """Sub-batch ``rows`` of a (left-padded) model-input dict, image inputs included."""
+    if rows == list(range(inputs["input_ids"].shape[0])):
+        return inputs
+    out = {"input_ids": inputs["input_ids"][rows]}
+    if "attention_mask" in inputs:
+        out["attention_mask"] = inputs["attention_mask"][rows]
+    out.update(adapter.select_images(inputs, rows))
+    out.update(adapter.id_derived(out["input_ids"], inputs))
+    return out
+
+
 def _common_tail(inputs, spans, generic_inputs, adapter):
     """The generic prompt's ids after the image if every sample's generic prompt is the question's prefix
     (up to the image end) followed by one common tail; else ``None`` (then a full generic pass runs)."""
@@ -286,49 +298,52 @@ class VGRefineWrapper:
         self.last_triage = result
         return result
 
+    def _generic_key(self, inputs, generic_inputs, b: int, layers) -> tuple:
+        """Cache key of sample ``b``'s generic map: image content, query mode, layers and generic prompt."""
+        if generic_inputs is None:
+            prompt = (self.config.generic_prompt, self.config.instruction)
+        else:
+            row = generic_inputs["input_ids"][b]
+            if "attention_mask" in generic_inputs:
+                row = row[generic_inputs["attention_mask"][b].bool()]
+            prompt = hashlib.sha1(row.cpu().numpy().tobytes()).hexdigest()
+        return (_image_key(self.adapter, inputs, b), self.config.query, tuple(layers), prompt)
+
     def _generic_maps(self, inputs, spans, layers, generic_inputs, shared=None):
+        """Generic-prompt maps ``[n_layers, H, N]`` per sample (LRU-cached per image and prompt) and the
+        number of cache hits. One pass per distinct (image, prompt) among the misses."""
         cfg = self.config
         B = inputs["input_ids"].shape[0]
-        keys = [None] * B
+        keys = [self._generic_key(inputs, generic_inputs, b, layers) if cfg.cache_generic else ("sample", b)
+                for b in range(B)]
         maps = [None] * B
-        hits = 0
-        if generic_inputs is None and cfg.cache_generic:
-            tail_key = None
-            for b in range(B):
-                keys[b] = (_image_key(self.adapter, inputs, b), cfg.query, tuple(layers), cfg.generic_prompt,
-                           cfg.instruction)
-                if keys[b] in self._cache:
-                    self._cache.move_to_end(keys[b])
-                    maps[b] = self._cache[keys[b]]
-                    hits += 1
-        todo = [b for b in range(B) if maps[b] is None]
-        if todo:
-            # one pass per unique image among the missing samples
-            uniq = {}
-            for b in todo:
-                uniq.setdefault(keys[b] if keys[b] is not None else ("sample", b), []).append(b)
-            reps = [v[0] for v in uniq.values()]
-            if shared is not None:
-                if generic_inputs is not None:
-                    reps = list(range(B))
-                    uniq = {("sample", b): [b] for b in range(B)}
-                cap = self._generic_tail_capture(inputs, spans, layers, reps, *shared)
-                self._store_generic(cap, uniq, maps)
-                return maps, hits
+        for b, key in enumerate(keys):
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                maps[b] = self._cache[key]
+        hits = sum(m is not None for m in maps)
+        uniq: dict = {}
+        for b in range(B):
+            if maps[b] is None:
+                uniq.setdefault(keys[b], []).append(b)
+        if not uniq:
+            return maps, hits
+        reps = [v[0] for v in uniq.values()]
+        if shared is not None:
+            cap = self._generic_tail_capture(inputs, spans, layers, reps, *shared)
+        else:
             if generic_inputs is not None:
-                batch = generic_inputs
-                reps = list(range(B))
-                uniq = {("sample", b): [b] for b in range(B)}
+                batch = _take_rows(self.adapter, generic_inputs, reps)
             else:
                 batch = self._generic_batch(inputs, spans, reps)
             g_spans = self.adapter.image_spans(batch)
-            for b, r in enumerate(reps):
-                if g_spans[b][0].n_tokens != spans[r][0].n_tokens:
-                    raise ValueError(f"generic prompt of sample {r} has {g_spans[b][0].n_tokens} image tokens, the "
+            for i, r in enumerate(reps):
+                if g_spans[i][0].n_tokens != spans[r][0].n_tokens:
+                    raise ValueError(f"generic prompt of sample {r} has {g_spans[i][0].n_tokens} image tokens, the "
                                      f"question prompt {spans[r][0].n_tokens}: both must use the same image inputs")
             cap = capture_image_attention(self.model, batch, layers=layers, query=cfg.query,
                                           early_exit=cfg.early_exit, spans=g_spans, adapter=self.adapter)
-            self._store_generic(cap, uniq, maps)
+        self._store_generic(cap, uniq, maps)
         return maps, hits
 
     def _store_generic(self, cap, uniq: dict, maps: list):
@@ -336,7 +351,7 @@ class VGRefineWrapper:
             m = cap.sample(i).clone()
             for b in members:
                 maps[b] = m
-            if self.config.cache_generic and key[0] != "sample":
+            if key[0] != "sample":
                 self._cache[key] = m
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
