@@ -21,6 +21,12 @@ _LAZY = {
     "KeyBias": "hf_vgrefine.attention",
     # grounding scores
     "load_grounding_metric": "hf_vgrefine.metrics_module",
+    "measure_grounding": "hf_vgrefine.measure",
+    "GroundingResults": "hf_vgrefine.measure",
+    "calibrate": "hf_vgrefine.calibrate",
+    # VGMED
+    "build_vgmed": "hf_vgrefine.data",
+    "load_vgmed": "hf_vgrefine.data",
     # VGRefine
     "VGRefineConfig": "hf_vgrefine.vgrefine",
     "VGRefineWrapper": "hf_vgrefine.vgrefine",
