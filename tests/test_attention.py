@@ -215,3 +215,28 @@ def test_unsupported_model_names_supported_families():
                                                   num_attention_heads=2, vocab_size=32))
     with pytest.raises(UnsupportedModelError, match="qwen2_vl.*adding_a_family"):
         get_adapter(m)
+
+
+@pytest.mark.parametrize("impl", ["vgrefine", {"text_config": "vgrefine", "vision_config": "sdpa"}])
+def test_from_pretrained_local_dir_with_registered_attention(tmp_path, impl):
+    """The hub code path on a local directory: a model loaded with attn_implementation='vgrefine' (string
+    form: vision tower too) captures the same rows as eager and keeps its implementation after a probe."""
+    from transformers import AutoModelForImageTextToText
+
+    from hf_vgrefine.attention import register_attention
+
+    tiny = build_tiny_model("llava")
+    tiny.model.save_pretrained(tmp_path)
+    register_attention()
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation=impl).eval()
+    assert model.config.get_text_config()._attn_implementation == "vgrefine"
+    inputs = tiny_inputs(tiny, [3, 5])
+    with torch.no_grad():
+        plain = tiny.model(**inputs).logits
+        loaded = model(**inputs).logits
+    torch.testing.assert_close(loaded, plain, atol=1e-5, rtol=0)
+    cap = capture_image_attention(model, inputs)
+    ref = _reference_maps(_eager_attentions(tiny.model, inputs), get_adapter(model).image_spans(inputs), "last")
+    for b in range(2):
+        torch.testing.assert_close(cap.sample(b), ref[b], atol=1e-5, rtol=0)
+    assert model.config.get_text_config()._attn_implementation == "vgrefine"
