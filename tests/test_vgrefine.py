@@ -333,6 +333,8 @@ def test_errors_before_any_forward():
         w.generate(**no_img, max_new_tokens=1)
     with pytest.raises(ValueError, match="processor"):
         w.generate(**tiny_inputs(tiny, [3]), max_new_tokens=1)
+    with pytest.raises(ValueError, match="use_cache=True"):
+        w.generate(**tiny_inputs(tiny, [3]), max_new_tokens=1, use_cache=False)
     with pytest.raises(ValueError, match="percentile"):
         VGRefineConfig(masked_layers=[1], sensitive_heads=HEADS, percentile=120)
     with pytest.raises(ValueError, match="knockout_scope"):
@@ -374,6 +376,9 @@ def test_share_prefix_equals_plain_path(tiny, masked):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     layers = get_adapter(model).decoder_layers
     assert all(type(layer).__name__ != "_ReplayLayer" for layer in layers)   # originals restored
+    # a non-dynamic cache request falls back to the full prefill (same tokens)
+    w = VGRefineWrapper(model, _cfg(masked_layers=masked, share_prefix=True))
+    assert not w._can_replay({"cache_implementation": "static"}) and w._can_replay({})
 
 
 def _generic_like(inputs, tiny, tail):

@@ -59,11 +59,13 @@ _FAITHFUL = dict(compose_with_model_mask=False, cache_generic=False, early_exit=
 class VGRefineConfig:
     """Configuration of VGRefine (triage + knockout). Layer/head indices are 0-based query heads.
 
-    ``share_prefix`` (optional, off by default) reuses the question triage pass twice: (1) the answer
+    ``share_prefix`` (on by default; off with ``faithful=True``) reuses the question triage pass twice: (1) the answer
     prefill resumes at the first masked layer from its hidden states and keys/values (layers below are
     identical in both passes), saving ``min(masked_layers) / num_layers`` of a prefill; (2) the generic
     prompt, which shares the question's prefix up to the image end, runs only its text tail on the
-    cached prefix. Both equal the plain path (tested).
+    cached prefix. Both equal the plain path (tested; bit-identical logits on the tiny models of every
+    family). The prefill resume is skipped (full prefill, same result) when ``generate`` is asked for a
+    non-dynamic cache (``cache_implementation``) or is given a cache.
 
     ``percentile``: knock out the image tokens whose triage score is strictly below this percentile
     (linear interpolation); ``magnitude_threshold`` is used only when ``percentile is None``
@@ -88,7 +90,7 @@ class VGRefineConfig:
     compose_with_model_mask: bool = True
     cache_generic: bool = True
     early_exit: bool = True
-    share_prefix: bool = False
+    share_prefix: bool = True
     huatuo_box_mapping: str = "pad"
     min_cells_per_box: int = 1
     faithful: bool = False

@@ -410,6 +410,9 @@ class VGRefineWrapper:
         first answer token is restricted to), ``gt_token_masks`` (oracle knockout).
         """
         model_inputs = {k: v for k, v in kwargs.items() if k in self._input_keys(kwargs)}
+        if kwargs.get("use_cache") is False:
+            raise ValueError("VGRefine's knockout is defined on the prefill and its KV cache: generate with "
+                             "use_cache=True (the default)")
         triage = self.refine_inputs(generic_inputs=generic_inputs, gt_token_masks=gt_token_masks, **model_inputs)
         user_lp = kwargs.pop("logits_processor", None)
         outer = self._probe is not None
@@ -419,7 +422,7 @@ class VGRefineWrapper:
             lp = self.logits_processor(answer_choices=answer_choices, triage=triage, **model_inputs)
             procs = LogitsProcessorList(list(user_lp or []) + [lp])
             t0 = time.perf_counter()
-            if triage.prefix is not None:
+            if triage.prefix is not None and triage.prefix.get("hidden") is not None and self._can_replay(kwargs):
                 with PrefixReplay(self.adapter, triage.prefix, triage.seq_len) as replay:
                     out = self.model.generate(**kwargs, logits_processor=procs)
                 if not replay.all_used():
@@ -443,6 +446,14 @@ class VGRefineWrapper:
         probe.state.replace_mask = not self.config.compose_with_model_mask
         with torch.no_grad(), probe:
             return self.model(**inputs)
+
+    def _can_replay(self, kwargs) -> bool:
+        """Prefix replay writes into a dynamic cache; other cache set-ups run the full prefill."""
+        if any(k in kwargs for k in ("past_key_values", "cache")) or kwargs.get("use_cache") is False:
+            return False
+        gc = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        impl = kwargs.get("cache_implementation", getattr(gc, "cache_implementation", None))
+        return impl in (None, "dynamic")
 
     @staticmethod
     def _input_keys(kwargs) -> set:
