@@ -1,0 +1,625 @@
+"""``hf-vgrefine demo``: the offline end-to-end run on the embedded default, with a report.
+
+One command shows the whole pipeline on real medical images without a GPU or the hub:
+
+1. **Data** — builds (first time) / loads VGMED ``atlas`` (Colin27 T1 slices + AAL masks) and derives the
+   reference grounding task of :mod:`hf_vgrefine.reference_task`: "Is there an abnormality in the
+   {structure}?" with small hypointense lesions, one ``yes`` and one ``no`` example per target.
+   VGMED's ``split_group`` decides the use: ``calibration`` slices (2) calibrate, ``test`` slices (8) are
+   measured and answered.
+2. **Grounding per layer** — :func:`hf_vgrefine.measure.measure_grounding` on the test examples: last-token
+   attention to the image tokens, relative to the generic prompt, scored against the **named** structure's
+   box (attention ratio, chance = 1; also raw maps, KL/JS, energy pointing game).
+3. **Calibration** — :func:`hf_vgrefine.calibrate.calibrate` on the calibration examples: masked layer
+   and top-``k`` sensitive heads.
+4. **Baseline vs VGRefine** — yes/no accuracy on the test examples (the answer is the larger of the
+   "yes"/"no" logits at the last prompt position), plain forward vs
+   :class:`~hf_vgrefine.vgrefine.VGRefineWrapper` with the calibrated config; plus the last-token
+   attention at the masked layer before and after the knockout.
+5. **Report** — ``report.md`` (and ``report.html``) with PNG figures (per-layer grounding curve with chance
+   level, calibration heat-map, overlays with ground-truth contours before/after VGRefine) and the
+   accuracy/grounding table; every number comes from ``results.json`` written by the same run.
+
+Default model: the package's reference VLM (``hf_vgrefine/resources/reference_vlm``, a tiny
+``LlavaForConditionalGeneration`` trained by ``examples/train_reference_vlm.py``); ``--model`` takes any
+hub id or local folder that ``AutoModelForImageTextToText`` / ``AutoProcessor`` load.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["run_demo", "reference_model_dir", "add_cli", "REPORT_MD", "REPORT_HTML", "RESULTS_JSON", "FIGURES"]
+
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+RESULTS_JSON = "results.json"
+FIGURES = {
+    "grounding_curve": "grounding_per_layer.png",
+    "overlays": "overlays_before_after.png",
+    "calibration_heads": "calibration/calibration_heads.png",
+}
+SCORES = ("attention_ratio", "energy_pointing_game", "kl_gt_attention", "js_divergence", "pointing_game")
+
+
+def reference_model_dir() -> Path:
+    """Folder of the shipped reference VLM (``save_pretrained`` output of model + processor)."""
+    from importlib.resources import files
+
+    return Path(str(files("hf_vgrefine").joinpath("resources", "reference_vlm")))
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ex", disable=not enabled, leave=False)
+
+
+def _say(msg: str, enabled: bool = True) -> None:
+    if enabled:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _finite(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _r(x, nd: int = 4):
+    """Round for the report (the JSON keeps the same rounded value, so report and JSON agree exactly)."""
+    if x is None:
+        return None
+    x = float(x)
+    return round(x, nd) if math.isfinite(x) else None
+
+
+# ============================================================================================ evaluation
+def _answer_token_ids(processor) -> tuple[int, int]:
+    tok = getattr(processor, "tokenizer", processor)
+    ids = []
+    for word in ("yes", "no"):
+        enc = tok(word, add_special_tokens=False)["input_ids"]
+        if not enc:
+            raise ValueError(f"the tokenizer cannot encode {word!r}")
+        ids.append(int(enc[0]))
+    return ids[0], ids[1]
+
+
+def _gt_token_mask(adapter, processor, example):
+    from .geometry import boxes_to_token_mask
+
+    grid = adapter.token_grid(processor, example["image"].size)
+    return grid, boxes_to_token_mask(example["boxes"], grid, box_format="xywh", mode="any", on_empty="empty")
+
+
+def _layer_mean(cap, b: int) -> np.ndarray:
+    return cap.sample(b).mean(1).detach().float().cpu().numpy()   # [n_layers, N]
+
+
+def evaluate_refinement(model, processor, examples, config, batch_size: int = 16, progress: bool = True,
+                        keep_maps_for: Sequence[int] = ()) -> dict:
+    """Baseline vs VGRefine on ``examples`` (yes/no): per-example predictions, and the last-token
+    attention at the masked layer(s) before/after the knockout scored against the named region.
+
+    Returns a dict with ``per_example`` (list of dicts) and ``maps`` (for the indices in
+    ``keep_maps_for``: before/after relative maps, triage map and keep mask at the first masked layer).
+    """
+    import torch
+
+    from .adapters import get_adapter
+    from .attention import capture_image_attention
+    from .metrics import attention_ratio, energy_pointing_game
+    from .prompts import build_inputs, generic_inputs, to_model_inputs
+    from .vgrefine import VGRefineWrapper
+
+    adapter = get_adapter(model)
+    yes, no = _answer_token_ids(processor)
+    wrapper = VGRefineWrapper(model, config, processor=processor)
+    layer = int(config.masked_layers[0])
+    keep = set(int(i) for i in keep_maps_for)
+    rows, maps = [], {}
+    bar = _bar(len(examples), "baseline vs VGRefine", progress)
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start:start + batch_size]
+            inputs = to_model_inputs(build_inputs(processor, [e["image"] for e in batch], [e["question"] for e in batch],
+                                                  instruction=config.instruction), model)
+            with torch.no_grad():
+                base = model(**inputs, logits_to_keep=1).logits[:, -1].float()
+                refined = wrapper(**inputs).logits[:, -1].float()
+                triage = wrapper.last_triage
+                spans = adapter.image_spans(inputs)
+                before = capture_image_attention(model, inputs, layers=[layer], query=config.query, spans=spans,
+                                                 adapter=adapter)
+                after = capture_image_attention(model, inputs, layers=[layer], query=config.query, spans=spans,
+                                                adapter=adapter, biases=triage.biases)
+                want = [i for i in range(len(batch)) if start + i in keep]
+                gen = None
+                if want:
+                    g_in = to_model_inputs(generic_inputs(processor, [batch[i]["image"] for i in want],
+                                                          instruction=config.instruction), model)
+                    gen = capture_image_attention(model, g_in, layers=[layer], query=config.query, adapter=adapter)
+            for i, e in enumerate(batch):
+                _, gt = _gt_token_mask(adapter, processor, e)
+                a0 = _layer_mean(before, i)[0]
+                a1 = _layer_mean(after, i)[0]
+                tri = triage[i]
+                keep_mask = tri.keep_mask.cpu().numpy()
+                b_yes, b_no = float(base[i, yes]), float(base[i, no])
+                r_yes, r_no = float(refined[i, yes]), float(refined[i, no])
+                row = {
+                    "id": e["id"], "label": e["label"], "answer": e["answer"], "n_lesions": int(e.get("n_lesions", 0)),
+                    "baseline": "yes" if b_yes > b_no else "no", "vgrefine": "yes" if r_yes > r_no else "no",
+                    "baseline_margin": b_yes - b_no, "vgrefine_margin": r_yes - r_no,
+                    "baseline_top1_is_yes_no": int(base[i].argmax()) in (yes, no),
+                    "vgrefine_top1_is_yes_no": int(refined[i].argmax()) in (yes, no),
+                    "f": float(gt.mean()) if gt.size else float("nan"),
+                    "ar_before": float(attention_ratio(a0, gt)), "ar_after": float(attention_ratio(a1, gt)),
+                    "mass_before": float(energy_pointing_game(a0, gt)), "mass_after": float(energy_pointing_game(a1, gt)),
+                    "image_mass_before": float(np.nansum(a0)), "image_mass_after": float(np.nansum(a1)),
+                    "kept_in_region": float(keep_mask[gt].mean()) if gt.any() else float("nan"),
+                    "kept_fraction": float(keep_mask.mean()),
+                    "triage_ar": float(attention_ratio(tri.triage_map.cpu().numpy().astype(np.float64), gt)),
+                }
+                rows.append(row)
+                if i in want:
+                    gm = _layer_mean(gen, want.index(i))[0]
+                    eps = float(config.eps)
+                    maps[start + i] = {"before": a0 / (gm + eps), "after": a1 / (gm + eps),
+                                       "triage": tri.triage_map.cpu().numpy(), "keep": keep_mask}
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    return {"per_example": rows, "maps": maps, "layer": layer}
+
+
+def _accuracy_block(rows, key: str) -> dict:
+    ans = np.array([r["answer"] for r in rows])
+    pred = np.array([r[key] for r in rows])
+    out = {"accuracy": float((ans == pred).mean()) if len(rows) else float("nan"), "n": len(rows)}
+    for c in ("yes", "no"):
+        m = ans == c
+        out[f"recall_{c}"] = float((pred[m] == c).mean()) if m.any() else float("nan")
+    return out
+
+
+def _mean(rows, key):
+    v = np.array([r[key] for r in rows], dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
+def _bootstrap_diff(rows, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95 % paired bootstrap CI of accuracy(VGRefine) - accuracy(baseline)."""
+    if not rows:
+        return float("nan"), float("nan")
+    ans = np.array([r["answer"] for r in rows])
+    d = (np.array([r["vgrefine"] for r in rows]) == ans).astype(float) - (np.array([r["baseline"] for r in rows]) == ans)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(d), size=(n_boot, len(d)))
+    boots = d[idx].mean(1)
+    return float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+# ============================================================================================ figures
+def _overlay_figure(examples, maps, adapter, processor, layer: int, path: str) -> str:
+    from .viz import _new_figure, plot_attention_overlay, save_figure
+
+    idx = sorted(maps)
+    cols = ["image, named structure (green), lesions (red)", f"before: relative attention, layer {layer}",
+            "VGRefine triage map (white: kept)", f"after knockout: relative attention, layer {layer}"]
+    fig = _new_figure((3.3 * len(cols), 3.6 * len(idx) + 0.3))
+    for r, i in enumerate(idx):
+        e = examples[i]
+        grid = adapter.token_grid(processor, e["image"].size)
+        img = np.asarray(e["image"].convert("L"))
+        mask = np.asarray(e["mask"].convert("L"))
+        m = maps[i]
+        ax = fig.add_subplot(len(idx), len(cols), r * len(cols) + 1)
+        ax.imshow(img, cmap="gray", interpolation="nearest")
+        if mask.any():
+            ax.contour(np.arange(img.shape[1]) + 0.5, np.arange(img.shape[0]) + 0.5, (mask > 0).astype(float),
+                       levels=[0.5], colors=["lime"], linewidths=1.2)
+        for x, y, rad, _ in e.get("lesions", []):
+            from matplotlib.patches import Circle
+
+            ax.add_patch(Circle((x + 0.5, y + 0.5), rad + 3, fill=False, edgecolor="red", linewidth=1.0))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"{e['question'][:58]}\nanswer: {e['answer']}", fontsize=7)
+        for c, key in enumerate(("before", "triage", "after"), start=2):
+            ax = fig.add_subplot(len(idx), len(cols), r * len(cols) + c)
+            vals = np.asarray(m[key], dtype=np.float64)
+            plot_attention_overlay(img, vals, grid, mask=mask, ax=ax, colorbar=True, alpha=0.55,
+                                   title=cols[c - 1] if r == 0 else None)
+            if key == "triage":
+                keep2d = np.asarray(m["keep"], dtype=float).reshape(grid.rows, grid.cols)
+                from .viz import token_map_to_pixels
+
+                kp = token_map_to_pixels(keep2d, grid)
+                kp = np.where(np.isfinite(kp), kp, 0.0)
+                if 0 < kp.max() and kp.min() < 1:
+                    ax.contour(np.arange(img.shape[1]) + 0.5, np.arange(img.shape[0]) + 0.5, kp, levels=[0.5],
+                               colors=["white"], linewidths=1.0)
+    fig.tight_layout()
+    save_figure(fig, path, bbox_inches=None)
+    return path
+
+
+# ============================================================================================ report
+def _table_rows(results: dict) -> list[list]:
+    acc_b, acc_v = results["accuracy"]["baseline"], results["accuracy"]["vgrefine"]
+    g_b, g_v = results["masked_layer_grounding"]["baseline"], results["masked_layer_grounding"]["vgrefine"]
+    return [
+        ["baseline", acc_b["accuracy"], acc_b["recall_yes"], acc_b["recall_no"], g_b["attention_ratio"],
+         g_b["region_mass"], acc_b["n"]],
+        ["VGRefine", acc_v["accuracy"], acc_v["recall_yes"], acc_v["recall_no"], g_v["attention_ratio"],
+         g_v["region_mass"], acc_v["n"]],
+    ]
+
+
+TABLE_HEADER = ["method", "accuracy", "recall yes", "recall no", "AR (masked layer, raw)",
+                "attention mass in region", "n"]
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def _md_table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(v) for v in r) + " |")
+    return "\n".join(lines)
+
+
+def _layer_rows(results: dict) -> list[list]:
+    g = results["grounding"]
+    rows = []
+    for i, layer in enumerate(g["layers"]):
+        rows.append([layer, g["relative"]["attention_ratio"]["mean"][i], g["relative"]["attention_ratio"]["ci_low"][i],
+                     g["relative"]["attention_ratio"]["ci_high"][i], g["raw"]["attention_ratio"]["mean"][i],
+                     g["relative"]["energy_pointing_game"]["mean"][i], g["chance"]["energy_pointing_game"]])
+    return rows
+
+
+LAYER_HEADER = ["layer", "AR relative (mean)", "95% CI low", "95% CI high", "AR raw (mean)",
+                "attention mass in region (relative map)", "chance mass (= mean f)"]
+
+
+def _render_markdown(results: dict) -> str:
+    r = results
+    g, cal, t = r["grounding"], r["calibration"], r["timing"]
+    acc = r["accuracy"]
+    lines = [
+        "# hf-vgrefine demo report",
+        "",
+        f"Model: `{r['model']['name']}` ({r['model']['architecture']}, {r['model']['num_layers']} layers x "
+        f"{r['model']['num_heads']} heads, image grid {r['model']['grid'][0]}x{r['model']['grid'][1]} tokens). "
+        f"Data: VGMED `atlas` ({r['data']['n_slices_test']} test slices, {r['data']['n_slices_calibration']} "
+        "calibration slices), reference task *\"Is there an abnormality in the {structure}?\"* with synthetic "
+        f"hypointense lesions: {r['data']['n_test']} test examples (balanced yes/no), {r['data']['n_calibration']} "
+        "calibration examples. Every number below is read from "
+        f"`{RESULTS_JSON}` written by this run (`{r['command']}`, {t['total_s']:.1f} s on {r['environment']['threads']} "
+        f"CPU thread(s), torch {r['environment']['torch']}, transformers {r['environment']['transformers']}).",
+        "",
+        "## 1. Where does the model look? Grounding per layer",
+        "",
+        "Attention of the last prompt token to the image tokens, relative to the generic prompt "
+        "(\"Write a general description of the image.\"), scored against the tokens of the **named** structure's "
+        "box. Attention ratio (AR) = mean attention inside the region / mean over the image; chance = 1.",
+        "",
+        f"![grounding per layer]({FIGURES['grounding_curve']})",
+        "",
+        _md_table(LAYER_HEADER, _layer_rows(r)),
+        "",
+        f"Best layer: **{g['best_layer']}** (relative AR {_fmt(g['best_layer_ar'])}; chance 1.0000).",
+        "",
+        "## 2. Calibration (masked layer and sensitive heads)",
+        "",
+        f"On the {cal['n_samples']} calibration examples: masked layer **{cal['masked_layers']}**, "
+        f"top-{len(cal['sensitive_heads'])} heads {cal['sensitive_heads']} (rule: {cal['rule']}); "
+        f"triage percentile {cal['percentile']}. Config: `calibration/vgrefine_config.json`.",
+        "",
+        f"![calibration heads]({FIGURES['calibration_heads']})",
+        "",
+        "## 3. Baseline vs VGRefine (closed-ended yes/no, test slices)",
+        "",
+        _md_table(TABLE_HEADER, _table_rows(r)),
+        "",
+        f"Accuracy change VGRefine - baseline: {_fmt(acc['difference'])} (95% paired bootstrap CI "
+        f"[{_fmt(acc['difference_ci'][0])}, {_fmt(acc['difference_ci'][1])}]); answers flipped: "
+        f"{acc['n_flipped']}. Attention columns: last-token attention at masked layer "
+        f"{cal['masked_layers'][0]} (mean over heads, raw probabilities) before/after the knockout; "
+        f"VGRefine kept {_fmt(r['masked_layer_grounding']['vgrefine']['kept_fraction'])} of the image tokens and "
+        f"{_fmt(r['masked_layer_grounding']['vgrefine']['kept_in_region'])} of the region's tokens.",
+        "",
+        "## 4. Heat-maps before / after VGRefine",
+        "",
+        f"Relative attention of the last prompt token at layer {cal['masked_layers'][0]}, ground-truth contour in "
+        "green; knocked-out tokens receive no attention after VGRefine.",
+        "",
+        f"![overlays]({FIGURES['overlays']})",
+        "",
+        "## Timing",
+        "",
+        _md_table(["stage", "seconds"], [[k, v] for k, v in t.items()]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _render_html(results: dict, markdown: str) -> str:
+    """A self-contained HTML rendering of the same content (tables and images, no external assets)."""
+    out = ["<!doctype html><html><head><meta charset='utf-8'><title>hf-vgrefine demo report</title>",
+           "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+           "td,th{border:1px solid #999;padding:3px 8px;text-align:right}img{max-width:100%}</style></head><body>"]
+    in_table = False
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if all(set(c) <= {"-"} for c in cells):
+                continue
+            if not in_table:
+                out.append("<table>")
+                in_table = True
+                out.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
+            else:
+                out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            out.append("</table>")
+            in_table = False
+        if line.startswith("!["):
+            alt, src = line[2:].split("](", 1)
+            out.append(f"<p><img alt='{html.escape(alt)}' src='{html.escape(src.rstrip(')'))}'></p>")
+        elif line.startswith("## "):
+            out.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            out.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.strip():
+            text = html.escape(line)
+            import re
+
+            text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+            text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+            out.append(f"<p>{text}</p>")
+    if in_table:
+        out.append("</table>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+# ============================================================================================ main entry
+def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine_demo", limit: int | None = None,
+             calibration_limit: int | None = None, k: int | None = None, percentile: float = 80.0,
+             batch_size: int = 16, seed: int = 0, html_report: bool = True, n_overlays: int = 3,
+             progress: bool = True, dtype: str = "float32", device: str | None = None, threads: int | None = None,
+             command: str | None = None) -> dict:
+    """Run the demo and write the report; returns the results dict (also saved as ``results.json``).
+
+    Args:
+        model: hub id or local folder (default: the shipped reference VLM).
+        out_dir: report folder (created; files are overwritten).
+        limit: test targets to use (2 examples each; default all 226 of the 8 test slices).
+        calibration_limit: calibration targets (default all 48 of the 2 calibration slices).
+        k: sensitive heads to select (default ``min(20, max(2, layers*heads // 4))``).
+        percentile: VGRefine triage percentile (80 = released default).
+        batch_size: prompts per forward pass. ``seed``: lesion placement of the held-out examples.
+        html_report: also write ``report.html``. ``n_overlays``: examples in the before/after figure.
+        threads: torch CPU threads (default: torch's).
+    """
+    import torch
+    import transformers
+
+    from . import reference_task as rt
+    from .adapters import get_adapter
+    from .calibrate import calibrate
+    from .data import load_vgmed
+    from .measure import load_model_and_processor, measure_grounding
+    from .viz import plot_layer_curves
+
+    t_all = time.perf_counter()
+    timing = {}
+    if threads:
+        torch.set_num_threads(int(threads))
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    shutil.rmtree(out / "calibration", ignore_errors=True)   # a previous demo's calibration (resumable run folder)
+    model_id = str(model) if model else str(reference_model_dir())
+    _say(f"[demo] loading model {model_id}", progress)
+    t = time.perf_counter()
+    mdl, processor = load_model_and_processor(model_id, dtype=dtype, device=device)
+    adapter = get_adapter(mdl)
+    timing["load_model_s"] = time.perf_counter() - t
+
+    _say("[demo] loading VGMED atlas (built on first use, offline)", progress)
+    t = time.perf_counter()
+    ds = load_vgmed("atlas")
+    images = rt.images_from_vgmed(ds)
+    test = rt.heldout_examples(images=images, split_group="test", limit=limit, seed=seed)
+    calib = rt.heldout_examples(images=images, split_group="calibration", limit=calibration_limit, seed=seed)
+    timing["data_s"] = time.perf_counter() - t
+    if not test or not calib:
+        raise ValueError("no test or calibration examples (check --limit)")
+
+    _say(f"[demo] measuring grounding per layer on {len(test)} test examples", progress)
+    t = time.perf_counter()
+    res = measure_grounding(mdl, processor, test, layers="all", relative=True, batch_size=batch_size,
+                            scores=list(SCORES), progress=progress)
+    summ = res.summary(n_boot=1000, seed=0)
+    timing["measure_s"] = time.perf_counter() - t
+
+    L, H = adapter.num_layers, adapter.num_heads
+    k_eff = int(k) if k else min(20, max(2, (L * H) // 4))
+    _say(f"[demo] calibrating (masked layer + top-{k_eff} heads) on {len(calib)} calibration examples", progress)
+    t = time.perf_counter()
+    cfg = calibrate(mdl, processor, calib, k=k_eff, split_group=None, percentile=percentile, batch_size=batch_size,
+                    output_dir=str(out / "calibration"), progress=progress)
+    timing["calibrate_s"] = time.perf_counter() - t
+
+    _say("[demo] baseline vs VGRefine on the test examples", progress)
+    t = time.perf_counter()
+    yes_idx = [i for i, e in enumerate(test) if e["answer"] == "yes"]
+    pick = yes_idx[:: max(1, len(yes_idx) // max(1, n_overlays))][:n_overlays]
+    ev = evaluate_refinement(mdl, processor, test, cfg, batch_size=batch_size, progress=progress, keep_maps_for=pick)
+    rows = ev["per_example"]
+    timing["refine_s"] = time.perf_counter() - t
+
+    # ---------------------------------------------------------------- numbers (rounded once, used everywhere)
+    def curve(kind, score):
+        d = summ[(summ["kind"] == kind) & (summ["score"] == score)].sort_values("layer")
+        return {s: [_r(v) for v in d[s].tolist()] for s in ("mean", "median", "ci_low", "ci_high")} | \
+               {"n": [int(v) for v in d["n"].tolist()]}
+
+    grounding = {"layers": res.layers, "n": len(res), "gt": "box",
+                 "relative": {s: curve("relative", s) for s in SCORES},
+                 "raw": {s: curve("raw", s) for s in SCORES},
+                 "chance": {s: _r(summ[summ["score"] == s]["chance"].iloc[0]) for s in SCORES}}
+    ar = grounding["relative"]["attention_ratio"]["mean"]
+    best = int(np.nanargmax(np.array([np.nan if v is None else v for v in ar], dtype=float)))
+    grounding["best_layer"] = res.layers[best]
+    grounding["best_layer_ar"] = ar[best]
+    acc_b, acc_v = _accuracy_block(rows, "baseline"), _accuracy_block(rows, "vgrefine")
+    lo, hi = _bootstrap_diff(rows)
+    accuracy = {"baseline": {k_: _r(v) if isinstance(v, float) else v for k_, v in acc_b.items()},
+                "vgrefine": {k_: _r(v) if isinstance(v, float) else v for k_, v in acc_v.items()},
+                "difference": _r(acc_v["accuracy"] - acc_b["accuracy"]), "difference_ci": [_r(lo), _r(hi)],
+                "n_flipped": int(sum(r["baseline"] != r["vgrefine"] for r in rows)),
+                "top1_is_yes_no": {"baseline": _r(_mean(rows, "baseline_top1_is_yes_no")),
+                                   "vgrefine": _r(_mean(rows, "vgrefine_top1_is_yes_no"))}}
+    masked = {"layer": ev["layer"],
+              "baseline": {"attention_ratio": _r(_mean(rows, "ar_before")), "region_mass": _r(_mean(rows, "mass_before")),
+                           "image_mass": _r(_mean(rows, "image_mass_before"))},
+              "vgrefine": {"attention_ratio": _r(_mean(rows, "ar_after")), "region_mass": _r(_mean(rows, "mass_after")),
+                           "image_mass": _r(_mean(rows, "image_mass_after")),
+                           "kept_fraction": _r(_mean(rows, "kept_fraction")),
+                           "kept_in_region": _r(_mean(rows, "kept_in_region")),
+                           "triage_attention_ratio": _r(_mean(rows, "triage_ar"))},
+              "chance_region_mass": _r(_mean(rows, "f"))}
+    calib_info = {"masked_layers": cfg.masked_layers, "sensitive_heads": cfg.sensitive_heads,
+                  "percentile": cfg.percentile, "k": k_eff, "n_samples": cfg.calibration.get("n_samples"),
+                  "rule": cfg.calibration.get("rule"), "layer_curves": cfg.calibration.get("layer_curves"),
+                  "config": "calibration/vgrefine_config.json"}
+
+    # ---------------------------------------------------------------- figures
+    t = time.perf_counter()
+    plot_layer_curves(summ, path=str(out / FIGURES["grounding_curve"]),
+                      scores=["attention_ratio", "energy_pointing_game"], kinds=["relative", "raw"],
+                      title=f"Last-token attention vs the named structure ({len(res)} held-out examples)")
+    _overlay_figure(test, ev["maps"], adapter, processor, ev["layer"], str(out / FIGURES["overlays"]))
+    timing["figures_s"] = time.perf_counter() - t
+    timing = {k_: round(v, 2) for k_, v in timing.items()}
+    timing["total_s"] = round(time.perf_counter() - t_all, 2)
+
+    cfg_model = mdl.config
+    grid0 = adapter.token_grid(processor, test[0]["image"].size)
+    results = {
+        "command": command or "run_demo()",
+        "model": {"name": model_id if model else "hf_vgrefine reference VLM (resources/reference_vlm)",
+                  "path": model_id, "architecture": type(mdl).__name__, "num_layers": L, "num_heads": H,
+                  "grid": [grid0.rows, grid0.cols],
+                  "model_type": getattr(cfg_model, "model_type", None)},
+        "data": {"config": "atlas", "task": rt.QUESTION, "seed": seed, "n_test": len(test), "n_calibration": len(calib),
+                 "n_slices_test": len({e["image_key"] for e in test}),
+                 "n_slices_calibration": len({e["image_key"] for e in calib}),
+                 "limit": limit, "calibration_limit": calibration_limit},
+        "grounding": grounding,
+        "calibration": calib_info,
+        "accuracy": accuracy,
+        "masked_layer_grounding": masked,
+        "figures": {k_: v for k_, v in FIGURES.items()},
+        "overlay_examples": [test[i]["id"] for i in sorted(ev["maps"])],
+        "environment": {"threads": torch.get_num_threads(), "torch": torch.__version__,
+                        "transformers": transformers.__version__, "python": sys.version.split()[0]},
+        "timing": timing,
+    }
+    from .measure import _atomic_write_json
+
+    _atomic_write_json(str(out / RESULTS_JSON), results)
+    with open(out / "per_example.jsonl", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({k_: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                                for k_, v in r.items()}) + "\n")
+    md = _render_markdown(json.loads((out / RESULTS_JSON).read_text()))
+    (out / REPORT_MD).write_text(md, encoding="utf-8")
+    if html_report:
+        (out / REPORT_HTML).write_text(_render_html(results, md), encoding="utf-8")
+    _say(_summary_lines(results, out), progress)
+    return results
+
+
+def _summary_lines(r: dict, out: Path) -> str:
+    a, g = r["accuracy"], r["grounding"]
+    return "\n".join([
+        f"[demo] grounding: best layer {g['best_layer']} with relative attention ratio {_fmt(g['best_layer_ar'])} "
+        f"(chance 1.0) on {g['n']} held-out examples",
+        f"[demo] calibration: masked layer {r['calibration']['masked_layers']}, {len(r['calibration']['sensitive_heads'])} heads",
+        f"[demo] accuracy: baseline {_fmt(a['baseline']['accuracy'])} -> VGRefine {_fmt(a['vgrefine']['accuracy'])} "
+        f"(n={a['baseline']['n']}, difference {_fmt(a['difference'])}, 95% CI [{_fmt(a['difference_ci'][0])}, "
+        f"{_fmt(a['difference_ci'][1])}])",
+        f"[demo] total {r['timing']['total_s']:.1f} s; report: {out / REPORT_MD}",
+    ])
+
+
+# ============================================================================================ CLI
+def _run(args) -> int:
+    argv = ["hf-vgrefine", "demo"] + ([f"--model {args.model}"] if args.model else []) + \
+           ([f"--limit {args.limit}"] if args.limit is not None else [])
+    run_demo(model=args.model, out_dir=args.out, limit=args.limit, calibration_limit=args.calibration_limit,
+             k=args.k, percentile=args.percentile, batch_size=args.batch_size, seed=args.seed,
+             html_report=not args.no_html, progress=not args.no_progress, dtype=args.dtype, device=args.device,
+             threads=args.threads, command=" ".join(argv))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Register ``hf-vgrefine demo``."""
+    import argparse
+
+    p = subparsers.add_parser(
+        "demo", help="offline end-to-end run on the embedded default (build, measure, calibrate, refine, report)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Offline end-to-end run: build/load VGMED atlas, measure where the model looks (per layer, relative\n"
+            "attention vs the named structure), calibrate VGRefine's masked layer and heads, compare baseline and\n"
+            "VGRefine on held-out yes/no questions, and write report.md/report.html with figures and results.json.\n"
+            "Default model: the package's small reference VLM trained on the atlas grounding task (CPU, ~1-3 min)."),
+    )
+    p.add_argument("--model", default=None, metavar="ID_OR_PATH",
+                   help="hub id or local folder (AutoModelForImageTextToText + AutoProcessor); default: the shipped "
+                        "reference VLM")
+    p.add_argument("--out", default="hf_vgrefine_demo", metavar="DIR", help="report folder (default ./hf_vgrefine_demo)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="use only the first N test targets (2 examples each; default all 226)")
+    p.add_argument("--calibration-limit", type=int, default=None, metavar="N",
+                   help="use only the first N calibration targets (default all 48)")
+    p.add_argument("--k", type=int, default=None, help="sensitive heads to calibrate (default min(20, layers*heads/4))")
+    p.add_argument("--percentile", type=float, default=80.0, help="VGRefine triage percentile (default 80)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out lesion placement (default 0)")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="device (default cpu, or the accelerate device)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-html", action="store_true", help="write report.md only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
+    p.set_defaults(func=_run)
