@@ -235,7 +235,9 @@ def _overlay_figure(examples, maps, adapter, processor, layer: int, path: str) -
             ax.add_patch(Circle((x + 0.5, y + 0.5), rad + 3, fill=False, edgecolor="red", linewidth=1.0))
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(f"{e['question'][:58]}\nanswer: {e['answer']}", fontsize=7)
+        import textwrap
+
+        ax.set_title("\n".join(textwrap.wrap(e["question"], 44)) + f"\nanswer: {e['answer']}", fontsize=7)
         for c, key in enumerate(("before", "triage", "after"), start=2):
             ax = fig.add_subplot(len(idx), len(cols), r * len(cols) + c)
             vals = np.asarray(m[key], dtype=np.float64)
@@ -353,8 +355,10 @@ def _render_markdown(results: dict) -> str:
         "",
         "## 4. Heat-maps before / after VGRefine",
         "",
-        f"Relative attention of the last prompt token at layer {cal['masked_layers'][0]}, ground-truth contour in "
-        "green; knocked-out tokens receive no attention after VGRefine.",
+        f"Left: the image with the named structure (green contour) and the lesions (red circles). Then the relative "
+        f"attention of the last prompt token at layer {cal['masked_layers'][0]} (question / generic prompt, mean over "
+        "heads) before VGRefine, VGRefine's triage map (white outline: kept tokens) and the same attention with the "
+        "knockout active (knocked-out tokens receive none).",
         "",
         f"![overlays]({FIGURES['overlays']})",
         "",

@@ -6,11 +6,12 @@ inside the named structure**, so a model that solves it has a reason to look at 
 tokens — which is what the grounding scores measure.
 
 Task
-    An axial Colin27 T1 slice (as rendered by VGMED ``atlas``) receives 1–3 small **hypointense lesions**
-    (soft dark discs, radius 4–6 px, 75–95 % signal drop). The question names one AAL structure of the
-    slice. ``yes``: one lesion lies inside the named structure (plus 0–2 distractor lesions in *other*
-    structures); ``no``: every lesion lies in other structures, at least ``radius + 4`` px away from the
-    named one (hard negatives: the contralateral homologue or a neighbouring structure half of the time).
+    An axial Colin27 T1 slice (as rendered by VGMED ``atlas``) receives 1–3 **hypointense lesions**: a soft
+    disc of radius 7–12 px centred inside one AAL structure and clipped to it (65–90 % signal drop). The
+    question names one structure of the slice. ``yes``: one lesion lies inside the named structure (plus 0–2
+    distractor lesions in *other* structures); ``no``: every lesion lies in other structures, each lesion
+    pixel at least 14 px from the named one (the contralateral homologue 25 % and one of the 5 nearest
+    structures 20 % of the time, else any other structure).
     Lesion counts have the same distribution for both answers, so "is there a lesion at all" or "how many"
     carry no information: only the named region decides.
 
@@ -40,7 +41,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["QUESTION", "ANSWERS", "TASK_SOURCE", "TaskSettings", "Target", "AtlasImage", "render_lesions",
+__all__ = ["QUESTION", "ANSWERS", "TASK_SOURCE", "TaskSettings", "Target", "AtlasImage", "render_lesions", "lesion_profile",
            "images_from_vgmed", "training_images", "training_slice_indices", "make_example", "heldout_examples",
            "TrainingStream", "vocabulary", "balanced_accuracy_report"]
 
@@ -189,7 +190,7 @@ def render_lesions(image: np.ndarray, footprints: Sequence[tuple], depths: Seque
 
 
 # ============================================================================================ sources
-def _group_atlas_samples(samples: Iterable[dict], split_of=None, keep_label=None) -> list[AtlasImage]:
+def _group_atlas_samples(samples: Iterable[dict], split_of=None) -> list[AtlasImage]:
     images: dict[str, AtlasImage] = {}
     for s in samples:
         key = s["image_key"]

@@ -1,0 +1,106 @@
+"""``hf-vgrefine demo``: runs end to end offline on the shipped reference model, writes the report with
+non-trivial figures, and every number of the report's tables equals the saved results JSON."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from hf_vgrefine import demo
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    import argparse
+
+    out = tmp_path_factory.mktemp("demo")
+    parser = argparse.ArgumentParser(prog="hf-vgrefine")
+    demo.add_cli(parser.add_subparsers(dest="command"))      # the contract of hf_vgrefine.cli
+    args = parser.parse_args(["demo", "--out", str(out), "--limit", "24", "--calibration-limit", "12",
+                              "--no-progress", "--batch-size", "24"])
+    assert args.func(args) == 0
+    return out, json.loads((out / demo.RESULTS_JSON).read_text())
+
+
+def _tables(md: str) -> list[list[list[str]]]:
+    tables, cur = [], []
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= {"-"} for c in cells):
+                cur.append(cells)
+        elif cur:
+            tables.append(cur)
+            cur = []
+    if cur:
+        tables.append(cur)
+    return tables
+
+
+def _num(cell: str):
+    return None if cell == "n/a" else float(cell)
+
+
+def test_files_exist_with_non_trivial_size(run):
+    out, res = run
+    for name in (demo.REPORT_MD, demo.REPORT_HTML, demo.RESULTS_JSON, "per_example.jsonl",
+                 "calibration/vgrefine_config.json"):
+        assert (out / name).is_file(), name
+    for key, rel in demo.FIGURES.items():
+        path = out / rel
+        assert path.is_file(), key
+        assert path.stat().st_size > 10_000, (key, path.stat().st_size)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({rel})" in (out / demo.REPORT_MD).read_text()
+    html = (out / demo.REPORT_HTML).read_text()
+    assert all(f"src='{rel}'" in html for rel in demo.FIGURES.values())
+    assert res["data"]["n_test"] == 48 and res["data"]["n_calibration"] == 24
+    assert res["accuracy"]["baseline"]["n"] == 48
+
+
+def test_report_tables_equal_the_results_json(run):
+    out, res = run
+    tables = _tables((out / demo.REPORT_MD).read_text())
+    header = [t for t in tables if t[0] == demo.LAYER_HEADER]
+    assert len(header) == 1
+    layer_rows = header[0][1:]
+    g = res["grounding"]
+    assert [int(r[0]) for r in layer_rows] == g["layers"]
+    for i, r in enumerate(layer_rows):
+        expect = [g["relative"]["attention_ratio"]["mean"][i], g["relative"]["attention_ratio"]["ci_low"][i],
+                  g["relative"]["attention_ratio"]["ci_high"][i], g["raw"]["attention_ratio"]["mean"][i],
+                  g["relative"]["energy_pointing_game"]["mean"][i], g["chance"]["energy_pointing_game"]]
+        assert [_num(c) for c in r[1:]] == pytest.approx(expect, abs=5e-5)
+
+    acc_table = [t for t in tables if t[0] == demo.TABLE_HEADER]
+    assert len(acc_table) == 1
+    rows = {r[0]: r for r in acc_table[0][1:]}
+    for method, key in (("baseline", "baseline"), ("VGRefine", "vgrefine")):
+        a, m = res["accuracy"][key], res["masked_layer_grounding"][key]
+        expect = [a["accuracy"], a["recall_yes"], a["recall_no"], m["attention_ratio"], m["region_mass"]]
+        assert [_num(c) for c in rows[method][1:6]] == pytest.approx(expect, abs=5e-5)
+        assert int(rows[method][6]) == a["n"]
+
+    # the per-example file is the source of the accuracy numbers
+    per = [json.loads(x) for x in (out / "per_example.jsonl").read_text().splitlines()]
+    assert len(per) == res["accuracy"]["baseline"]["n"]
+    base = sum(p["baseline"] == p["answer"] for p in per) / len(per)
+    refd = sum(p["vgrefine"] == p["answer"] for p in per) / len(per)
+    assert base == pytest.approx(res["accuracy"]["baseline"]["accuracy"], abs=5e-5)
+    assert refd == pytest.approx(res["accuracy"]["vgrefine"]["accuracy"], abs=5e-5)
+
+    md = (out / demo.REPORT_MD).read_text()
+    m = re.search(r"Best layer: \*\*(\d+)\*\* \(relative AR ([0-9.]+)", md)
+    assert m and int(m.group(1)) == g["best_layer"] and float(m.group(2)) == pytest.approx(g["best_layer_ar"], abs=5e-5)
+    assert str(res["calibration"]["masked_layers"]) in md
+
+
+def test_reference_model_is_grounded_in_the_demo(run):
+    _, res = run
+    g = res["grounding"]
+    assert g["best_layer_ar"] >= 1.3
+    assert res["calibration"]["masked_layers"] == [g["best_layer"]] or res["calibration"]["masked_layers"]
+    assert res["accuracy"]["baseline"]["accuracy"] >= 0.65
+    assert res["timing"]["total_s"] < 120
