@@ -1,8 +1,6 @@
 """Calibration of VGRefine's masked layer and sensitive heads on tiny models + the ranking rule."""
 
 import json
-import os
-from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -13,29 +11,12 @@ from hf_vgrefine.measure import GroundingResults, measure_grounding
 from hf_vgrefine.testing import build_tiny_model, tiny_processor
 from hf_vgrefine.vgrefine import VGRefineConfig
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "grounding")
-
-
-def _qwen_processor():
-    try:
-        return tiny_processor("qwen2_vl")
-    except (AttributeError, RuntimeError):  # no torchvision: skip the class check of the absent video processor
-        from transformers.processing_utils import ProcessorMixin
-
-        orig = ProcessorMixin.check_argument_for_proper_class
-
-        def check(self, name, arg):
-            return None if arg is None else orig(self, name, arg)
-
-        with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", check):
-            return tiny_processor("qwen2_vl")
+from _grounding_fixtures import FIXTURE, load_fixture, qwen_processor as _qwen_processor
 
 
 @pytest.fixture(scope="module")
 def ds():
-    from datasets import load_dataset
-
-    return load_dataset(FIXTURE, split="test")
+    return load_fixture()
 
 
 # ------------------------------------------------------------------------------------------------ rule

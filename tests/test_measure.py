@@ -15,31 +15,12 @@ from hf_vgrefine.measure import GroundingResults, measure_grounding, parse_layer
 from hf_vgrefine.prompts import GENERIC_QUESTION, INSTRUCTION, build_inputs, format_question, generic_inputs
 from hf_vgrefine.testing import IMAGE, build_tiny_model, tiny_processor
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "grounding")
-
-
-def qwen_processor():
-    """Tiny Qwen2-VL processor; without torchvision transformers 5.x fails its class check of the absent
-    video processor (``VIDEO_PROCESSOR_MAPPING._extra_content``), so that check is skipped for ``None``."""
-    try:
-        return tiny_processor("qwen2_vl")
-    except (AttributeError, RuntimeError):
-        from transformers.processing_utils import ProcessorMixin
-
-        orig = ProcessorMixin.check_argument_for_proper_class
-
-        def check(self, name, arg):
-            return None if arg is None else orig(self, name, arg)
-
-        with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", check):
-            return tiny_processor("qwen2_vl")
+from _grounding_fixtures import FIXTURE, load_fixture, qwen_processor
 
 
 @pytest.fixture(scope="module")
 def ds():
-    from datasets import load_dataset
-
-    return load_dataset(FIXTURE, split="test")
+    return load_fixture()
 
 
 @pytest.fixture(scope="module")
