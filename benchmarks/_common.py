@@ -29,20 +29,29 @@ def bench_model(layers: int = 8, hidden: int = 256, heads: int = 8, kv_heads: in
     return model.eval().to(device)
 
 
-def bench_inputs(model, batch: int = 1, text_tokens: int = 70, seed: int = 0, device: str = "cpu"):
-    """Prompt of ~650 tokens: 3 prefix tokens, 576 image tokens, ``text_tokens`` question tokens."""
+def bench_inputs(model, batch: int = 1, text_tokens: int = 70, seed: int = 0, device: str = "cpu",
+                 generic: bool = False):
+    """Prompt of ~650 tokens: 3 prefix tokens, 576 image tokens, ``text_tokens`` question tokens.
+
+    Same ``seed`` → same image (and same ids up to the image end) whatever ``text_tokens`` is.
+    ``generic=True``: the same ``text_tokens`` tokens after the image in every sample (a generic prompt)."""
     g = torch.Generator().manual_seed(seed)
     side = model.config.vision_config.image_size
     n = (side // 7) ** 2
-    rows = [[1, 5, 6] + [300] * n + torch.randint(4, 290, (text_tokens + 3 * b,), generator=g).tolist()
-            for b in range(batch)]
+    if generic:   # one generic prompt text for every sample
+        tail = torch.randint(4, 290, (text_tokens,), generator=g).tolist()
+        rows = [[1, 5, 6] + [300] * n + tail for _ in range(batch)]
+    else:         # question prompts of different lengths (left padding in a batch)
+        rows = [[1, 5, 6] + [300] * n + torch.randint(4, 290, (text_tokens + 3 * b,), generator=g).tolist()
+                for b in range(batch)]
     T = max(len(r) for r in rows)
     ids = torch.zeros(batch, T, dtype=torch.long)
     mask = torch.zeros(batch, T, dtype=torch.long)
     for b, r in enumerate(rows):
         ids[b, T - len(r):] = torch.tensor(r)
         mask[b, T - len(r):] = 1
-    pix = torch.randn(batch, 3, side, side, generator=g).to(model.dtype)
+    # the image depends on ``seed`` only, so a generic prompt built with the same seed shares the image
+    pix = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(10_000 + seed)).to(model.dtype)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "pixel_values": pix.to(device)}
 
 

@@ -5,7 +5,9 @@ The VGRefine config is the published HuatuoGPT-Vision-7B one scaled to 8 layers:
 round(8*16/28) = 5, 20 sensitive heads in layers 0..5 (deepest round(8*19/28) = 5). Both the default
 configuration (``share_prefix=True``) and ``share_prefix=False`` are measured. Prints median wall-time ratios for 16 and
 1 new tokens, with a cold generic cache (new image every call) and a warm one (same image), and the
-peak-memory ratio (fresh process per variant).
+peak-memory ratio (fresh process per variant). The generic prompt carries the question's image (as the
+wrapper requires); warm and cold use separate wrappers, so a cold call never evicts the warm entry
+(the warm variant asserts a cache hit on every call, the cold one a miss).
 
 Targets (16 new tokens): cold <= 1.5, warm <= 1.3, peak memory <= 1.15.
 Run: python benchmarks/vgrefine.py [--rounds 20] [--device cuda --hidden 3584 --layers 28 --heads 28 --kv-heads 4 --bf16]
@@ -74,17 +76,19 @@ def main():
                         device=args.device)
     cfg = make_config(args.layers, args.heads)
     warm_inputs = bench_inputs(model, batch=args.batch, device=args.device)
-    generic = bench_inputs(model, batch=args.batch, text_tokens=22, device=args.device)   # same image, generic text
+    generic = bench_inputs(model, batch=args.batch, text_tokens=22, device=args.device, generic=True)  # same image
     counter = [100]
 
     def fresh_image():
         counter[0] += 1
         q = bench_inputs(model, batch=args.batch, seed=counter[0], device=args.device)
-        g = bench_inputs(model, batch=args.batch, seed=counter[0], text_tokens=22, device=args.device)
+        g = bench_inputs(model, batch=args.batch, seed=counter[0], text_tokens=22, device=args.device, generic=True)
         return q, g
 
-    wrappers = {"": VGRefineWrapper(model, cfg),       # package default (share_prefix=True)
-                "_noshare": VGRefineWrapper(model, VGRefineConfig(**{**cfg.to_dict(), "share_prefix": False}))}
+    noshare = VGRefineConfig(**{**cfg.to_dict(), "share_prefix": False})
+    # one wrapper per (config, warm/cold): the cold variant clears its own generic cache, never the warm one's
+    wrappers = {"": (VGRefineWrapper(model, cfg), VGRefineWrapper(model, cfg)),   # package default (share_prefix)
+                "_noshare": (VGRefineWrapper(model, noshare), VGRefineWrapper(model, noshare))}
     AttentionInterface.register("bench_foil", _foil_attention)
     AttentionMaskInterface.register("bench_foil", eager_mask)
 
@@ -95,14 +99,19 @@ def main():
             with torch.no_grad():
                 model.generate(**warm_inputs, **gen)
 
-        def make(wrapper):
+        def make(pair):
+            warm_wrapper, cold_wrapper = pair
+            warm_wrapper.refine_inputs(generic_inputs=generic, **warm_inputs)    # fill the generic cache
+
             def warm():   # generic map of this image + generic prompt already cached (hit after the first call)
-                wrapper.generate(**warm_inputs, generic_inputs=generic, **gen)
+                warm_wrapper.generate(**warm_inputs, generic_inputs=generic, **gen)
+                assert warm_wrapper.last_triage.generic_cache_hits == args.batch, "warm call missed the cache"
 
             def cold():   # a new image: question + generic triage passes + answer
                 q, g = fresh_image()
-                wrapper._cache.clear()
-                wrapper.generate(**q, generic_inputs=g, **gen)
+                cold_wrapper._cache.clear()
+                cold_wrapper.generate(**q, generic_inputs=g, **gen)
+                assert cold_wrapper.last_triage.generic_cache_hits == 0
             return warm, cold
 
         def foil():
@@ -128,8 +137,8 @@ def main():
                 model.set_attn_implementation({"text_config": "sdpa"})
 
         variants = {"plain_generate": plain}
-        for suffix, wrapper in wrappers.items():
-            warm, cold = make(wrapper)
+        for suffix, pair in wrappers.items():
+            warm, cold = make(pair)
             variants[f"vgrefine_warm{suffix}"] = warm
             variants[f"vgrefine_cold{suffix}"] = cold
         if not args.skip_foil:

@@ -335,6 +335,21 @@ def test_errors_before_any_forward():
         w.generate(**tiny_inputs(tiny, [3]), max_new_tokens=1)
     with pytest.raises(ValueError, match="use_cache=True"):
         w.generate(**tiny_inputs(tiny, [3]), max_new_tokens=1, use_cache=False)
+    # a generic prompt built around another image would normalise by the wrong map: refused (with and
+    # without the shared prefix) before any forward pass
+    inputs = tiny_inputs(tiny, [3, 4], seed=1)
+    other = _generic_like(inputs, tiny, [40, 41])
+    other["pixel_values"] = other["pixel_values"].flip(0)
+    for share in (True, False):
+        calls = []
+        hook = get_adapter(tiny.model).decoder_layers[0].register_forward_hook(lambda *a: calls.append(1))
+        try:
+            with pytest.raises(ValueError, match="pixel_values.*same image"):
+                VGRefineWrapper(tiny.model, _cfg(share_prefix=share)).generate(**inputs, generic_inputs=other,
+                                                                               max_new_tokens=1)
+        finally:
+            hook.remove()
+        assert calls == []
     with pytest.raises(ValueError, match="percentile"):
         VGRefineConfig(masked_layers=[1], sensitive_heads=HEADS, percentile=120)
     with pytest.raises(ValueError, match="knockout_scope"):

@@ -100,6 +100,21 @@ def _take_rows(adapter, inputs: dict, rows: list) -> dict:
     return out
 
 
+def _check_same_images(adapter, inputs: dict, generic_inputs: dict, samples: list):
+    """Raise unless ``generic_inputs`` carry the same image inputs as ``inputs`` for ``samples``."""
+    if generic_inputs["input_ids"].shape[0] != inputs["input_ids"].shape[0]:
+        raise ValueError(f"generic_inputs has {generic_inputs['input_ids'].shape[0]} samples, the inputs "
+                         f"{inputs['input_ids'].shape[0]}: pass one generic prompt per sample, same order")
+    for b in samples:
+        q, g = adapter.select_images(inputs, [b]), adapter.select_images(generic_inputs, [b])
+        for key, val in q.items():
+            other = g.get(key)
+            if other is None or other.shape != val.shape or not torch.equal(other.to(val.device), val):
+                raise ValueError(f"generic_inputs sample {b}: {key!r} differs from the question's; the generic "
+                                 "prompt must use the same image inputs (build both with the same image, e.g. "
+                                 "hf_vgrefine.prompts.generic_inputs(processor, image))")
+
+
 def _common_tail(inputs, spans, generic_inputs, adapter):
     """The generic prompt's ids after the image if every sample's generic prompt is the question's prefix
     (up to the image end) followed by one common tail; else ``None`` (then a full generic pass runs)."""
@@ -233,6 +248,8 @@ class VGRefineWrapper:
             main = [s for s in sp if s.block in ("grid", "base")]
             if len(main) != 1:
                 raise ValueError(f"sample {b} has {len(main)} images; VGRefine supports one image per prompt")
+        if generic_inputs is not None and cfg.generic_norm != "none" and cfg.knockout_set == "triage":
+            _check_same_images(self.adapter, inputs, generic_inputs, list(range(B)))
         layers = cfg.triage_layers
         timings, hits = {}, 0
         q_maps = g_maps = None
