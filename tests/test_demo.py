@@ -77,7 +77,8 @@ def test_report_tables_equal_the_results_json(run):
     acc_table = [t for t in tables if t[0] == demo.TABLE_HEADER]
     assert len(acc_table) == 1
     rows = {r[0]: r for r in acc_table[0][1:]}
-    for method, key in (("baseline", "baseline"), ("VGRefine", "vgrefine")):
+    assert set(rows) == {"baseline", "VGRefine", "oracle knockout"}
+    for method, key in demo.TABLE_METHODS:
         a, m = res["accuracy"][key], res["masked_layer_grounding"][key]
         expect = [a["accuracy"], a["recall_yes"], a["recall_no"], m["attention_ratio"], m["region_mass"]]
         assert [_num(c) for c in rows[method][1:6]] == pytest.approx(expect, abs=5e-5)
@@ -90,6 +91,13 @@ def test_report_tables_equal_the_results_json(run):
     refd = sum(p["vgrefine"] == p["answer"] for p in per) / len(per)
     assert base == pytest.approx(res["accuracy"]["baseline"]["accuracy"], abs=5e-5)
     assert refd == pytest.approx(res["accuracy"]["vgrefine"]["accuracy"], abs=5e-5)
+    orac = sum(p["oracle"] == p["answer"] for p in per) / len(per)
+    assert orac == pytest.approx(res["accuracy"]["oracle"]["accuracy"], abs=5e-5)
+    # the oracle keeps exactly the region's tokens: kept fraction = region fraction f, all attention mass at the
+    # masked layer inside the region
+    for p in per:
+        assert p["oracle_kept_fraction"] == pytest.approx(p["f"], abs=1e-6)
+        assert p["mass_oracle"] == pytest.approx(1.0, abs=1e-5)
 
     md = (out / demo.REPORT_MD).read_text()
     m = re.search(r"Best layer: \*\*(\d+)\*\* \(relative AR ([0-9.]+)", md)

@@ -139,6 +139,33 @@ def test_equivalence_with_eager_reference(tiny):
     assert model.config.get_text_config()._attn_implementation == "sdpa"
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_oracle_knockout_blocks_everything_outside_the_ground_truth(share):
+    """knockout_set='oracle' (no processor, no triage pass): blocked = image tokens outside the given mask,
+    the same outputs as the eager reference blocking those positions."""
+    tiny = build_tiny_model("qwen2_vl", num_hidden_layers=3)
+    model = tiny.model
+    inputs = tiny_inputs(tiny, [3, 5], _grids(tiny.family, 2), seed=4)
+    pos = _image_positions(model, inputs)
+    gts = []
+    for b, (p, _) in enumerate(pos):
+        gt = torch.zeros(len(p), dtype=torch.bool)
+        gt[b::3] = True
+        gts.append(gt)
+    w = VGRefineWrapper(model, _cfg(knockout_set="oracle", share_prefix=share))
+    out = w.generate(**inputs, gt_token_masks=gts, max_new_tokens=3, do_sample=False)
+    blocked = [(p[~gts[b]], end) for b, (p, end) in enumerate(pos)]
+    for b in range(2):
+        assert torch.equal(w.last_triage[b].knocked_out_positions, blocked[b][0])
+    with _RefModel(model, blocked, [1]), torch.no_grad():
+        ref_out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        ref_logits = model(**inputs).logits[:, -1]
+    assert torch.equal(out, ref_out)
+    torch.testing.assert_close(w(**inputs, gt_token_masks=gts).logits[:, -1], ref_logits, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="gt_token_masks"):
+        w.generate(**inputs, max_new_tokens=1)
+
+
 def test_batch_of_four_equals_one_by_one(tiny):
     model = tiny.model
     lengths = [3, 7, 2, 5]

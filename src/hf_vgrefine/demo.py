@@ -124,6 +124,8 @@ def evaluate_refinement(model, processor, examples, config, batch_size: int = 16
     adapter = get_adapter(model)
     yes, no = _answer_token_ids(processor)
     wrapper = VGRefineWrapper(model, config, processor=processor)
+    # upper bound of the knockout: keep exactly the named region's tokens (needs the ground truth)
+    oracle = VGRefineWrapper(model, type(config)(**{**config.to_dict(), "knockout_set": "oracle"}))
     layer = int(config.masked_layers[0])
     keep = set(int(i) for i in keep_maps_for)
     rows, maps = [], {}
@@ -133,15 +135,19 @@ def evaluate_refinement(model, processor, examples, config, batch_size: int = 16
             batch = examples[start:start + batch_size]
             inputs = to_model_inputs(build_inputs(processor, [e["image"] for e in batch], [e["question"] for e in batch],
                                                   instruction=config.instruction), model)
+            gts = [_gt_token_mask(adapter, processor, e)[1] for e in batch]
             with torch.no_grad():
                 base = model(**inputs, logits_to_keep=1).logits[:, -1].float()
                 refined = wrapper(**inputs).logits[:, -1].float()
                 triage = wrapper.last_triage
+                best = oracle(**inputs, gt_token_masks=[torch.from_numpy(g) for g in gts]).logits[:, -1].float()
                 spans = adapter.image_spans(inputs)
                 before = capture_image_attention(model, inputs, layers=[layer], query=config.query, spans=spans,
                                                  adapter=adapter)
                 after = capture_image_attention(model, inputs, layers=[layer], query=config.query, spans=spans,
                                                 adapter=adapter, biases=triage.biases)
+                after_oracle = capture_image_attention(model, inputs, layers=[layer], query=config.query, spans=spans,
+                                                       adapter=adapter, biases=oracle.last_triage.biases)
                 want = [i for i in range(len(batch)) if start + i in keep]
                 gen = None
                 if want:
@@ -149,9 +155,11 @@ def evaluate_refinement(model, processor, examples, config, batch_size: int = 16
                                                           instruction=config.instruction), model)
                     gen = capture_image_attention(model, g_in, layers=[layer], query=config.query, adapter=adapter)
             for i, e in enumerate(batch):
-                _, gt = _gt_token_mask(adapter, processor, e)
+                gt = gts[i]
                 a0 = _layer_mean(before, i)[0]
                 a1 = _layer_mean(after, i)[0]
+                a2 = _layer_mean(after_oracle, i)[0]
+                o_yes, o_no = float(best[i, yes]), float(best[i, no])
                 tri = triage[i]
                 keep_mask = tri.keep_mask.cpu().numpy()
                 b_yes, b_no = float(base[i, yes]), float(base[i, no])
@@ -169,6 +177,9 @@ def evaluate_refinement(model, processor, examples, config, batch_size: int = 16
                     "kept_in_region": float(keep_mask[gt].mean()) if gt.any() else float("nan"),
                     "kept_fraction": float(keep_mask.mean()),
                     "triage_ar": float(attention_ratio(tri.triage_map.cpu().numpy().astype(np.float64), gt)),
+                    "oracle": "yes" if o_yes > o_no else "no", "oracle_margin": o_yes - o_no,
+                    "ar_oracle": float(attention_ratio(a2, gt)), "mass_oracle": float(energy_pointing_game(a2, gt)),
+                    "oracle_kept_fraction": float(oracle.last_triage[i].keep_mask.float().mean()),
                 }
                 rows.append(row)
                 if i in want:
@@ -198,12 +209,12 @@ def _mean(rows, key):
     return float(v.mean()) if v.size else float("nan")
 
 
-def _bootstrap_diff(rows, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95 % paired bootstrap CI of accuracy(VGRefine) - accuracy(baseline)."""
+def _bootstrap_diff(rows, n_boot: int = 1000, seed: int = 0, key: str = "vgrefine") -> tuple[float, float]:
+    """95 % paired bootstrap CI of accuracy(``key``) - accuracy(baseline)."""
     if not rows:
         return float("nan"), float("nan")
     ans = np.array([r["answer"] for r in rows])
-    d = (np.array([r["vgrefine"] for r in rows]) == ans).astype(float) - (np.array([r["baseline"] for r in rows]) == ans)
+    d = (np.array([r[key] for r in rows]) == ans).astype(float) - (np.array([r["baseline"] for r in rows]) == ans)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(d), size=(n_boot, len(d)))
     boots = d[idx].mean(1)
@@ -259,14 +270,15 @@ def _overlay_figure(examples, maps, adapter, processor, layer: int, path: str) -
 
 # ============================================================================================ report
 def _table_rows(results: dict) -> list[list]:
-    acc_b, acc_v = results["accuracy"]["baseline"], results["accuracy"]["vgrefine"]
-    g_b, g_v = results["masked_layer_grounding"]["baseline"], results["masked_layer_grounding"]["vgrefine"]
-    return [
-        ["baseline", acc_b["accuracy"], acc_b["recall_yes"], acc_b["recall_no"], g_b["attention_ratio"],
-         g_b["region_mass"], acc_b["n"]],
-        ["VGRefine", acc_v["accuracy"], acc_v["recall_yes"], acc_v["recall_no"], g_v["attention_ratio"],
-         g_v["region_mass"], acc_v["n"]],
-    ]
+    rows = []
+    for label, key in TABLE_METHODS:
+        a, g = results["accuracy"][key], results["masked_layer_grounding"][key]
+        rows.append([label, a["accuracy"], a["recall_yes"], a["recall_no"], g["attention_ratio"], g["region_mass"],
+                     a["n"]])
+    return rows
+
+
+TABLE_METHODS = (("baseline", "baseline"), ("VGRefine", "vgrefine"), ("oracle knockout", "oracle"))
 
 
 TABLE_HEADER = ["method", "accuracy", "recall yes", "recall no", "AR (masked layer, raw)",
@@ -351,7 +363,12 @@ def _render_markdown(results: dict) -> str:
         f"{acc['n_flipped']}. Attention columns: last-token attention at masked layer "
         f"{cal['masked_layers'][0]} (mean over heads, raw probabilities) before/after the knockout; "
         f"VGRefine kept {_fmt(r['masked_layer_grounding']['vgrefine']['kept_fraction'])} of the image tokens and "
-        f"{_fmt(r['masked_layer_grounding']['vgrefine']['kept_in_region'])} of the region's tokens.",
+        f"{_fmt(r['masked_layer_grounding']['vgrefine']['kept_in_region'])} of the region's tokens. "
+        "*Oracle knockout* is the method's upper bound, not a usable method: it needs the answer's region and "
+        "keeps exactly the named structure's box tokens "
+        f"({_fmt(r['masked_layer_grounding']['oracle']['kept_fraction'])} of the image); accuracy change vs baseline "
+        f"{_fmt(acc['oracle_difference'])} (95% CI [{_fmt(acc['oracle_difference_ci'][0])}, "
+        f"{_fmt(acc['oracle_difference_ci'][1])}]).",
         "",
         "## 4. Heat-maps before / after VGRefine",
         "",
@@ -507,10 +524,15 @@ def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine
     grounding["best_layer"] = res.layers[best]
     grounding["best_layer_ar"] = ar[best]
     acc_b, acc_v = _accuracy_block(rows, "baseline"), _accuracy_block(rows, "vgrefine")
+    acc_o = _accuracy_block(rows, "oracle")
     lo, hi = _bootstrap_diff(rows)
+    o_lo, o_hi = _bootstrap_diff(rows, key="oracle")
     accuracy = {"baseline": {k_: _r(v) if isinstance(v, float) else v for k_, v in acc_b.items()},
                 "vgrefine": {k_: _r(v) if isinstance(v, float) else v for k_, v in acc_v.items()},
+                "oracle": {k_: _r(v) if isinstance(v, float) else v for k_, v in acc_o.items()},
                 "difference": _r(acc_v["accuracy"] - acc_b["accuracy"]), "difference_ci": [_r(lo), _r(hi)],
+                "oracle_difference": _r(acc_o["accuracy"] - acc_b["accuracy"]),
+                "oracle_difference_ci": [_r(o_lo), _r(o_hi)],
                 "n_flipped": int(sum(r["baseline"] != r["vgrefine"] for r in rows)),
                 "top1_is_yes_no": {"baseline": _r(_mean(rows, "baseline_top1_is_yes_no")),
                                    "vgrefine": _r(_mean(rows, "vgrefine_top1_is_yes_no"))}}
@@ -522,6 +544,8 @@ def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine
                            "kept_fraction": _r(_mean(rows, "kept_fraction")),
                            "kept_in_region": _r(_mean(rows, "kept_in_region")),
                            "triage_attention_ratio": _r(_mean(rows, "triage_ar"))},
+              "oracle": {"attention_ratio": _r(_mean(rows, "ar_oracle")), "region_mass": _r(_mean(rows, "mass_oracle")),
+                         "kept_fraction": _r(_mean(rows, "oracle_kept_fraction"))},
               "chance_region_mass": _r(_mean(rows, "f"))}
     calib_info = {"masked_layers": cfg.masked_layers, "sensitive_heads": cfg.sensitive_heads,
                   "percentile": cfg.percentile, "k": k_eff, "n_samples": cfg.calibration.get("n_samples"),
@@ -560,17 +584,17 @@ def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine
                         "transformers": transformers.__version__, "python": sys.version.split()[0]},
         "timing": timing,
     }
+    from .atomic import atomic_write
     from .measure import _atomic_write_json
 
     _atomic_write_json(str(out / RESULTS_JSON), results)
-    with open(out / "per_example.jsonl", "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps({k_: (v if not isinstance(v, float) or math.isfinite(v) else None)
-                                for k_, v in r.items()}) + "\n")
+    atomic_write(out / "per_example.jsonl", "".join(
+        json.dumps({k_: (v if not isinstance(v, float) or math.isfinite(v) else None) for k_, v in r.items()}) + "\n"
+        for r in rows))
     md = _render_markdown(json.loads((out / RESULTS_JSON).read_text()))
-    (out / REPORT_MD).write_text(md, encoding="utf-8")
+    atomic_write(out / REPORT_MD, md)
     if html_report:
-        (out / REPORT_HTML).write_text(_render_html(results, md), encoding="utf-8")
+        atomic_write(out / REPORT_HTML, _render_html(results, md))
     _say(_summary_lines(results, out), progress)
     return results
 
@@ -584,6 +608,7 @@ def _summary_lines(r: dict, out: Path) -> str:
         f"[demo] accuracy: baseline {_fmt(a['baseline']['accuracy'])} -> VGRefine {_fmt(a['vgrefine']['accuracy'])} "
         f"(n={a['baseline']['n']}, difference {_fmt(a['difference'])}, 95% CI [{_fmt(a['difference_ci'][0])}, "
         f"{_fmt(a['difference_ci'][1])}])",
+        f"[demo] oracle knockout (upper bound, keeps only the named region): {_fmt(a['oracle']['accuracy'])}",
         f"[demo] total {r['timing']['total_s']:.1f} s; report: {out / REPORT_MD}",
     ])
 

@@ -36,13 +36,13 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from .atomic import atomic_write
 from .prompts import GENERIC_QUESTION, INSTRUCTION, build_inputs, generic_inputs, to_model_inputs
 
 __all__ = ["GroundingResults", "measure_grounding", "load_grounding_dataset", "load_model_and_processor",
@@ -61,20 +61,6 @@ _META_COLUMNS = ("id", "index", "question_type", "modality", "source", "label", 
 
 
 # ============================================================================================ utilities
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _json_safe(obj):
     """NaN/inf -> None, numpy -> python, tuples -> lists (strict JSON)."""
     if isinstance(obj, dict):
@@ -94,7 +80,7 @@ def _json_safe(obj):
 
 
 def _atomic_write_json(path: str, obj) -> None:
-    _atomic_write_bytes(path, (json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n").encode())
+    atomic_write(path, (json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n").encode())
 
 
 def parse_layers(spec, num_layers: int) -> list[int]:
@@ -376,7 +362,7 @@ class GroundingResults:
 
         buf = io.BytesIO()
         pq.write_table(self._table(), buf)
-        _atomic_write_bytes(path, buf.getvalue())
+        atomic_write(path, buf.getvalue())
         return path
 
     @classmethod

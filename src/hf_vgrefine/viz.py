@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
+
+from .atomic import atomic_output
 
 __all__ = ["token_map_to_pixels", "plot_attention_overlay", "plot_layer_grid", "plot_layer_curves",
            "plot_head_heatmap", "save_figure"]
@@ -36,16 +37,8 @@ def _new_figure(figsize):
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100, bbox_inches: str | None = "tight") -> str:
     """Write ``fig`` as PNG to ``path`` atomically (temp file in the same folder, then rename)."""
     path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".fig.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png", bbox_inches=bbox_inches)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

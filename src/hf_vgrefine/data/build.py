@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from ..atomic import atomic_write
 from . import schema
 
 logger = logging.getLogger(__name__)
@@ -282,9 +283,7 @@ def _present_configs(root: Path) -> dict:
 
 def _write_card(root: Path) -> None:
     text = render_card(_present_configs(root))
-    tmp = root / f".README.md.tmp-{os.getpid()}"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, root / "README.md")
+    atomic_write(root / "README.md", text)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write
 from .protocol import MCQ_TEMPLATE, VGREFINE_INSTRUCTION, PreparedItems, build_mcq_prompt, prepare_items
 from .schema import CLOSED, OPEN, MedVQAItem, open_image
 from .scorers import SCORER_VERSION, get_scorer, score_open
@@ -232,12 +233,7 @@ class _ShardWriter:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, text, fsync=True)
 
 
 def merge_shards(out_dir: str | os.PathLike, order: Sequence[tuple[str, str]] = (),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 
 from .._version import __version__
@@ -166,18 +165,9 @@ class VGRefineConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
         """Write ``vgrefine_config.json`` into ``save_directory`` atomically (temp file + rename)."""
-        os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, CONFIG_NAME)
-        fd, tmp = tempfile.mkstemp(dir=save_directory, prefix=".vgrefine_config.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json_string())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        from ..atomic import atomic_write
+
+        return atomic_write(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, revision: str | None = None, **overrides):

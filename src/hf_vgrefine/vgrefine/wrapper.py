@@ -254,7 +254,8 @@ class VGRefineWrapper:
         timings, hits = {}, 0
         q_maps = g_maps = None
         share = cfg.share_prefix and min(cfg.masked_layers) > 0
-        share_generic = cfg.share_prefix and cfg.generic_norm != "none" and cfg.query == "last"
+        share_generic = (cfg.share_prefix and cfg.generic_norm != "none" and cfg.query == "last"
+                         and cfg.knockout_set == "triage")
         tail_ids = None
         if share_generic:
             tail_ids = self._generic_tail() if generic_inputs is None else _common_tail(inputs, spans, generic_inputs,
@@ -454,9 +455,11 @@ class VGRefineWrapper:
                 self.__exit__(None, None, None)
         return out
 
-    def __call__(self, generic_inputs: dict | None = None, **inputs):
-        """One refined forward (prefill with the knockout); returns the model's output."""
-        triage = self.refine_inputs(generic_inputs=generic_inputs,
+    def __call__(self, generic_inputs: dict | None = None, gt_token_masks=None, **inputs):
+        """One refined forward (prefill with the knockout); returns the model's output.
+
+        ``gt_token_masks``: per-sample bool ``[N]`` ground-truth token masks (``knockout_set="oracle"``)."""
+        triage = self.refine_inputs(generic_inputs=generic_inputs, gt_token_masks=gt_token_masks,
                                     **{k: v for k, v in inputs.items() if k in self._input_keys(inputs)})
         probe = AttentionProbe(self.model, biases=triage.biases, batch_size=inputs["input_ids"].shape[0],
                                adapter=self.adapter)
