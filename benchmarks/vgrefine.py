@@ -11,6 +11,7 @@ wrapper requires); warm and cold use separate wrappers, so a cold call never evi
 
 Targets (16 new tokens): cold <= 1.5, warm <= 1.3, peak memory <= 1.15.
 Run: python benchmarks/vgrefine.py [--rounds 20] [--device cuda --hidden 3584 --layers 28 --heads 28 --kv-heads 4 --bf16]
+     python benchmarks/vgrefine.py --throughput 8 --new-tokens 16 [...]   # batch-8 vs batch-1 samples/s
 """
 
 import argparse
@@ -56,6 +57,40 @@ def make_config(layers, heads, seed=0):
     return VGRefineConfig(masked_layers=[masked], sensitive_heads=pairs, percentile=80.0, share_prefix=True)
 
 
+def throughput(model, cfg, args):
+    """Batch-B vs batch-1 throughput (samples/s) on the same B samples, left-padded, different images."""
+    B, n_new = args.throughput, args.new_tokens[0]
+    gen = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+    w = VGRefineWrapper(model, cfg)
+    seeds = iter(range(1000, 10**9))
+
+    def batches(b):   # B samples as B/b batches of b; fresh images every call (cold generic cache)
+        s = next(seeds)
+        return [(bench_inputs(model, batch=b, seed=s + i, device=args.device),
+                 bench_inputs(model, batch=b, seed=s + i, text_tokens=22, device=args.device, generic=True))
+                for i in range(B // b)]
+
+    def run(b, refine):
+        def fn():
+            for q, g in batches(b):
+                if refine:
+                    w._cache.clear()
+                    w.generate(**q, generic_inputs=g, **gen)
+                else:
+                    with torch.no_grad():
+                        model.generate(**q, **gen)
+        return fn
+
+    variants = {f"{m}_batch{b}": run(b, m == "vgrefine") for m in ("plain", "vgrefine") for b in (1, B)}
+    times = interleaved(variants, rounds=max(3, args.rounds // 4), warmup=1, device=args.device)
+    print(f"throughput: {B} samples per call set, {n_new} new tokens, {args.device}, {model.dtype}")
+    for name, t in times.items():
+        print(f"  {name:16s} {B / median(t):8.2f} samples/s")
+    for m in ("plain", "vgrefine"):
+        print(f"RATIO throughput {m} batch {B} / batch 1 = {median(times[f'{m}_batch1']) / median(times[f'{m}_batch{B}']):.2f}"
+              + ("  (target >= 5 on a GPU)" if m == "vgrefine" else ""))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=20)
@@ -68,6 +103,9 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--new-tokens", type=int, nargs="+", default=[16, 1])
     ap.add_argument("--skip-foil", action="store_true")
+    ap.add_argument("--throughput", type=int, default=0, metavar="B",
+                    help="instead: samples/s of VGRefine (cold: a new image per sample) and plain generate at batch B "
+                         "vs batch 1 (GPU target for B=8: >= 5x)")
     ap.add_argument("--mem-variant", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     setup_threads()
@@ -145,6 +183,9 @@ def main():
             variants["three_pass_eager"] = foil
         return variants
 
+    if args.throughput:
+        throughput(model, cfg, args)
+        return
     if args.mem_variant:
         name, n_new = args.mem_variant.split(":")
         fn = run_variants(int(n_new))[name]

@@ -177,10 +177,7 @@ def test_unreadable_image_is_recorded_and_listed(tmp_path, tiny, data):
 
 
 def test_vgrefine_method(tmp_path, tiny, items):
-    try:
-        from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper  # noqa: F401
-    except ImportError:
-        pytest.skip("hf_vgrefine.vgrefine.VGRefineWrapper is not available in this tree")
+    from hf_vgrefine.vgrefine import VGRefineConfig
     _, model, processor = tiny
     cfg = VGRefineConfig(masked_layers=[1], sensitive_heads=[[0, 1], [1, 2]], percentile=50.0)
     rep = evaluate(model, processor, items, methods=("baseline", "vgrefine"), vgrefine_config=cfg.to_json_string(),

@@ -5,13 +5,11 @@ attention scored against the transposed token mask (x/y swapped) falls back towa
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from hf_vgrefine.demo import reference_model_dir
 

@@ -139,6 +139,24 @@ def test_equivalence_with_eager_reference(tiny):
     assert model.config.get_text_config()._attn_implementation == "sdpa"
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_single_sample_without_attention_mask(family):
+    """Batch 1 without attention_mask (valid model input): same triage and tokens as the eager reference."""
+    tiny = build_tiny_model(family, num_hidden_layers=3)
+    model = tiny.model
+    inputs = tiny_inputs(tiny, [5], _grids(family, 1), seed=6)
+    generic = _generic_like(inputs, tiny, [40, 41, 42])
+    inputs.pop("attention_mask")
+    generic.pop("attention_mask")
+    w = VGRefineWrapper(model, _cfg(masked_layers=[2]))
+    out = w.generate(**inputs, generic_inputs=generic, max_new_tokens=3, do_sample=False)
+    ref_ko = reference_triage(model, inputs, generic, HEADS, 50.0)
+    assert torch.equal(w.last_triage[0].knocked_out_positions.sort().values, ref_ko[0].sort().values)
+    with _RefModel(model, [(ref_ko[0], _image_positions(model, inputs)[0][1])], [2]), torch.no_grad():
+        ref_out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, ref_out)
+
+
 @pytest.mark.parametrize("share", [True, False])
 def test_oracle_knockout_blocks_everything_outside_the_ground_truth(share):
     """knockout_set='oracle' (no processor, no triage pass): blocked = image tokens outside the given mask,

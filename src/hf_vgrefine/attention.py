@@ -179,16 +179,18 @@ def _capture(module, query, key, attention_mask, scaling, plan: _CapturePlan, st
     softcap = kw.get("softcap")
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    ok = allowed_matrix(attention_mask, q, kv, query.device)
-    if ok.dim() == 4 and ok.shape[1] != 1:   # per-head float mask (soft bias path)
-        ok_rows = ok[:, heads].expand(B, -1, q, kv).gather(2, rows[:, None, :, None].expand(B, heads.numel(), r, kv))
-        add = attention_mask[:, heads].gather(2, rows[:, None, :, None].expand(B, heads.numel(), r, kv)).float()
-        scores = scores + torch.where(ok_rows, add, torch.zeros_like(add))
+    if attention_mask is None:            # plain causal: only the captured rows are built, [B, 1, r, kv]
+        ok_rows = (torch.arange(kv, device=query.device) <= (rows + off)[:, :, None])[:, None]
+    elif attention_mask.shape[1] != 1:    # per-head float mask (soft bias path)
+        add = attention_mask[:, heads, :, :kv].expand(B, -1, q, kv).gather(
+            2, rows[:, None, :, None].expand(B, heads.numel(), r, kv))
+        ok_rows = allowed_matrix(add, r, kv, query.device)
+        scores = scores + torch.where(ok_rows, add.float(), torch.zeros_like(add, dtype=torch.float32))
     else:
-        ok_rows = ok.expand(B, 1, q, kv).gather(2, rows[:, None, :, None].expand(B, 1, r, kv))
-        if attention_mask is not None and attention_mask.dtype != torch.bool:
-            add = attention_mask[..., :kv].expand(B, 1, q, kv).gather(2, rows[:, None, :, None].expand(B, 1, r, kv))
-            scores = scores + torch.where(ok_rows, add.float(), torch.zeros_like(add, dtype=torch.float32))
+        m_rows = attention_mask[..., :kv].expand(B, 1, q, kv).gather(2, rows[:, None, :, None].expand(B, 1, r, kv))
+        ok_rows = allowed_matrix(m_rows, r, kv, query.device)
+        if m_rows.dtype != torch.bool:
+            scores = scores + torch.where(ok_rows, m_rows.float(), torch.zeros_like(m_rows, dtype=torch.float32))
     probs = scores.masked_fill(~ok_rows, float("-inf")).softmax(-1)
     probs = torch.nan_to_num(probs, nan=0.0)                                   # fully masked (padding) rows
     img = probs.gather(-1, cols[:, None, None, :].expand(B, heads.numel(), r, cols.shape[1]))  # [B, h, r, N]

@@ -387,7 +387,8 @@ class VGRefineWrapper:
         for layer in range(max(layers) + 1):
             k, v = prefix["kv"][layer]
             cache.update(k[idx], v[idx], layer)
-        mask = inputs["attention_mask"][idx].clone()
+        mask = inputs["attention_mask"][idx].clone() if "attention_mask" in inputs else \
+            torch.ones_like(inputs["input_ids"][idx])
         for i, b in enumerate(reps):
             mask[i, spans[b][0].end:] = 0
         mask = torch.cat([mask, mask.new_ones(n, t)], 1)
