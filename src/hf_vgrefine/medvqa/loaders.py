@@ -152,6 +152,18 @@ def _hub_file(repo_id: str, filename: str, revision: str | None = None) -> str:
     return hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset", revision=revision)
 
 
+def _data_file_and_zips(source, filename: str, revision: str | None) -> tuple[Path, list[Path]]:
+    """The data file (``source`` = the file, its folder, or a Hub dataset id holding ``filename``) and the
+    ``images.zip`` candidates beside it."""
+    src = os.fspath(source)
+    if _is_local(src):
+        path = Path(src) / filename if os.path.isdir(src) else Path(src)
+        return path, [path.parent / "images.zip"]
+    path = Path(_hub_file(src, filename, revision))
+    z = _hub_file_optional(src, "images.zip", revision)
+    return path, [Path(z)] if z else []
+
+
 def _hub_file_optional(repo_id: str, filename: str, revision: str | None = None) -> str | None:
     try:
         return _hub_file(repo_id, filename, revision)
@@ -211,14 +223,7 @@ def load_bundle(source: str | os.PathLike = BUNDLE_REPO, images_dir: str | os.Pa
     ``modality``. Item ids: the record's ``id`` if present, else ``"{dataset}/{index in file}"``.
     ``datasets``: keep only these ``dataset`` values.
     """
-    src = os.fspath(source)
-    if _is_local(src):
-        path = Path(src) / filename if os.path.isdir(src) else Path(src)
-        zips = [path.parent / "images.zip"]
-    else:
-        path = Path(_hub_file(src, filename, revision))
-        z = _hub_file_optional(src, "images.zip", revision)
-        zips = [Path(z)] if z else []
+    path, zips = _data_file_and_zips(source, filename, revision)
     root = Path(images_dir) if images_dir is not None else path.parent
     resolve = ImageResolver([root, root / "images"], zips, zip_subdirs=("", "images"))
     text = path.read_text(encoding="utf-8")
@@ -321,14 +326,7 @@ def pmc_vqa(source: str | os.PathLike = PMC_VQA_REPO, filename: str = "test_clea
     """PMC-VQA CSV (``Figure_path, Question, Answer, Choice A…D, Answer_label``); choice texts lose their
     ``"A:"`` prefix; the answer is the option named by ``Answer_label`` (or the option equal to
     ``Answer``). Images under ``images/`` (or ``images.zip``). Ids ``pmc-vqa/{csv stem}/{row}``."""
-    src = os.fspath(source)
-    if _is_local(src):
-        path = Path(src) / filename if os.path.isdir(src) else Path(src)
-        zips = [path.parent / "images.zip"]
-    else:
-        path = Path(_hub_file(src, filename, revision))
-        z = _hub_file_optional(src, "images.zip", revision)
-        zips = [Path(z)] if z else []
+    path, zips = _data_file_and_zips(source, filename, revision)
     root = path.parent
     resolve = ImageResolver([root / "images", root / "figures", root], zips, zip_subdirs=("images", ""))
     items = []
