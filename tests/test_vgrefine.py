@@ -459,6 +459,30 @@ def _generic_like(inputs, tiny, tail):
     return out
 
 
+def test_llava_next_generic_cache_ignores_batch_padding_patches():
+    """LLaVA-NeXT pads pixel_values to the batch's largest patch count: the same image alone (unpadded)
+    hits the generic cache entry made in the batch, and gives the same triage."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    tiny = build_tiny_model("llava_next", num_hidden_layers=3)
+    sizes = [(40, 70), (28, 28)]
+    inputs = tiny_inputs(tiny, [3, 4], sizes, seed=8)
+    n1 = image_size_to_num_patches(sizes[1], tiny.model.config.image_grid_pinpoints, tiny.image_size)
+    assert n1 < inputs["pixel_values"].shape[1]                 # sample 1 is padded in the batch
+    w = VGRefineWrapper(tiny.model, _cfg(masked_layers=[2]))
+    batch = w.refine_inputs(generic_inputs=_generic_like(inputs, tiny, [40, 41]), **inputs)
+    start = int(inputs["attention_mask"][1].float().argmax())
+    one = {"input_ids": inputs["input_ids"][1:2, start:], "attention_mask": inputs["attention_mask"][1:2, start:],
+           "pixel_values": inputs["pixel_values"][1:2, :n1], "image_sizes": inputs["image_sizes"][1:2]}
+    alone = w.refine_inputs(generic_inputs=_generic_like(one, tiny, [40, 41]), **one)
+    assert alone.generic_cache_hits == 1
+    fresh = VGRefineWrapper(tiny.model, _cfg(masked_layers=[2])).refine_inputs(
+        generic_inputs=_generic_like(one, tiny, [40, 41]), **one)
+    assert fresh.generic_cache_hits == 0
+    torch.testing.assert_close(alone[0].triage_map, fresh[0].triage_map, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone[0].triage_map, batch[1].triage_map, atol=1e-5, rtol=1e-5)
+
+
 def test_shared_generic_pass_equals_full_generic_pass(tiny):
     """share_prefix runs only the generic prompt's tail on the question's cached image prefix; the triage
     map equals the one from a full generic pass, and the model is left untouched."""

@@ -152,6 +152,11 @@ class FamilyAdapter:
                 out[key] = (input_ids == self.image_token_id).to(like[key].dtype if torch.is_tensor(like[key]) else dtype)
         return out
 
+    def image_content(self, inputs: dict, b: int) -> dict:
+        """The image inputs that define sample ``b``'s image, without batch padding (cache keys and
+        same-image checks). Default: :meth:`select_images` of ``[b]``."""
+        return self.select_images(inputs, [b])
+
     def select_images(self, inputs: dict, samples: list[int]) -> dict:
         """Image inputs (pixel values and their side tensors) of ``samples`` (one image per sample), in order.
 

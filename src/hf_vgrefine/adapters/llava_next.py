@@ -62,6 +62,18 @@ class LlavaNextAdapter(FamilyAdapter):
             out.append(spans)
         return out
 
+    def image_content(self, inputs: dict, b: int) -> dict:
+        """``pixel_values[b]`` without the zero patches the processor pads a batch with (the valid count
+        follows from ``image_sizes[b]``), and ``image_sizes[b]``."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        out = self.select_images(inputs, [b])
+        if "pixel_values" in out and out["pixel_values"].dim() == 5 and "image_sizes" in inputs:
+            n = image_size_to_num_patches(torch.as_tensor(inputs["image_sizes"])[b].tolist(),
+                                          self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+            out["pixel_values"] = out["pixel_values"][:, :n]
+        return out
+
     def token_grid(self, processor, image_size, span=None, inputs=None, block: str = "base"):
         from ..processor_geometry import llava_next_grids
 

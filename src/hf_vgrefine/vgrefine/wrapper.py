@@ -79,7 +79,7 @@ class TriageResult:
 
 def _image_key(adapter, inputs, b: int) -> str:
     h = hashlib.sha1()
-    for k, v in sorted(adapter.select_images(inputs, [b]).items()):
+    for k, v in sorted(adapter.image_content(inputs, b).items()):
         t = v.detach().to("cpu").contiguous()
         h.update(k.encode())
         h.update(str(tuple(t.shape)).encode())
@@ -106,7 +106,7 @@ def _check_same_images(adapter, inputs: dict, generic_inputs: dict, samples: lis
         raise ValueError(f"generic_inputs has {generic_inputs['input_ids'].shape[0]} samples, the inputs "
                          f"{inputs['input_ids'].shape[0]}: pass one generic prompt per sample, same order")
     for b in samples:
-        q, g = adapter.select_images(inputs, [b]), adapter.select_images(generic_inputs, [b])
+        q, g = adapter.image_content(inputs, b), adapter.image_content(generic_inputs, b)
         for key, val in q.items():
             other = g.get(key)
             if other is None or other.shape != val.shape or not torch.equal(other.to(val.device), val):
