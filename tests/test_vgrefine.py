@@ -335,6 +335,35 @@ def test_user_logits_processor_list_and_answer_choices():
         lp_outside.logits_processor(**inputs)
 
 
+def test_streamer_receives_the_refined_tokens():
+    """A streamer passed to wrapper.generate sees the prompt, then exactly the refined answer tokens."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.detach().clone().flatten())
+
+        def end(self):
+            self.ended = True
+
+    tiny = build_tiny_model("llava", num_hidden_layers=3)
+    inputs = tiny_inputs(tiny, [4], seed=12)
+    generic = _generic_like(inputs, tiny, [40, 41, 42])
+    w = VGRefineWrapper(tiny.model, _cfg(masked_layers=[2]))
+    streamer = Collect()
+    out = w.generate(**inputs, generic_inputs=generic, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                     streamer=streamer)
+    T = inputs["input_ids"].shape[1]
+    assert streamer.ended and torch.equal(streamer.chunks[0], inputs["input_ids"][0])
+    assert torch.equal(torch.cat(streamer.chunks[1:]), out[0, T:])
+    ref_ko = reference_triage(tiny.model, inputs, generic, HEADS, 50.0)
+    with _RefModel(tiny.model, [(ref_ko[0], _image_positions(tiny.model, inputs)[0][1])], [2]), torch.no_grad():
+        assert torch.equal(out, tiny.model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False))
+
+
 def test_generic_prompt_built_by_processor_equals_processor_output():
     from PIL import Image
 
