@@ -301,3 +301,32 @@ def test_generic_cache_equals_recomputation(llava, ds):
     assert none.info["last_run"]["generic_images"] == 4         # de-duplicated within the batch
     for k in one.scores:
         np.testing.assert_allclose(one.scores[k], none.scores[k], rtol=1e-6, atol=1e-9, err_msg=k)
+
+
+def test_parquet_round_trip_exact_with_nans_and_heads(tmp_path):
+    """Hand-made results (NaNs, per-head axis) survive to_parquet/from_parquet bit for bit; files written
+    with variable-length list columns (earlier releases) load the same."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    S, L, H = 5, 3, 4
+    layer = rng.random((S, L))
+    layer[1, 2] = np.nan
+    head = rng.random((S, L, H))
+    head[4] = np.nan
+    meta = {"id": [f"s{i}" for i in range(S)], "f": rng.random(S).tolist()}
+    res = GroundingResults(meta, [0, 2, 5], {"relative/attention_ratio": layer, "relative_head/attention_ratio": head},
+                           heads=[0, 1, 2, 3], info={"model": "hand"})
+    path = res.to_parquet(str(tmp_path / "r.parquet"))
+    back = GroundingResults.from_parquet(path)
+    assert back.layers == [0, 2, 5] and back.heads == [0, 1, 2, 3] and back.info == {"model": "hand"}
+    np.testing.assert_array_equal(back.get("attention_ratio"), layer)
+    np.testing.assert_array_equal(back.get("attention_ratio", per_head=True), head)
+    assert back.meta["id"].tolist() == meta["id"]
+    table = pq.read_table(path)
+    old = table.set_column(table.schema.get_field_index("relative_head/attention_ratio"), "relative_head/attention_ratio",
+                           pa.array([r.ravel().tolist() for r in head], type=pa.list_(pa.float64())))
+    pq.write_table(old.replace_schema_metadata(table.schema.metadata), str(tmp_path / "old.parquet"))
+    np.testing.assert_array_equal(GroundingResults.from_parquet(str(tmp_path / "old.parquet")).get(
+        "attention_ratio", per_head=True), head)

@@ -349,9 +349,10 @@ class GroundingResults:
         cols = {}
         for c in self.meta.columns:
             cols[c] = pa.array(self.meta[c].tolist())
-        for k, v in self.scores.items():
-            flat = v.reshape(len(self), -1)
-            cols[k] = pa.array([row.tolist() for row in flat], type=pa.list_(pa.float64()))
+        for k, v in self.scores.items():   # one fixed-size list per sample, built without Python loops
+            flat = np.ascontiguousarray(v, dtype=np.float64).reshape(len(self), -1)
+            cols[k] = (pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1]) if flat.shape[1]
+                       else pa.array([[]] * len(self), type=pa.list_(pa.float64())))
         table = pa.table(cols)
         meta = {"layers": self.layers, "heads": self.heads, "info": self.info, "score_keys": list(self.scores)}
         return table.replace_schema_metadata({_META_KEY: json.dumps(_json_safe(meta)).encode()})
@@ -374,15 +375,16 @@ class GroundingResults:
         if "layers" not in md:
             raise ValueError(f"{path} is not a GroundingResults parquet file (no {_META_KEY.decode()} metadata)")
         layers, heads = md["layers"], md["heads"]
-        df = table.to_pandas()
-        S = len(df)
+        S = table.num_rows
         scores = {}
         for k in md["score_keys"]:
-            arr = np.array([np.asarray(x, dtype=np.float64) for x in df[k]], dtype=np.float64).reshape(S, -1)
-            arr = np.where(np.isnan(arr), np.nan, arr)
+            col = table.column(k).combine_chunks()      # fixed-size (or, older files, variable) list of float64
+            if col.null_count:
+                raise ValueError(f"{path}: column {k!r} has missing rows")
+            arr = col.flatten().to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
             shape = (S, len(layers), len(heads)) if "_head/" in k else (S, len(layers))
             scores[k] = arr.reshape(shape)
-        meta = df[[c for c in df.columns if c not in md["score_keys"]]]
+        meta = table.drop_columns(md["score_keys"]).to_pandas()
         return cls(meta, layers, scores, heads, md.get("info", {}))
 
     def save(self, directory: str, n_boot: int = 1000, plot: bool = True) -> dict:
