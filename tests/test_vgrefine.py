@@ -364,6 +364,37 @@ def test_streamer_receives_the_refined_tokens():
         assert torch.equal(out, tiny.model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False))
 
 
+def test_plot_triage_draws_map_and_kept_outline(tmp_path):
+    """plot_triage: the triage map over the original image (token grid from the real processor), the
+    kept-token outline in white, a PNG; clear errors without a triage or with a wrong index."""
+    from matplotlib.colors import to_rgba
+    from PIL import Image
+
+    tiny = build_tiny_model("llava", num_hidden_layers=3)
+    proc = tiny_processor("llava")
+    img = Image.fromarray((np.random.RandomState(3).rand(40, 60, 3) * 255).astype("uint8"))
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "is the liver normal ?"}]}]
+    inputs = proc(images=[img], text=[proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)],
+                  return_tensors="pt")
+    w = VGRefineWrapper(tiny.model, _cfg(), processor=proc)
+    with pytest.raises(ValueError, match="no triage yet"):
+        w.plot_triage(img)
+    w.generate(**inputs, max_new_tokens=1)
+    fig = w.plot_triage(img, path=tmp_path / "triage.png", boxes=[10, 5, 20, 20])
+    png = (tmp_path / "triage.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+    ax = fig.axes[0]
+    heat = ax.images[1].get_array()
+    assert heat.shape == (40, 60)                                   # drawn in original-image pixels
+    t = w.last_triage[0]
+    assert 0 < int(t.keep_mask.sum()) < t.n_visual
+    white = [c for c in ax.collections if hasattr(c, "get_edgecolor") and len(c.get_edgecolor())
+             and tuple(c.get_edgecolor()[0]) == to_rgba("white")]
+    assert white, "kept-token outline missing"
+    with pytest.raises(ValueError, match="out of range"):
+        w.plot_triage(img, index=1)
+
+
 def test_generic_prompt_built_by_processor_equals_processor_output():
     from PIL import Image
 

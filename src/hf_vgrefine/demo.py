@@ -223,7 +223,7 @@ def _bootstrap_diff(rows, n_boot: int = 1000, seed: int = 0, key: str = "vgrefin
 
 # ============================================================================================ figures
 def _overlay_figure(examples, maps, adapter, processor, layer: int, path: str) -> str:
-    from .viz import _new_figure, plot_attention_overlay, save_figure
+    from .viz import _new_figure, plot_attention_overlay, plot_triage_overlay, save_figure
 
     idx = sorted(maps)
     cols = ["image, named structure (green), lesions (red)", f"before: relative attention, layer {layer}",
@@ -252,17 +252,12 @@ def _overlay_figure(examples, maps, adapter, processor, layer: int, path: str) -
         for c, key in enumerate(("before", "triage", "after"), start=2):
             ax = fig.add_subplot(len(idx), len(cols), r * len(cols) + c)
             vals = np.asarray(m[key], dtype=np.float64)
-            plot_attention_overlay(img, vals, grid, mask=mask, ax=ax, colorbar=True, alpha=0.55,
-                                   title=cols[c - 1] if r == 0 else None)
+            title = cols[c - 1] if r == 0 else None
             if key == "triage":
-                keep2d = np.asarray(m["keep"], dtype=float).reshape(grid.rows, grid.cols)
-                from .viz import token_map_to_pixels
-
-                kp = token_map_to_pixels(keep2d, grid)
-                kp = np.where(np.isfinite(kp), kp, 0.0)
-                if 0 < kp.max() and kp.min() < 1:
-                    ax.contour(np.arange(img.shape[1]) + 0.5, np.arange(img.shape[0]) + 0.5, kp, levels=[0.5],
-                               colors=["white"], linewidths=1.0)
+                plot_triage_overlay(img, vals, m["keep"], grid, mask=mask, ax=ax, colorbar=True, alpha=0.55,
+                                    title=title)
+            else:
+                plot_attention_overlay(img, vals, grid, mask=mask, ax=ax, colorbar=True, alpha=0.55, title=title)
     fig.tight_layout()
     save_figure(fig, path, bbox_inches=None)
     return path

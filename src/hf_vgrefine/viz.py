@@ -20,7 +20,7 @@ import numpy as np
 
 from .atomic import atomic_output
 
-__all__ = ["token_map_to_pixels", "plot_attention_overlay", "plot_layer_grid", "plot_layer_curves",
+__all__ = ["token_map_to_pixels", "plot_attention_overlay", "plot_triage_overlay", "plot_layer_grid", "plot_layer_curves",
            "plot_head_heatmap", "save_figure"]
 
 
@@ -144,6 +144,31 @@ def plot_attention_overlay(image, token_map, grid, boxes=None, mask=None, ax=Non
         ax.set_title(title, fontsize=9)
     if colorbar:
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, format="%.3g")
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def plot_triage_overlay(image, triage_map, keep_mask, grid, boxes=None, mask=None, ax=None, path=None,
+                        title: str | None = "VGRefine triage (white: kept tokens)", keep_color: str = "white",
+                        **overlay_kwargs):
+    """VGRefine's triage map over the image with the outline of the kept (not knocked-out) tokens.
+
+    ``triage_map``: ``[N]`` relative scores; ``keep_mask``: bool ``[N]`` (True = kept), both row-major over
+    ``grid`` (``SampleTriage.triage_map`` / ``.keep_mask``); the rest as :func:`plot_attention_overlay`.
+    Returns the ``Figure``.
+    """
+    keep = np.asarray(keep_mask, dtype=np.float64).reshape(-1)
+    if keep.size != grid.rows * grid.cols:
+        raise ValueError(f"keep_mask has {keep.size} cells, the grid {grid.rows}x{grid.cols}")
+    fig = plot_attention_overlay(image, triage_map, grid, boxes=boxes, mask=mask, ax=ax, title=title,
+                                 **overlay_kwargs)
+    ax = ax if ax is not None else fig.axes[0]
+    kp = token_map_to_pixels(keep.reshape(grid.rows, grid.cols), grid)
+    kp = np.where(np.isfinite(kp), kp, 0.0)
+    if kp.max() > 0 and kp.min() < 1:
+        h0, w0 = kp.shape
+        ax.contour(np.arange(w0) + 0.5, np.arange(h0) + 0.5, kp, levels=[0.5], colors=[keep_color], linewidths=1.0)
     if path is not None:
         save_figure(fig, path)
     return fig

@@ -468,6 +468,33 @@ class VGRefineWrapper:
         with torch.no_grad(), probe:
             return self.model(**inputs)
 
+    def plot_triage(self, image, index: int = 0, triage: TriageResult | None = None, path=None, boxes=None,
+                    mask=None, **overlay_kwargs):
+        """Draw sample ``index``'s triage (map + outline of the kept tokens) over its original ``image``.
+
+        Uses :attr:`last_triage` unless ``triage`` is given; the token grid comes from the processor's
+        settings for this image size (``adapter.token_grid``). ``boxes`` (xywh) / ``mask``: a region to
+        outline. ``path``: also write a PNG. Returns the matplotlib ``Figure``.
+        """
+        from ..viz import _image_array, plot_triage_overlay
+
+        triage = triage or self.last_triage
+        if triage is None:
+            raise ValueError("no triage yet: call generate(...), refine_inputs(...) or the wrapper first")
+        if not 0 <= index < len(triage):
+            raise ValueError(f"index {index} out of range: the triage has {len(triage)} samples")
+        if self.processor is None:
+            raise ValueError("plot_triage maps tokens to pixels with the processor's settings: "
+                             "VGRefineWrapper(model, config, processor=processor)")
+        img = _image_array(image)
+        grid = self.adapter.token_grid(self.processor, (img.shape[1], img.shape[0]))
+        t = triage[index]
+        if (grid.rows, grid.cols) != tuple(t.grid):
+            raise ValueError(f"this image gives a {grid.rows}x{grid.cols} token grid, sample {index} was triaged on "
+                             f"{t.grid[0]}x{t.grid[1]}: pass the image of that sample")
+        return plot_triage_overlay(img, t.triage_map.cpu().numpy(), t.keep_mask.cpu().numpy(), grid, boxes=boxes,
+                                   mask=mask, path=path, **overlay_kwargs)
+
     def _can_replay(self, kwargs) -> bool:
         """Prefix replay writes into a dynamic cache; other cache set-ups run the full prefill."""
         if any(k in kwargs for k in ("past_key_values", "cache")) or kwargs.get("use_cache") is False:
