@@ -12,20 +12,29 @@ import torch
 
 
 def bench_model(layers: int = 8, hidden: int = 256, heads: int = 8, kv_heads: int = 8, dtype=torch.float32,
-                vision_size: int = 168, device: str = "cpu"):
-    """LLaVA with a 24x24 = 576-token image grid (tiny CLIP: 168 px, patch 7) and the given text size."""
+                vision_size: int = 168, device: str = "cpu", intermediate: int | None = None, vocab: int | None = None):
+    """LLaVA with a 24x24 = 576-token image grid (tiny CLIP: 168 px, patch 7) and the given text size.
+
+    ``intermediate``/``vocab`` default to 4*hidden / 320 for small models and 2.7*hidden / 32000 from
+    hidden 1024 on; HuatuoGPT-Vision-7B's Qwen2-7B text model is hidden 3584, 28 layers, 28 heads (4 KV),
+    intermediate 18944, vocab 152064."""
     import transformers as tf
 
     torch.manual_seed(0)
     vc = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                              image_size=vision_size, patch_size=7, projection_dim=32)
-    tc = tf.LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 4 if hidden < 1024 else int(hidden * 2.7),
+    if intermediate is None:
+        intermediate = hidden * 4 if hidden < 1024 else int(hidden * 2.7)
+    if vocab is None:
+        vocab = 32000 if hidden >= 1024 else 320
+    tc = tf.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate,
                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                        vocab_size=32000 if hidden >= 1024 else 320, max_position_embeddings=4096,
+                        vocab_size=vocab, max_position_embeddings=4096,
                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
     cfg = tf.LlavaConfig(vision_config=vc, text_config=tc, image_token_id=300, image_seq_length=(vision_size // 7) ** 2,
                          vision_feature_layer=-1, vision_feature_select_strategy="default")
-    model = tf.LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", torch_dtype=dtype)
+    with torch.device(device):   # initialise the random weights on the target device (a 7B shape: seconds on a GPU)
+        model = tf.LlavaForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
     return model.eval().to(device)
 
 

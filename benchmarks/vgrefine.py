@@ -10,7 +10,10 @@ wrapper requires); warm and cold use separate wrappers, so a cold call never evi
 (the warm variant asserts a cache hit on every call, the cold one a miss).
 
 Targets (16 new tokens): cold <= 1.5, warm <= 1.3, peak memory <= 1.15.
-Run: python benchmarks/vgrefine.py [--rounds 20] [--device cuda --hidden 3584 --layers 28 --heads 28 --kv-heads 4 --bf16]
+Run: python benchmarks/vgrefine.py [--rounds 20]
+GPU, 7B-shaped (HuatuoGPT-Vision-7B = CLIP ViT-L/14-336 + Qwen2-7B; the text model at that size, random
+weights, bf16; the vision tower stays tiny):
+     python benchmarks/vgrefine.py --device cuda --bf16 --hidden 3584 --layers 28 --heads 28 --kv-heads 4 --intermediate 18944 --vocab 152064 --rounds 10
      python benchmarks/vgrefine.py --throughput 8 --new-tokens 16 [...]   # batch-8 vs batch-1 samples/s
 """
 
@@ -99,6 +102,8 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--intermediate", type=int, default=None, help="MLP size (default 4*hidden, or 2.7*hidden >= 1024)")
+    ap.add_argument("--vocab", type=int, default=None, help="vocabulary (default 320, or 32000 for hidden >= 1024)")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--new-tokens", type=int, nargs="+", default=[16, 1])
@@ -111,7 +116,7 @@ def main():
     setup_threads()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = bench_model(layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads, dtype=dtype,
-                        device=args.device)
+                        device=args.device, intermediate=args.intermediate, vocab=args.vocab)
     cfg = make_config(args.layers, args.heads)
     warm_inputs = bench_inputs(model, batch=args.batch, device=args.device)
     generic = bench_inputs(model, batch=args.batch, text_tokens=22, device=args.device, generic=True)  # same image
@@ -223,7 +228,9 @@ def main():
         if not args.skip_foil:
             print(f"RATIO {n_new} new tokens: three-pass-eager/plain = {median(times['three_pass_eager']) / base:.3f}")
         extra = ["--device", args.device, "--hidden", str(args.hidden), "--layers", str(args.layers), "--heads",
-                 str(args.heads), "--kv-heads", str(args.kv_heads), "--batch", str(args.batch)] + (["--bf16"] if args.bf16 else [])
+                 str(args.heads), "--kv-heads", str(args.kv_heads), "--batch", str(args.batch)] + (["--bf16"] if args.bf16 else []) \
+            + (["--intermediate", str(args.intermediate)] if args.intermediate else []) \
+            + (["--vocab", str(args.vocab)] if args.vocab else [])
         mem = {name: peak_in_fresh_process(__file__, f"{name}:{n_new}", extra) for name in variants}
         pb = mem["plain_generate"]
         print(f"RATIO {n_new} new tokens peak memory (process peak): " + "  ".join(
