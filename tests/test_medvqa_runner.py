@@ -181,8 +181,15 @@ def test_vgrefine_method(tmp_path, tiny, items):
     _, model, processor = tiny
     cfg = VGRefineConfig(masked_layers=[1], sensitive_heads=[[0, 1], [1, 2]], percentile=50.0)
     rep = evaluate(model, processor, items, methods=("baseline", "vgrefine"), vgrefine_config=cfg.to_json_string(),
-                   out_dir=tmp_path, batch_size=4, progress=False)
+                   out_dir=tmp_path, batch_size=4, progress=False, generic_cache_dir=tmp_path / "gc")
     s = rep.summary
+    # a second run reads the generic maps back from the cache folder and predicts the same
+    assert len(list((tmp_path / "gc").rglob("*.safetensors"))) > 0
+    again = evaluate(model, processor, items, methods=("vgrefine",), vgrefine_config=cfg.to_json_string(),
+                     out_dir=tmp_path / "again", batch_size=4, progress=False, generic_cache_dir=tmp_path / "gc")
+    first = {r["id"]: r["response"] for r in read_records(tmp_path) if r["method"] == "vgrefine"}
+    second = {r["id"]: r["response"] for r in read_records(tmp_path / "again")}
+    assert first == second and len(first) == again.summary["closed"]["vgrefine"]["micro"]["n"] + 1
     assert s["methods"] == ["baseline", "vgrefine"] and s["prompt"]["instruction"] == cfg.instruction
     assert [f["id"] for f in s["failures"]] == ["MMMU-Medical-Tr/6"]  # two images: not supported by VGRefine
     assert "one image" in s["failures"][0]["error"]

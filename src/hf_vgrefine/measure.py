@@ -37,12 +37,12 @@ import math
 import os
 import re
 import time
-from collections import OrderedDict
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from .atomic import atomic_write
+from .generic_cache import GenericMapCache
 from .prompts import GENERIC_QUESTION, INSTRUCTION, build_inputs, generic_inputs, to_model_inputs
 
 __all__ = ["GroundingResults", "measure_grounding", "load_grounding_dataset", "load_model_and_processor",
@@ -439,28 +439,6 @@ class GroundingResults:
 
 
 # ============================================================================================ measurement
-class _GenericCache:
-    """LRU of generic-prompt maps per image hash: float32 ``[n_layers, n_heads or 1, N]``."""
-
-    def __init__(self, max_items: int = 1024):
-        self.max_items = int(max_items)
-        self.data: OrderedDict = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key):
-        if key in self.data:
-            self.data.move_to_end(key)
-            return self.data[key]
-        return None
-
-    def put(self, key, value):
-        self.data[key] = value
-        self.data.move_to_end(key)
-        while len(self.data) > self.max_items:
-            self.data.popitem(last=False)
-
-
 def _first_spans(adapter, inputs):
     spans = adapter.image_spans(inputs)
     for b, sp in enumerate(spans):
@@ -656,7 +634,7 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
         done = _done_ids(output_dir)
     todo = [i for i in range(n) if i % world == rank and ids[i] not in done]
 
-    cache = _GenericCache(generic_cache_size)
+    cache = GenericMapCache(generic_cache_size)     # per image hash: float32 [n_layers, n_heads or 1, N]
     counters = {"question_passes": 0, "generic_passes": 0, "generic_images": 0, "measured": len(todo),
                 "skipped_done": sum(1 for i in range(n) if i % world == rank and ids[i] in done)}
     shard_seq = len([p for p in _existing_shards(output_dir) if os.path.basename(p).startswith(f"rank{rank:03d}-")]) \
@@ -787,7 +765,6 @@ def _measure_batch(model, processor, adapter, rows, idx, ids, layers, per_head, 
                 continue
             hit = cache.get(h)
             if hit is not None:
-                cache.hits += 1
                 local[h] = hit
             else:
                 missing[h] = im

@@ -42,6 +42,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", default=None, help="file with a chat template overriding the processor's")
     p.add_argument("--open", action="store_true", help="also evaluate open-ended items (reported separately)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--generic-cache-dir", default=None,
+                   help="folder where VGRefine keeps its generic-prompt maps across runs (per model fingerprint)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="output folder (predictions, summary, manifest); reruns resume")
 
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, decoding=args.decoding, instruction=instruction,
         chat_template=chat_template, answer_types=("closed", "open") if args.open else ("closed",),
         out_dir=args.out, limit=args.limit, seed=args.seed, model_id=args.model, revision=args.revision,
-        progress=not args.no_progress)
+        progress=not args.no_progress, generic_cache_dir=args.generic_cache_dir)
     if state.is_main_process:
         print(report.to_markdown())
     return 0

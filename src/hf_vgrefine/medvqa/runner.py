@@ -88,25 +88,24 @@ def _single_image_only(item: MedVQAItem) -> str | None:
     return None if n == 1 else f"unsupported: VGRefine needs exactly one image per prompt ({n} given)"
 
 
-def vgrefine_method(model, processor, config: Any = None, name: str = "vgrefine", **gen_kwargs) -> Method:
+def vgrefine_method(model, processor, config: Any = None, name: str = "vgrefine", generic_cache_dir=None,
+                    **gen_kwargs) -> Method:
     """``VGRefineWrapper(model, config, processor=processor).generate(**inputs, **gen_kwargs)``.
 
-    ``hf_vgrefine.vgrefine`` is imported here (lazily), so the harness works without it as long as the
-    ``vgrefine`` method is not requested; the wrapper is built once, before any generation, so a
-    missing or broken VGRefine fails the run at start.
+    The wrapper is built once, before any generation, so a bad config fails the run at start.
+    ``generic_cache_dir``: persist the generic-prompt maps there (reused by reruns and other runs of the
+    same model).
     """
-    try:
-        from hf_vgrefine.vgrefine import VGRefineWrapper
-    except ImportError as e:  # pragma: no cover - depends on the tree state
-        raise ImportError("method 'vgrefine' needs hf_vgrefine.vgrefine.VGRefineWrapper, which could not be "
-                          f"imported ({e}); run with methods=('baseline',) or install a version with VGRefine") from e
+    from hf_vgrefine.vgrefine import VGRefineWrapper
+
     cfg = resolve_vgrefine_config(config)
-    wrapper = VGRefineWrapper(model, cfg, processor=processor)
+    wrapper = VGRefineWrapper(model, cfg, processor=processor, cache_dir=generic_cache_dir)
     return Method(name, wrapper.generate, dict(gen_kwargs), unsupported=_single_image_only,
                   config=getattr(wrapper, "config", cfg))
 
 
-def resolve_methods(methods: Iterable[str | Method], model, processor, vgrefine_config=None) -> list[Method]:
+def resolve_methods(methods: Iterable[str | Method], model, processor, vgrefine_config=None,
+                    generic_cache_dir=None) -> list[Method]:
     """Names ``"baseline"`` / ``"vgrefine"`` → :class:`Method`; Method objects pass through."""
     out: list[Method] = []
     for m in methods:
@@ -115,7 +114,7 @@ def resolve_methods(methods: Iterable[str | Method], model, processor, vgrefine_
         elif m == "baseline":
             out.append(baseline_method(model))
         elif m == "vgrefine":
-            out.append(vgrefine_method(model, processor, vgrefine_config))
+            out.append(vgrefine_method(model, processor, vgrefine_config, generic_cache_dir=generic_cache_dir))
         else:
             raise ValueError(f"unknown method {m!r}: use 'baseline', 'vgrefine' or a Method object")
     names = [m.name for m in out]
@@ -551,7 +550,8 @@ def evaluate(model, processor, items: Sequence[MedVQAItem] | PreparedItems,
              instruction: str | None = "auto", template: str = MCQ_TEMPLATE,
              chat_template: str | None = None, answer_types: Sequence[str] = (CLOSED,),
              out_dir: str | os.PathLike | None = None, limit: int | None = None, seed: int = 42,
-             model_id: str | None = None, revision: str | None = None, progress: bool = True) -> EvalReport:
+             model_id: str | None = None, revision: str | None = None, progress: bool = True,
+             generic_cache_dir: str | os.PathLike | None = None) -> EvalReport:
     """Evaluate ``methods`` on ``items`` with the closed-ended MCQ protocol.
 
     Items are filtered (:func:`~.protocol.prepare_items`: ``answer_types``, no-option and duplicate
@@ -568,7 +568,8 @@ def evaluate(model, processor, items: Sequence[MedVQAItem] | PreparedItems,
     Data parallel: under ``accelerate launch`` each process takes items ``i % world_size == rank``,
     appends to ``out_dir/predictions.rank{rank}.jsonl``; after ``wait_for_everyone`` the main process
     merges and writes the summary. ``out_dir`` is required with several processes; with ``out_dir``
-    a rerun skips (method, id) pairs already recorded. Returns an :class:`EvalReport` on every process.
+    a rerun skips (method, id) pairs already recorded. ``generic_cache_dir``: VGRefine keeps its
+    generic-prompt maps there across runs. Returns an :class:`EvalReport` on every process.
     """
     from tqdm.auto import tqdm
     from transformers import set_seed
@@ -580,7 +581,7 @@ def evaluate(model, processor, items: Sequence[MedVQAItem] | PreparedItems,
     prepared = items if isinstance(items, PreparedItems) else prepare_items(items, answer_types=answer_types, limit=limit)
     all_items = prepared.items
     score_closed = get_scorer(scorer)
-    method_objs = resolve_methods(methods, model, processor, vgrefine_config)
+    method_objs = resolve_methods(methods, model, processor, vgrefine_config, generic_cache_dir=generic_cache_dir)
     method_names = [m.name for m in method_objs]
     if instruction == "auto":
         instruction = next((m.config.instruction for m in method_objs if hasattr(m.config, "instruction")),

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 from transformers import LogitsProcessorList
 
 from ..adapters import get_adapter
+from ..generic_cache import GenericMapCache, model_fingerprint
 from ..attention import AttentionProbe, KeyBias, PrefixReplay, capture_image_attention
 from .config import VGRefineConfig
 from .logits import VGRefineLogitsProcessor
@@ -168,7 +168,7 @@ class VGRefineWrapper:
     ``with wrapper:`` keeps the model on the package's attention function for several calls.
     """
 
-    def __init__(self, model, config=None, processor=None, cache_size: int = 512):
+    def __init__(self, model, config=None, processor=None, cache_size: int = 512, cache_dir=None):
         if config is None:
             raise ValueError("VGRefineWrapper needs a config: VGRefineConfig(...), a preset name "
                              "(e.g. 'huatuogpt-vision-7b') or a directory/hub id with vgrefine_config.json")
@@ -179,8 +179,8 @@ class VGRefineWrapper:
         self.processor = processor
         self.adapter = get_adapter(model)
         config.check_model(self.adapter.num_layers, self.adapter.num_heads)
-        self._cache: OrderedDict = OrderedDict()
-        self.cache_size = cache_size
+        self._cache = GenericMapCache(cache_size, directory=cache_dir, namespace=lambda: model_fingerprint(model))
+        self._tail_memo: tuple | None = None
         self.last_triage: TriageResult | None = None
         self._probe: AttentionProbe | None = None
 
@@ -198,7 +198,14 @@ class VGRefineWrapper:
 
     # ------------------------------------------------------------------ generic prompt
     def _generic_tail(self) -> torch.Tensor:
-        """Token ids of the generic prompt after the image tokens, rendered with the processor's template."""
+        """Token ids of the generic prompt after the image tokens, rendered with the processor's template
+        (memoised per generic prompt, instruction and processor)."""
+        memo_key = (self.config.generic_prompt, self.config.instruction, id(self.processor))
+        if self._tail_memo is None or self._tail_memo[0] != memo_key:
+            self._tail_memo = (memo_key, self._render_generic_tail())
+        return self._tail_memo[1]
+
+    def _render_generic_tail(self) -> torch.Tensor:
         if self.processor is None:
             raise ValueError("building the generic prompt needs the model's processor: "
                              "VGRefineWrapper(model, config, processor=processor), or pass generic_inputs=, or "
@@ -318,8 +325,8 @@ class VGRefineWrapper:
 
     def _generic_key(self, inputs, generic_inputs, b: int, layers) -> tuple:
         """Cache key of sample ``b``'s generic map: image content, query mode, layers and generic prompt."""
-        if generic_inputs is None:
-            prompt = (self.config.generic_prompt, self.config.instruction)
+        if generic_inputs is None:   # the rendered generic text after the image (template included)
+            prompt = hashlib.sha1(self._generic_tail().numpy().tobytes()).hexdigest()
         else:
             row = generic_inputs["input_ids"][b]
             if "attention_mask" in generic_inputs:
@@ -335,10 +342,13 @@ class VGRefineWrapper:
         keys = [self._generic_key(inputs, generic_inputs, b, layers) if cfg.cache_generic else ("sample", b)
                 for b in range(B)]
         maps = [None] * B
+        device = inputs["input_ids"].device
+        found: dict = {}
         for b, key in enumerate(keys):
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                maps[b] = self._cache[key]
+            if key[0] != "sample":
+                if key not in found:
+                    found[key] = self._cache.get(key)
+                maps[b] = None if found[key] is None else found[key].to(device)
         hits = sum(m is not None for m in maps)
         uniq: dict = {}
         for b in range(B):
@@ -370,9 +380,7 @@ class VGRefineWrapper:
             for b in members:
                 maps[b] = m
             if key[0] != "sample":
-                self._cache[key] = m
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
+                self._cache.put(key, m)
 
     def _generic_tail_capture(self, inputs, spans, layers, reps, prefix, positions, tail):
         """Generic-prompt maps from the question pass's cached image prefix: only the generic prompt's
