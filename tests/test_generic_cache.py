@@ -54,6 +54,9 @@ def test_fingerprint_follows_weights_and_dtype(tmp_path):
         reloaded.lm_head.weight[0, 0] += 1.0
     assert model_fingerprint(reloaded) != fp
     assert model_fingerprint(type(tiny.model).from_pretrained(tmp_path / "m", dtype=torch.bfloat16)) != fp
+    with torch.device("meta"):                       # offloaded weights: no data to sample, still a fingerprint
+        meta = type(tiny.model)._from_config(tiny.model.config)
+    assert len(model_fingerprint(meta)) == 40
 
 
 def _cfg():
