@@ -83,7 +83,8 @@ class GenericMapCache:
         return len(self.data)
 
     def __contains__(self, key) -> bool:
-        return key in self.data or (self._path(key) is not None and self._path(key).is_file())
+        path = self._path(key)
+        return key in self.data or (path is not None and path.is_file())
 
     def clear(self) -> None:
         """Forget the in-memory entries (files on disk stay)."""

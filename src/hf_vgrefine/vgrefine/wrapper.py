@@ -117,7 +117,8 @@ def _check_same_images(adapter, inputs: dict, generic_inputs: dict, samples: lis
 
 def _common_tail(inputs, spans, generic_inputs, adapter):
     """The generic prompt's ids after the image if every sample's generic prompt is the question's prefix
-    (up to the image end) followed by one common tail; else ``None`` (then a full generic pass runs)."""
+    (up to the image end) followed by one common tail; else ``None`` (then a full generic pass runs).
+    The image inputs are already known to be the same (:func:`_check_same_images` runs first)."""
     g_spans = adapter.image_spans(generic_inputs)
     tails = []
     for b, sp in enumerate(spans):
@@ -130,9 +131,6 @@ def _common_tail(inputs, spans, generic_inputs, adapter):
         tails.append(g_ids[g_end:])
     if any(not torch.equal(t, tails[0]) for t in tails[1:]):
         return None
-    for key in ("pixel_values", "image_grid_thw", "image_sizes"):
-        if key in inputs and (key not in generic_inputs or not torch.equal(inputs[key], generic_inputs[key])):
-            return None
     return tails[0]
 
 
