@@ -387,6 +387,8 @@ def test_plot_triage_draws_map_and_kept_outline(tmp_path):
     heat = ax.images[1].get_array()
     assert heat.shape == (40, 60)                                   # drawn in original-image pixels
     t = w.last_triage[0]
+    shown = np.unique(np.asarray(heat.compressed() if np.ma.isMaskedArray(heat) else heat, dtype=np.float64))
+    assert np.isin(shown[np.isfinite(shown)], t.triage_map.double().numpy()).all()   # each pixel shows one token
     assert 0 < int(t.keep_mask.sum()) < t.n_visual
     white = [c for c in ax.collections if hasattr(c, "get_edgecolor") and len(c.get_edgecolor())
              and tuple(c.get_edgecolor()[0]) == to_rgba("white")]
@@ -541,6 +543,8 @@ def test_llava_next_generic_cache_ignores_batch_padding_patches():
     assert fresh.generic_cache_hits == 0
     torch.testing.assert_close(alone[0].triage_map, fresh[0].triage_map, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(alone[0].triage_map, batch[1].triage_map, atol=1e-5, rtol=1e-5)
+    ref_ko = reference_triage(tiny.model, one, _generic_like(one, tiny, [40, 41]), HEADS, 50.0)
+    assert torch.equal(alone[0].knocked_out_positions.sort().values, ref_ko[0].sort().values)
 
 
 def test_shared_generic_pass_equals_full_generic_pass(tiny):
