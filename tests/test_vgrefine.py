@@ -561,7 +561,10 @@ def test_shared_generic_pass_equals_full_generic_pass(tiny):
     again = w.refine_inputs(generic_inputs=generic, **inputs)            # cached per image + generic prompt
     assert again.generic_cache_hits == 2 and shared.generic_cache_hits == 0
     for a, b in zip(again.samples, shared.samples):
-        assert torch.equal(a.triage_map, b.triage_map)
+        # a miss packs the generic tail into the question's call (T + t rows instead of T): the question
+        # rows' float rounding may differ by an ulp (measured <= 2.4e-7 relative), the knockout not at all
+        torch.testing.assert_close(a.triage_map, b.triage_map, atol=0, rtol=1e-6)
+        assert torch.equal(a.knocked_out, b.knocked_out)
     # the triage map really depends on the generic tail
     other = VGRefineWrapper(tiny.model, _cfg(masked_layers=[2], share_prefix=True)).refine_inputs(
         generic_inputs=_generic_like(inputs, tiny, [50, 51, 52]), **inputs)

@@ -1,4 +1,4 @@
-"""Attention capture and attention-logit biasing through one registered attention function.
+"""Attention capture and attention blocking through one registered attention function.
 
 The package registers ``"vgrefine"`` in ``transformers.AttentionInterface`` (and ``sdpa_mask`` under the same
 name in ``AttentionMaskInterface``, so layers keep receiving their causal/padding/bidirectional masks).
@@ -9,9 +9,15 @@ The function always lets SDPA compute the layer output; when a :class:`_State` i
   gathered at the image-key columns — the same numbers eager ``output_attentions=True`` gives at those
   rows/columns, without materialising ``T x T`` maps; optionally stops the forward after the last needed
   layer (early exit);
-* **biases** attention logits of chosen (layer, sample, query rows, key columns) — :class:`KeyBias`;
-  a ``-inf`` bias is applied as a boolean mask composed (AND) with the mask the layer received, so the
-  kernel stays SDPA and blocked keys get exactly zero probability.
+* **blocks** keys: :class:`KeyBlock` (batched, device tensors: the knockout) removes chosen (query row, key)
+  pairs; :class:`KeyBias` adds a per-sample bias (finite or ``-inf``) on chosen key columns. Blocks are
+  applied as a boolean mask composed (AND) with the mask the layer received, so the kernel stays SDPA and
+  blocked keys get exactly zero probability.
+
+Every tensor the function builds lives on the device of the layer's ``query`` (layers may sit on different
+devices under ``device_map``); masks are built once per (layer mask, shape, device) and reused by every
+layer that receives the same mask. While ``torch.compile``/``torch.export`` trace the model, the function is
+plain SDPA (no state lookup), so a model left on ``"vgrefine"`` compiles with ``fullgraph=True``.
 
 Shapes: ``query`` ``[B, H, q, d]``; ``key``/``value`` ``[B, H_kv, kv, d]`` (cache included); masks
 ``[B|1, 1, q, kv]`` (bool = allowed, or additive float) or ``None`` (plain causal).
@@ -24,6 +30,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 ATTN_NAME = "vgrefine"
 _STATE: contextvars.ContextVar = contextvars.ContextVar("hf_vgrefine_attention_state", default=None)
@@ -34,17 +41,16 @@ class _EarlyExit(Exception):
     """Raised by the attention function after the last layer a capture needs (caught by the caller)."""
 
 
-# --------------------------------------------------------------------------------------------- state
+# --------------------------------------------------------------------------------------------- blocks
 @dataclass
 class KeyBias:
-    """Additive bias on attention logits (before softmax).
+    """Additive bias on attention logits (before softmax) of one sample.
 
     For sample ``batch_index`` (index into the batch given to the probe; beam/sample expansion of
     ``generate`` is followed automatically), in every layer of ``layers``, query rows at absolute
     positions ``[row_start, row_stop)`` (``row_stop=None``: open-ended, decode steps included) get
     ``value`` added on the logits of key positions ``cols``. ``value=-inf`` blocks those keys exactly.
-    ``heads=None``: all query heads. ``prefill_only=True``: only applied when the query length is > 1.
-    A bias of ``0.0`` is a no-op and is skipped.
+    ``heads=None``: all query heads. A bias of ``0.0`` is a no-op and is skipped.
     """
 
     layers: tuple
@@ -54,7 +60,6 @@ class KeyBias:
     cols: torch.Tensor
     value: float = -math.inf
     heads: tuple | None = None
-    prefill_only: bool = False
 
     def __post_init__(self):
         self.layers = tuple(int(x) for x in self.layers)
@@ -62,34 +67,124 @@ class KeyBias:
         if self.heads is not None:
             self.heads = tuple(int(h) for h in self.heads)
 
+    def applies(self, layer: int) -> bool:
+        return layer in self.layers and self.value != 0.0
 
+
+@dataclass(eq=False)
+class KeyBlock:
+    """Batched hard block (the knockout): query rows at absolute positions ``row_lo[b] <= i < row_hi[b]``
+    may not attend to the keys ``j`` with ``keys[b, j]`` True, in every layer of ``layers``.
+
+    ``row_lo``: long ``[B]``; ``row_hi``: long ``[B]`` or ``None`` (open-ended: decode steps too);
+    ``keys``: bool ``[B, K]`` (positions ``>= K`` are never blocked); ``heads``: query heads, ``None`` = all.
+    ``B`` is the probe's batch (``generate``'s beam/sample expansion is followed). ``row_hi = T`` (the prompt
+    length) is how "prefill only" is expressed: decode-step queries sit at positions ``>= T``.
+    """
+
+    layers: frozenset
+    row_lo: torch.Tensor
+    row_hi: torch.Tensor | None
+    keys: torch.Tensor
+    heads: tuple | None = None
+    _on: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.layers = frozenset(int(x) for x in self.layers)
+
+    def applies(self, layer: int) -> bool:
+        return layer in self.layers
+
+    def on(self, device, rep: int):
+        """``(row_lo, row_hi, keys)`` on ``device``, each sample repeated ``rep`` times (memoised)."""
+        key = (str(device), rep)
+        got = self._on.get(key)
+        if got is None:
+            def move(t):
+                if t is None:
+                    return None
+                t = t.to(device, non_blocking=True)
+                return t.repeat_interleave(rep, 0) if rep > 1 else t
+            got = self._on[key] = (move(self.row_lo), move(self.row_hi), move(self.keys))
+        return got
+
+    def head_mask(self, n_heads: int, device) -> torch.Tensor:
+        """Bool ``[n_heads]``, True on :attr:`heads` (memoised per device)."""
+        key = ("heads", str(device), n_heads)
+        if key not in self._on:
+            m = torch.zeros(n_heads, dtype=torch.bool)
+            m[list(self.heads)] = True
+            self._on[key] = m.to(device, non_blocking=True)
+        return self._on[key]
+
+
+# --------------------------------------------------------------------------------------------- state
 @dataclass
 class _CapturePlan:
+    """What one forward captures. ``rows`` ``[B, r]`` absolute query positions; ``weights`` ``[B, G, r]``
+    (``G`` groups of rows, each averaged: the packed generic prompt is group 1); ``cols`` ``[B, N]`` absolute
+    key positions (padding columns point at any valid key); ``heads`` ``[h]`` query heads."""
+
     layers: frozenset
-    heads: torch.Tensor | None          # [h_sel] query-head indices, None = all
-    rows: torch.Tensor                  # [B, r] absolute query positions
-    row_weights: torch.Tensor           # [B, r] averaging weights (rows sum to 1)
-    cols: torch.Tensor                  # [B, N] absolute key positions (padded with 0)
+    heads: torch.Tensor
+    rows: torch.Tensor
+    weights: torch.Tensor
+    cols: torch.Tensor
     stop_after: int | None
     after_bias: bool = True
     record_kv_below: int = 0             # also keep (key, value) of every layer < this (prefix sharing)
+    split: tuple | None = None           # packed call: (T, number of question rows)
     captured: dict = field(default_factory=dict)
     kv: dict = field(default_factory=dict)
+    _on: dict = field(default_factory=dict, repr=False)
+    _rowmask: dict = field(default_factory=dict, repr=False)
+
+    def on(self, device, rep: int, groups: int):
+        key = (str(device), rep, groups)
+        got = self._on.get(key)
+        if got is None:
+            def move(t):
+                t = t.to(device, non_blocking=True)
+                return t.repeat_interleave(rep, 0) if rep > 1 else t
+            heads = self.heads.to(device, non_blocking=True)
+            got = self._on[key] = (move(self.rows), move(self.weights), move(self.cols), heads, heads // groups)
+        return got
+
+    def row_mask(self, attention_mask, rows, off: int, kv: int, device):
+        """Allowed-key mask of the captured rows ``[B, 1, r, kv]`` (bool) and the additive part of a float
+        mask (or ``None``); built once per layer mask and reused by every layer that receives it."""
+        key = (id(attention_mask), kv, str(device), rows.shape[0])
+        got = self._rowmask.get(key)
+        if got is not None and got[0] is attention_mask:
+            return got[1], got[2]
+        B, r = rows.shape
+        add = None
+        if attention_mask is None:            # plain causal: only the captured rows are built
+            ok = (torch.arange(kv, device=device) <= (rows + off)[:, :, None])[:, None]
+        else:
+            q = attention_mask.shape[-2]
+            m = attention_mask[..., :kv].expand(B, 1, q, kv).gather(2, rows[:, None, :, None].expand(B, 1, r, kv))
+            ok = allowed_matrix(m, r, kv, device)
+            if m.dtype != torch.bool:
+                add = torch.where(ok, m.float(), torch.zeros((), dtype=torch.float32, device=device))
+        if len(self._rowmask) > 8:
+            self._rowmask.clear()
+        self._rowmask[key] = (attention_mask, ok, add)
+        return ok, add
 
 
 @dataclass
 class _State:
     capture: _CapturePlan | None = None
-    biases: list = field(default_factory=list)
+    biases: list = field(default_factory=list)    # KeyBias and KeyBlock objects
     batch_size: int | None = None
-    bias_enabled: bool = True
-    replace_mask: bool = False                  # reference semantics: fresh causal mask in biased layers
-    calls: dict = field(default_factory=dict)   # layer -> number of biased calls (diagnostics)
+    replace_mask: bool = False                     # reference semantics: fresh causal mask in blocked layers
+    calls: dict = field(default_factory=dict)      # layer -> number of blocked calls (diagnostics)
+    split: int | None = None                       # packed call: rows [0, split) attend keys [0, split) only
+    _masks: dict = field(default_factory=dict, repr=False)
 
-    def biases_for(self, layer: int, q_len: int):
-        if not self.bias_enabled:
-            return []
-        return [b for b in self.biases if layer in b.layers and b.value != 0.0 and not (b.prefill_only and q_len == 1)]
+    def biases_for(self, layer: int) -> list:
+        return [b for b in self.biases if b.applies(layer)]
 
 
 def current_state() -> _State | None:
@@ -126,82 +221,142 @@ def _expand_index(state: _State, B: int) -> int:
     return B // base
 
 
+def _query_positions(attention_mask, allowed, q: int, kv: int, off: int, device) -> torch.Tensor:
+    """Absolute position of every query row, ``[B|1, q]``, on the device (no host read).
+
+    With a mask it is each row's last allowed key (a causal row always sees itself), which is right for
+    dynamic and static caches alike; without one, ``off + arange(q)``."""
+    if attention_mask is None:
+        return torch.arange(off, off + q, device=device)[None]
+    idx = torch.arange(kv, device=device)
+    return torch.where(allowed[:, 0], idx, torch.zeros((), dtype=idx.dtype, device=device)).amax(-1)
+
+
+def _blocked(blocks, query, pos: torch.Tensor, kv: int, rep: int):
+    """Bool ``[B, 1|H, q, kv]``: True where a :class:`KeyBlock` removes the pair (vectorised over samples);
+    ``pos`` ``[B|1, q]``: the query rows' absolute positions."""
+    B, H = query.shape[:2]
+    dev = query.device
+    out = None
+    for blk in blocks:
+        lo, hi, keys = blk.on(dev, rep)
+        rows = pos >= lo[:, None]                                              # [B, q]
+        if hi is not None:
+            rows = rows & (pos < hi[:, None])
+        keys = keys[:, :kv]
+        if keys.shape[1] < kv:
+            keys = torch.cat([keys, keys.new_zeros(keys.shape[0], kv - keys.shape[1])], 1)
+        bl = rows[:, None, :, None] & keys[:, None, None, :]                   # [B, 1, q, kv]
+        if blk.heads is not None:
+            bl = bl & blk.head_mask(H, dev)[None, :, None, None]
+        out = bl if out is None else out | bl
+    return out
+
+
 def _compose(attention_mask, biases, query, kv: int, state: _State):
+    """The layer's mask with every active block/bias applied (cached per layer mask, shape and device)."""
     B, H, q, _ = query.shape
+    key = (id(attention_mask), q, kv, str(query.device), B, tuple(id(b) for b in biases))
+    got = state._masks.get(key)
+    if got is not None and got[0] is attention_mask:
+        return got[1]
     rep = _expand_index(state, B)
+    original = attention_mask
     if state.replace_mask:
         if B != 1:
             raise RuntimeError("compose_with_model_mask=False (faithful mask replacement) supports batch size 1 only")
         attention_mask = None
     off = _q_offset(attention_mask, q, kv)
     allowed = allowed_matrix(attention_mask, q, kv, query.device)
-    hard = all(math.isinf(b.value) and b.value < 0 and b.heads is None for b in biases)
+    blocks = [b for b in biases if isinstance(b, KeyBlock)]
+    per_sample = [b for b in biases if isinstance(b, KeyBias)]
+    if blocks:
+        pos = _query_positions(attention_mask, allowed, q, kv, off, query.device)
+        allowed = allowed & ~_blocked(blocks, query, pos, kv, rep)
+    hard = all(math.isinf(b.value) and b.value < 0 and b.heads is None for b in per_sample)
     if hard:
-        mask = allowed.expand(B, 1, q, kv).clone()
+        mask = allowed.expand(B, -1, q, kv)
+        if per_sample:
+            mask = mask.clone()
     else:
         neg = torch.finfo(query.dtype).min
         mask = torch.zeros(B, H, q, kv, dtype=query.dtype, device=query.device)
         mask.masked_fill_(~allowed.expand(B, H, q, kv), neg)
-    for bias in biases:
+    for bias in per_sample:
         r0 = max(bias.row_start - off, 0)
         r1 = q if bias.row_stop is None else min(bias.row_stop - off, q)
         if r1 <= r0:
             continue
-        cols = bias.cols.to(query.device)
+        cols = bias.cols.to(query.device, non_blocking=True)
         cols = cols[cols < kv]
-        rows_b = range(bias.batch_index * rep, (bias.batch_index + 1) * rep)
-        for b in rows_b:
+        for b in range(bias.batch_index * rep, (bias.batch_index + 1) * rep):
             if hard:
-                mask[b, 0, r0:r1, cols] = False
+                mask[b, :, r0:r1, cols] = False
                 continue
             val = neg if math.isinf(bias.value) and bias.value < 0 else bias.value
             for h in (range(H) if bias.heads is None else bias.heads):
                 block = mask[b, h, r0:r1]                      # view [r, kv]
                 block[:, cols] = (block[:, cols] + val).clamp_min(neg)
+    if len(state._masks) > 8:
+        state._masks.clear()
+    state._masks[key] = (original, mask)
     return mask
 
 
 # --------------------------------------------------------------------------------------------- capture
 def _capture(module, query, key, attention_mask, scaling, plan: _CapturePlan, state: _State, kw):
+    """Store ``[B, G, h, N]`` fp32 probabilities of the plan's rows (averaged per group) at its columns."""
     B, H, q, d = query.shape
     kv = key.shape[2]
+    dev = query.device
     off = _q_offset(attention_mask, q, kv)
-    rep = _expand_index(state, B)
-    rows = plan.rows.to(query.device).repeat_interleave(rep, 0) - off          # [B, r] local rows
-    cols = plan.cols.to(query.device).repeat_interleave(rep, 0)               # [B, N]
-    weights = plan.row_weights.to(query.device).repeat_interleave(rep, 0)     # [B, r]
-    heads = plan.heads.to(query.device) if plan.heads is not None else torch.arange(H, device=query.device)
-    groups = H // key.shape[1]
-    r = rows.shape[1]
-    q_sel = query[:, heads].gather(2, rows[:, None, :, None].expand(B, heads.numel(), r, d))    # [B, h, r, d]
-    k_sel = key[:, heads // groups]                                                          # [B, h, kv, d]
-    scores = torch.matmul(q_sel.float(), k_sel.float().transpose(-1, -2)) * float(scaling)   # [B, h, r, kv]
-    softcap = kw.get("softcap")
+    rows, weights, cols, heads, kv_heads = plan.on(dev, _expand_index(state, B), H // key.shape[1])
+    rows = rows - off
+    h, r = heads.shape[0], rows.shape[1]
+    q_sel = query.index_select(1, heads).gather(2, rows[:, None, :, None].expand(B, h, r, d))   # [B, h, r, d]
+    k_sel = key.index_select(1, kv_heads)                                                     # [B, h, kv, d]
+    if attention_mask is not None and attention_mask.shape[1] != 1:     # per-head float mask (soft bias path)
+        add = attention_mask.index_select(1, heads)[..., :kv].expand(B, h, q, kv).gather(
+            2, rows[:, None, :, None].expand(B, h, r, kv))
+        ok = allowed_matrix(add, r, kv, dev)
+        add = torch.where(ok, add.float(), torch.zeros((), dtype=torch.float32, device=dev))
+    else:
+        ok, add = plan.row_mask(attention_mask, rows, off, kv, dev)
+    c = cols[:, None, None, :]
+    n = cols.shape[1]
+    if plan.split is None:
+        img = _probs(q_sel, k_sel, ok, add, scaling, kw.get("softcap")).gather(-1, c.expand(B, h, r, n))
+    else:   # packed call: the question rows exactly as unpacked (keys [0, T)), the tail rows over all keys
+        T, r_q = plan.split
+        add_q = None if add is None else add[..., :r_q, :T]
+        img = torch.cat([
+            _probs(q_sel[:, :, :r_q].contiguous(), k_sel[:, :, :T].contiguous(), ok[..., :r_q, :T].contiguous(),
+                   add_q, scaling, kw.get("softcap")).gather(-1, c.expand(B, h, r_q, n)),
+            _probs(q_sel[:, :, r_q:].contiguous(), k_sel, ok[..., r_q:, :], None if add is None else add[..., r_q:, :],
+                   scaling, kw.get("softcap")).gather(-1, c.expand(B, h, r - r_q, n))], 2)
+    if r == 1 and weights.shape[1] == 1:          # one row, one group ("last"): no averaging needed
+        plan.captured[module.layer_idx] = img.transpose(1, 2)
+    else:
+        plan.captured[module.layer_idx] = torch.einsum("bhrn,bgr->bghn", img, weights)   # [B, G, h, N]
+
+
+def _probs(q_sel, k_sel, ok, add, scaling, softcap):
+    """fp32 softmax probabilities ``[B, h, r, kv]`` of query rows ``q_sel`` over keys ``k_sel`` under the
+    allowed mask ``ok`` (and additive float mask ``add``); fully masked rows (padding) give 0."""
+    scores = torch.matmul(q_sel.float(), k_sel.float().transpose(-1, -2)) * float(scaling)
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is None:            # plain causal: only the captured rows are built, [B, 1, r, kv]
-        ok_rows = (torch.arange(kv, device=query.device) <= (rows + off)[:, :, None])[:, None]
-    elif attention_mask.shape[1] != 1:    # per-head float mask (soft bias path)
-        add = attention_mask[:, heads, :, :kv].expand(B, -1, q, kv).gather(
-            2, rows[:, None, :, None].expand(B, heads.numel(), r, kv))
-        ok_rows = allowed_matrix(add, r, kv, query.device)
-        scores = scores + torch.where(ok_rows, add.float(), torch.zeros_like(add, dtype=torch.float32))
-    else:
-        m_rows = attention_mask[..., :kv].expand(B, 1, q, kv).gather(2, rows[:, None, :, None].expand(B, 1, r, kv))
-        ok_rows = allowed_matrix(m_rows, r, kv, query.device)
-        if m_rows.dtype != torch.bool:
-            scores = scores + torch.where(ok_rows, m_rows.float(), torch.zeros_like(m_rows, dtype=torch.float32))
-    probs = scores.masked_fill(~ok_rows, float("-inf")).softmax(-1)
-    probs = torch.nan_to_num(probs, nan=0.0)                                   # fully masked (padding) rows
-    img = probs.gather(-1, cols[:, None, None, :].expand(B, heads.numel(), r, cols.shape[1]))  # [B, h, r, N]
-    plan.captured[module.layer_idx] = (img * weights[:, None, :, None]).sum(2)                # [B, h, N]
+    if add is not None:
+        scores = scores + add
+    return scores.masked_fill(~ok, float("-inf")).softmax(-1).nan_to_num(0.0)
 
 
 # --------------------------------------------------------------------------------------------- the function
 def vgrefine_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Registered attention function: SDPA output, plus capture/bias when a probe state is active."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    """Registered attention function: SDPA output, plus capture/blocking when a probe state is active."""
+    if torch.compiler.is_compiling():      # traced graphs are plain SDPA (no context-variable lookup)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     state = _STATE.get()
     layer = getattr(module, "layer_idx", None)
     if state is None or layer is None:
@@ -210,9 +365,10 @@ def vgrefine_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     q_len, kv = query.shape[2], key.shape[2]
-    biases = state.biases_for(layer, q_len)
+    own_mask = attention_mask
+    biases = state.biases_for(layer) if state.biases else ()
     plan = state.capture
-    capture_here = plan is not None and layer in plan.layers and q_len > 1
+    capture_here = plan is not None and q_len > 1 and layer in plan.layers
     if plan is not None and layer < plan.record_kv_below and q_len > 1:
         plan.kv[layer] = (key, value)
     if capture_here and not plan.after_bias:
@@ -224,8 +380,24 @@ def vgrefine_attention(module, query, key, value, attention_mask, dropout=0.0, s
         _capture(module, query, key, attention_mask, scaling, plan, state, kwargs)
     if capture_here and plan.stop_after == layer:
         raise _EarlyExit
+    if state.split is not None and q_len == kv and q_len > state.split:
+        return _split_sdpa(module, query, key, value, own_mask, attention_mask, state.split, dropout, scaling, kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
+
+
+def _split_sdpa(module, query, key, value, own_mask, composed, T: int, dropout, scaling, kwargs):
+    """Packed call: rows ``[0, T)`` run exactly as the unpacked prompt (keys ``[0, T)``, the layer's own mask),
+    rows ``[T, q)`` (the packed generic tail) with every key and the composed mask."""
+    head_mask = None if own_mask is None else own_mask[..., :T, :T]
+    out_q, _ = sdpa_attention_forward(module, query[:, :, :T], key[:, :, :T], value[:, :, :T], head_mask,
+                                      dropout=dropout, scaling=scaling, **kwargs)
+    tail_mask = composed
+    if tail_mask is None:
+        tail_mask = allowed_matrix(None, query.shape[2], key.shape[2], query.device)
+    out_t, _ = sdpa_attention_forward(module, query[:, :, T:], key, value, tail_mask[..., T:, :], dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    return torch.cat([out_q, out_t], 1), None
 
 
 def register_attention() -> str:
@@ -247,7 +419,8 @@ class AttentionProbe:
 
     On exit (also after an exception) the state is cleared and the model's original attention
     implementation of the text decoder is restored. Nesting is supported (inner probes replace the state
-    while active). ``biases``: list of :class:`KeyBias`; ``batch_size``: the batch the sample indices of
+    while active; an inner probe finds the decoder already switched and switches nothing).
+    ``biases``: list of :class:`KeyBlock`/:class:`KeyBias`; ``batch_size``: the batch the sample indices of
     biases/capture refer to (``generate`` may expand it for beams).
     """
 
@@ -296,7 +469,6 @@ class CapturedAttention:
     heads: list
     n_tokens: list
     spans: list
-    prefix: dict | None = None
 
     def sample(self, b: int) -> torch.Tensor:
         """``[n_layers, n_heads, n_tokens[b]]`` for sample ``b``."""
@@ -307,44 +479,6 @@ class CapturedAttention:
         return self.maps.mean(2)
 
 
-def _query_rows(query, input_ids, attention_mask, spans, past: int = 0):
-    """Absolute query rows ``[B, r]`` and their averaging weights; ``past`` = cached tokens before ``input_ids``."""
-    B, T = input_ids.shape
-    if past:
-        if not (isinstance(query, str) and query == "last"):
-            raise ValueError("with a cache only query='last' is supported")
-        return torch.full((B, 1), past + T - 1, dtype=torch.long), torch.ones(B, 1)
-    if attention_mask is not None and not bool(attention_mask[:, -1].all()):
-        raise ValueError("attention capture needs left padding (the last column of attention_mask must be 1 for "
-                         "every sample): set processor.tokenizer.padding_side = 'left'")
-    if isinstance(query, str) and query == "last":
-        rows = torch.full((B, 1), T - 1, dtype=torch.long)
-        return rows, torch.ones(B, 1)
-    if isinstance(query, str) and query == "post_image":
-        v_end = [max(s.end for s in sp) for sp in spans]
-        start = min(v_end)
-        rows = torch.arange(start, T)[None].expand(B, -1).clone()
-        w = torch.stack([(torch.arange(start, T) >= v).float() for v in v_end])
-        if (w.sum(1) == 0).any():
-            raise ValueError("query='post_image' needs at least one token after the image in every sample")
-        return rows, w / w.sum(1, keepdim=True)
-    if isinstance(query, str):
-        raise ValueError(f"query must be 'last', 'post_image' or explicit positions, got {query!r}")
-    q = [torch.as_tensor(x, dtype=torch.long).flatten() for x in (query if isinstance(query, (list, tuple)) and
-                                                                   len(query) == B and not isinstance(query[0], int)
-                                                                   else [query] * B)]
-    r = max(len(x) for x in q)
-    rows = torch.full((B, r), T - 1, dtype=torch.long)
-    w = torch.zeros(B, r)
-    for b, x in enumerate(q):
-        x = torch.where(x < 0, x + T, x)
-        if len(x) == 0 or (x < 0).any() or (x >= T).any():
-            raise ValueError(f"query positions for sample {b} must be non-empty and within [0, {T})")
-        rows[b, : len(x)] = x
-        w[b, : len(x)] = 1.0 / len(x)
-    return rows, w
-
-
 def _check_indices(name, values, limit):
     bad = [v for v in values if not 0 <= v < limit]
     if bad:
@@ -352,146 +486,20 @@ def _check_indices(name, values, limit):
 
 
 def capture_image_attention(model, inputs: dict, layers=None, heads=None, query="last", early_exit: bool = True,
-                            spans=None, adapter=None, biases=None, record_prefix: int = 0,
-                            record_kv: int = 0, cache=None) -> CapturedAttention:
+                            spans=None, adapter=None, biases=None) -> CapturedAttention:
     """Attention from query rows to image tokens, per layer and head, on SDPA.
 
     ``inputs``: the processor's model inputs (left-padded batch). ``layers``/``heads``: 0-based indices
     (``None`` = all); ``query``: ``"last"`` (row ``T-1``), ``"post_image"`` (mean over rows ``[v_end, T)``)
     or explicit positions (one list for all samples, or one per sample; averaged). ``early_exit``: stop
     the forward after the deepest captured layer (no logits computed). ``biases``: optional
-    :class:`KeyBias` list active during the capture (post-bias probabilities are captured).
-    ``record_prefix=n``: also keep every layer ``< n``'s keys/values and layer ``n-1``'s output hidden
-    states (``result.prefix = {"kv": {layer: (k, v)}, "hidden": [B, T, D]}``) so that a later prefill of the
-    same inputs can resume at layer ``n`` (see :class:`PrefixReplay`). ``record_kv=m``: keep keys/values of
-    every layer ``< m`` too (``result.prefix["kv"]``). ``cache``: a filled ``transformers`` cache the
-    inputs continue (then ``inputs`` hold only the new tokens plus the full 2-D ``attention_mask``, query
-    and image positions are absolute, i.e. counted from the start of the cached sequence).
-    Returns :class:`CapturedAttention` with ``maps [B, n_layers, n_heads, n_max]``.
+    :class:`KeyBlock`/:class:`KeyBias` list active during the capture (post-block probabilities are captured).
+    ``spans``: the adapter's image spans of ``inputs`` when already known.
+    Returns :class:`CapturedAttention` with ``maps [B, n_layers, n_heads, n_max]`` on the inputs' device.
     """
-    from .adapters import get_adapter
+    from .grounding_pass import GroundingPass, PromptLayout
 
-    adapter = adapter or get_adapter(model)
-    L, H = adapter.num_layers, adapter.num_heads
-    layers = list(range(L)) if layers is None else sorted({int(x) for x in layers})
-    heads = list(range(H)) if heads is None else [int(h) for h in heads]
-    _check_indices("layers", layers, L)
-    _check_indices("heads", heads, H)
-    input_ids = inputs["input_ids"]
-    B = input_ids.shape[0]
-    past = cache.get_seq_length() if cache is not None else 0
-    if past and spans is None:
-        raise ValueError("with a cache, pass the image spans of the cached sequence (spans=...)")
-    spans = spans if spans is not None else adapter.image_spans(inputs)
-    positions = [torch.cat([s.positions for s in sp]) for sp in spans]
-    n_tokens = [len(p) for p in positions]
-    cols = torch.zeros(B, max(n_tokens), dtype=torch.long)
-    for b, p in enumerate(positions):
-        cols[b, : len(p)] = p
-    rows, weights = _query_rows(query, input_ids, inputs.get("attention_mask"), spans, past)
-    stop = max(layers + [record_prefix]) if record_prefix else max(layers)
-    if record_prefix and stop >= L:
-        raise ValueError(f"record_prefix={record_prefix} must be < the number of layers ({L})")
-    plan = _CapturePlan(layers=frozenset(layers) | ({stop} if record_prefix else frozenset()),
-                        heads=torch.tensor(heads), rows=rows, row_weights=weights, cols=cols,
-                        stop_after=stop if (early_exit or record_prefix) else None,
-                        record_kv_below=max(record_prefix, record_kv))
-    probe = AttentionProbe(model, biases=biases, batch_size=B, adapter=adapter)
-    probe.state.capture = plan
-    kwargs = dict(inputs)
-    kwargs["use_cache"] = cache is not None
-    if cache is not None:
-        import inspect
-
-        kwargs["cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"] = cache
-    if not early_exit:
-        kwargs["logits_to_keep"] = 1
-    hidden = {}
-    hook = None
-    if record_prefix:
-        hook = adapter.decoder_layers[record_prefix - 1].register_forward_hook(
-            lambda mod, args, out: hidden.__setitem__("h", out[0] if isinstance(out, tuple) else out))
-    try:
-        with torch.no_grad(), probe:
-            try:
-                model(**kwargs)
-            except _EarlyExit:
-                pass
-    finally:
-        if hook is not None:
-            hook.remove()
-    missing = [l for l in layers if l not in plan.captured]
-    if missing:
-        raise RuntimeError(f"layers {missing} were not captured: the model's text attention did not go through the "
-                           "registered function (is the text decoder using attn_implementation='vgrefine'?)")
-    maps = torch.stack([plan.captured[l] for l in layers], 1).float()   # [B, L_sel, H_sel, N]
-    for b, n in enumerate(n_tokens):
-        maps[b, ..., n:] = float("nan")
-    prefix = None
-    if record_prefix or record_kv:
-        prefix = {"kv": plan.kv, "hidden": hidden.get("h"), "n_layers": record_prefix}
-    return CapturedAttention(maps=maps, layers=layers, heads=heads, n_tokens=n_tokens, spans=spans, prefix=prefix)
-
-
-# --------------------------------------------------------------------------------------------- prefix replay
-class _ReplayLayer(torch.nn.Module):
-    """Stands in for decoder layer ``i < n`` during one prefill: writes the recorded keys/values into the
-    cache and (for layer ``n-1``) returns the recorded output; any other call runs the real layer."""
-
-    def __init__(self, inner, layer_idx: int, kv, hidden, seq_len: int):
-        super().__init__()
-        self.inner = inner
-        self._replay = {"layer_idx": layer_idx, "kv": kv, "hidden": hidden, "T": seq_len, "armed": True}
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        r = self._replay
-        if not (r["armed"] and hidden_states.shape[1] == r["T"]):
-            return self.inner(hidden_states, *args, **kwargs)
-        r["armed"] = False
-        rep = hidden_states.shape[0] // r["kv"][0].shape[0]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is not None:
-            k, v = r["kv"]
-            cache.update(k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0), r["layer_idx"])
-        if r["hidden"] is None:
-            return hidden_states
-        return r["hidden"].to(hidden_states.dtype).repeat_interleave(rep, 0)
-
-
-class PrefixReplay:
-    """Context manager: the next prefill of the same inputs starts at layer ``n`` from a recorded prefix.
-
-    Layers ``< n`` of the text decoder are temporarily replaced (restored on exit, also after an exception)
-    by stand-ins that write the recorded keys/values into the generation cache and hand over the recorded
-    hidden states; decode steps run the real layers. Valid only when the recorded pass saw exactly the
-    same inputs (ids, mask, images, position ids) and no bias below layer ``n``.
-    """
-
-    def __init__(self, adapter, prefix: dict, seq_len: int):
-        self.layers = adapter.decoder_layers
-        self.prefix = prefix
-        self.T = seq_len
-        self._orig = []
-
-    def __enter__(self):
-        n = self.prefix["n_layers"]
-        self._orig = [self.layers[i] for i in range(n)]
-        for i in range(n):
-            hidden = self.prefix["hidden"] if i == n - 1 else None
-            self.layers[i] = _ReplayLayer(self._orig[i], i, self.prefix["kv"][i], hidden, self.T)
-        return self
-
-    def __exit__(self, *exc):
-        for i, layer in enumerate(self._orig):
-            self.layers[i] = layer
-        self._orig = []
-        return False
-
-    def all_used(self) -> bool:
-        return all(not self.layers[i]._replay["armed"] for i in range(len(self._orig)))
+    gp = GroundingPass(model, adapter=adapter)
+    layout = PromptLayout.read(gp.adapter, inputs, spans=spans)
+    out = gp.run(inputs, layout, layers=layers, heads=heads, query=query, early_exit=early_exit, biases=biases)
+    return out.question

@@ -448,11 +448,11 @@ def _first_spans(adapter, inputs):
 
 
 def _capture(model, adapter, inputs, layers, query):
-    from .attention import capture_image_attention
+    from .grounding_pass import GroundingPass, PromptLayout
 
     spans = _first_spans(adapter, inputs)
-    cap = capture_image_attention(model, inputs, layers=layers, heads=None, query=query, early_exit=True,
-                                  spans=spans, adapter=adapter)
+    cap = GroundingPass(model, adapter=adapter).run(inputs, PromptLayout.read(adapter, inputs, spans=spans),
+                                                    layers=layers, query=query, early_exit=True).question
     maps = cap.maps.detach().float().cpu().numpy()  # [B, nL, H, Nmax]
     return [maps[b, :, :, : cap.n_tokens[b]] for b in range(maps.shape[0])], spans
 

@@ -1,18 +1,21 @@
 """Step I of VGRefine (attention triage): relative attention of the sensitive heads → knocked-out tokens.
 
-Pure tensor functions (no model): given captured question-prompt maps and generic-prompt maps of one
-sample, compute the triage score ``s`` over the ``N`` image tokens and the knockout set ``K``.
+Pure tensor functions (no model, no host read: they run on the maps' device and never synchronise):
+given captured question-prompt maps and generic-prompt maps, compute the triage score ``s`` over the ``N``
+image tokens and the knockout set ``K``. Leading batch axes are allowed everywhere.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 
 def triage_scores(question: torch.Tensor, generic: torch.Tensor | None, layers: list, config) -> torch.Tensor:
-    """Triage score ``s`` ``[N]`` (fp32) of one sample.
+    """Triage score ``s`` ``[..., N]`` (fp32).
 
-    ``question``/``generic``: ``[n_layers, H, N]`` probabilities captured at ``layers`` (all heads).
+    ``question``/``generic``: ``[..., n_layers, H, N]`` probabilities captured at ``layers`` (all heads).
     ``heads`` triage: ``s = mean_{(l,h) in S} a[l,h] / (g + eps)`` with ``g`` the layer-mean generic map
     (``generic_norm="layer_mean"``, as released), the same head's generic map (``"per_head"``) or 1 (``"none"``).
     ``layer`` triage: the layer-mean map of ``att_map_layer``, normalised by the layer-mean generic map.
@@ -24,44 +27,64 @@ def triage_scores(question: torch.Tensor, generic: torch.Tensor | None, layers: 
         raise ValueError("generic-prompt maps are required unless generic_norm='none'")
     if config.triage_source == "layer":
         i = idx[config.att_map_layer]
-        a = q[i].mean(0)
-        return a / (g[i].mean(0) + config.eps) if config.generic_norm != "none" else a
-    rel = []
-    for l, h in config.sensitive_heads:
-        a = q[idx[l], h]
-        if config.generic_norm == "layer_mean":
-            a = a / (g[idx[l]].mean(0) + config.eps)
-        elif config.generic_norm == "per_head":
-            a = a / (g[idx[l], h] + config.eps)
-        rel.append(a)
-    return torch.stack(rel).mean(0)
+        a = q[..., i, :, :].mean(-2)
+        return a / (g[..., i, :, :].mean(-2) + config.eps) if config.generic_norm != "none" else a
+    H = q.shape[-2]
+    li = _index([idx[l] for l, _ in config.sensitive_heads], q.device)
+    flat = _index([idx[l] * H + h for l, h in config.sensitive_heads], q.device)
+    a = q.flatten(-3, -2).index_select(-2, flat)                   # [..., k, N]
+    if config.generic_norm == "layer_mean":
+        a = a / (g.mean(-2).index_select(-2, li) + config.eps)
+    elif config.generic_norm == "per_head":
+        a = a / (g.flatten(-3, -2).index_select(-2, flat) + config.eps)
+    return a.mean(-2)
 
 
-def knockout_set(scores: torch.Tensor, config) -> tuple[torch.Tensor, float, list]:
-    """Boolean ``[N]`` knock-out mask (True = blocked), the threshold used, and flags.
+def _index(values: list, device) -> torch.Tensor:
+    """Long index tensor on ``device`` (an asynchronous host-to-device copy, never a synchronisation)."""
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
+def knockout_set(scores: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean ``[..., N]`` knock-out mask (True = blocked) and the threshold used (``[...]``, float64).
 
     Percentile mode: ``tau = quantile(s, P/100)`` (linear interpolation, = ``numpy.percentile``) and
     ``K = {i : s_i < tau}`` (strict). Magnitude mode: ``K = {i : (s_i - min)/(max - min) < t}``.
-    Non-finite scores count as ``+inf`` (always kept); a constant map gives ``K = {}``; both are flagged.
+    Non-finite scores count as ``+inf`` (always kept); a constant map gives ``K = {}`` (threshold NaN);
+    :func:`triage_flags` reports both.
     """
+    s = scores.double()
+    s = torch.where(torch.isfinite(s), s, torch.full_like(s, math.inf))
+    N = s.shape[-1]
+    if config.percentile is not None:
+        v = torch.sort(s, dim=-1).values
+        pos = float(config.percentile) / 100.0 * (N - 1)
+        lo = int(pos // 1)
+        hi = min(lo + 1, N - 1)
+        frac = pos - lo
+        v_lo, v_hi = v[..., lo], v[..., hi]
+        tau = v_lo if frac == 0 else torch.where(v_hi == v_lo, v_lo, v_lo + (v_hi - v_lo) * frac)
+        return s < tau[..., None], tau
+    fin = torch.isfinite(s)
+    lo = torch.where(fin, s, torch.full_like(s, math.inf)).amin(-1, keepdim=True)
+    hi = torch.where(fin, s, torch.full_like(s, -math.inf)).amax(-1, keepdim=True)
+    varies = hi > lo                                               # False: constant map or nothing finite
+    t = float(config.magnitude_threshold)
+    K = ((s - lo) / torch.where(varies, hi - lo, torch.ones_like(hi)) < t) & varies
+    tau = torch.where(varies[..., 0], torch.full_like(s[..., 0], t), torch.full_like(s[..., 0], math.nan))
+    return K, tau
+
+
+def triage_flags(scores: torch.Tensor, config) -> list:
+    """Warnings about one sample's scores ``[N]``: non-finite entries, constant map (reads the host)."""
     flags = []
     s = scores.double()
     finite = torch.isfinite(s)
-    if not bool(finite.all()):
-        flags.append(f"non_finite_scores:{int((~finite).sum())}")
-        s = torch.where(finite, s, torch.full_like(s, float("inf")))
-    if config.percentile is not None:
-        v, _ = torch.sort(s)
-        pos = float(config.percentile) / 100.0 * (len(v) - 1)
-        lo, hi = int(pos // 1), min(int(pos // 1) + 1, len(v) - 1)
-        frac = pos - lo
-        tau = v[lo] if frac == 0 or v[hi] == v[lo] else v[lo] + (v[hi] - v[lo]) * frac
-        K = s < tau
-        return K, float(tau), flags
-    fin = s[torch.isfinite(s)]
-    lo, hi = (fin.min(), fin.max()) if fin.numel() else (torch.tensor(0.0), torch.tensor(0.0))
-    if hi == lo:
-        flags.append("constant_map_no_knockout")
-        return torch.zeros_like(s, dtype=torch.bool), float("nan"), flags
-    norm = (s - lo) / (hi - lo)
-    return norm < float(config.magnitude_threshold), float(config.magnitude_threshold), flags
+    n_bad = int((~finite).sum())
+    if n_bad:
+        flags.append(f"non_finite_scores:{n_bad}")
+    if config.percentile is None:
+        fin = s[finite]
+        if fin.numel() == 0 or bool(fin.max() == fin.min()):
+            flags.append("constant_map_no_knockout")
+    return flags

@@ -9,13 +9,17 @@ Per call:
    post-image prompt rows ``[v_end, T)`` from attending to the knocked-out image keys in the masked
    layers (all heads by default), composed with the layer's own mask; prefill only by default.
 
-Everything goes through :class:`hf_vgrefine.attention.AttentionProbe`: the model's attention
-implementation is restored on exit, also after an exception.
+The passes run through :class:`hf_vgrefine.grounding_pass.GroundingPass` (prompt layout, packed generic
+prompt, generic-map cache, prefix record/replay). Between the start of the triage and the answer's first
+token nothing is read back to the host except the prompt's layout and image fingerprints, read once before
+the first kernel. Everything goes through :class:`hf_vgrefine.attention.AttentionProbe`: the model's
+attention implementation is restored on exit, also after an exception.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -23,30 +27,52 @@ import torch
 from transformers import LogitsProcessorList
 
 from ..adapters import get_adapter
+from ..attention import AttentionProbe, KeyBlock
 from ..generic_cache import GenericMapCache, model_fingerprint
-from ..attention import AttentionProbe, KeyBias, PrefixReplay, capture_image_attention
+from ..grounding_pass import (GroundingPass, PrefixRecord, PrefixReplay, PromptLayout, common_tail,
+                              eager_if_compiled, image_fingerprints)
 from .config import VGRefineConfig
 from .logits import VGRefineLogitsProcessor
-from .triage import knockout_set, triage_scores
+from .triage import knockout_set, triage_flags, triage_scores
+
+logger = logging.getLogger(__name__)
+_MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "image_sizes",
+                     "mm_token_type_ids", "token_type_ids", "pixel_attention_mask")
 
 
 @dataclass
 class SampleTriage:
-    """Triage result of one sample.
+    """Triage result of one sample (tensors on the model's device).
 
     ``keep_mask``: bool ``[N]`` (True = kept image token, row-major over ``grid``); ``triage_map``: float
-    ``[N]`` relative score; ``knocked_out``: token indices in ``[0, N)``; ``knocked_out_positions``: the
-    same as positions in the padded sequence; ``threshold``: percentile value (or magnitude threshold).
+    ``[N]`` relative score; ``threshold``: the percentile value (or magnitude threshold), a 0-d tensor
+    (``float(t.threshold)`` reads it). ``knocked_out`` (token indices in ``[0, N)``),
+    ``knocked_out_positions`` (the same as positions in the padded sequence) and ``flags`` are computed on
+    first access (they read the device).
     """
 
     keep_mask: torch.Tensor
     triage_map: torch.Tensor
-    knocked_out: torch.Tensor
-    knocked_out_positions: torch.Tensor
-    threshold: float
+    threshold: torch.Tensor
     grid: tuple
     query_rows: tuple
-    flags: list = field(default_factory=list)
+    positions: torch.Tensor = field(repr=False, default=None)
+    config: object = field(repr=False, default=None)
+    _flags: list | None = field(repr=False, default=None)
+
+    @property
+    def knocked_out(self) -> torch.Tensor:
+        return (~self.keep_mask).nonzero().flatten()
+
+    @property
+    def knocked_out_positions(self) -> torch.Tensor:
+        return self.positions.to(self.keep_mask.device)[~self.keep_mask]
+
+    @property
+    def flags(self) -> list:
+        if self._flags is None:
+            self._flags = triage_flags(self.triage_map, self.config)
+        return self._flags
 
     @property
     def n_visual(self) -> int:
@@ -63,11 +89,14 @@ class SampleTriage:
 
 @dataclass
 class TriageResult:
+    """Per-sample :class:`SampleTriage` plus the knockout (``biases``: :class:`~hf_vgrefine.attention.KeyBlock`
+    list), timings, generic-cache hits and the question pass's :class:`~hf_vgrefine.grounding_pass.PrefixRecord`."""
+
     samples: list
     biases: list
     timings: dict
     generic_cache_hits: int = 0
-    prefix: dict | None = None
+    prefix: PrefixRecord | None = None
     seq_len: int = 0
 
     def __getitem__(self, i):
@@ -75,72 +104,6 @@ class TriageResult:
 
     def __len__(self):
         return len(self.samples)
-
-
-def _image_key(adapter, inputs, b: int) -> str:
-    h = hashlib.sha1()
-    for k, v in sorted(adapter.image_content(inputs, b).items()):
-        t = v.detach().to("cpu").contiguous()
-        h.update(k.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _take_rows(adapter, inputs: dict, rows: list) -> dict:
-    """Sub-batch ``rows`` of a (left-padded) model-input dict, image inputs included."""
-    if rows == list(range(inputs["input_ids"].shape[0])):
-        return inputs
-    out = {"input_ids": inputs["input_ids"][rows]}
-    if "attention_mask" in inputs:
-        out["attention_mask"] = inputs["attention_mask"][rows]
-    out.update(adapter.select_images(inputs, rows))
-    out.update(adapter.id_derived(out["input_ids"], inputs))
-    return out
-
-
-def _check_same_images(adapter, inputs: dict, generic_inputs: dict, samples: list):
-    """Raise unless ``generic_inputs`` carry the same image inputs as ``inputs`` for ``samples``."""
-    if generic_inputs["input_ids"].shape[0] != inputs["input_ids"].shape[0]:
-        raise ValueError(f"generic_inputs has {generic_inputs['input_ids'].shape[0]} samples, the inputs "
-                         f"{inputs['input_ids'].shape[0]}: pass one generic prompt per sample, same order")
-    for b in samples:
-        q, g = adapter.image_content(inputs, b), adapter.image_content(generic_inputs, b)
-        for key, val in q.items():
-            other = g.get(key)
-            if other is None or other.shape != val.shape or not torch.equal(other.to(val.device), val):
-                raise ValueError(f"generic_inputs sample {b}: {key!r} differs from the question's; the generic "
-                                 "prompt must use the same image inputs (build both with the same image, e.g. "
-                                 "hf_vgrefine.prompts.generic_inputs(processor, image))")
-
-
-def _common_tail(inputs, spans, generic_inputs, adapter):
-    """The generic prompt's ids after the image if every sample's generic prompt is the question's prefix
-    (up to the image end) followed by one common tail; else ``None`` (then a full generic pass runs).
-    The image inputs are already known to be the same (:func:`_check_same_images` runs first)."""
-    g_spans = adapter.image_spans(generic_inputs)
-    tails = []
-    for b, sp in enumerate(spans):
-        q_ids, g_ids = inputs["input_ids"][b], generic_inputs["input_ids"][b]
-        q_start = int(inputs["attention_mask"][b].float().argmax()) if "attention_mask" in inputs else 0
-        g_start = int(generic_inputs["attention_mask"][b].float().argmax()) if "attention_mask" in generic_inputs else 0
-        g_end = g_spans[b][0].end
-        if not torch.equal(q_ids[q_start:sp[0].end], g_ids[g_start:g_end]):
-            return None
-        tails.append(g_ids[g_end:])
-    if any(not torch.equal(t, tails[0]) for t in tails[1:]):
-        return None
-    return tails[0]
-
-
-def generation_position_ids(inputs: dict) -> torch.Tensor:
-    """The ``position_ids`` ``generate`` gives the prefill: cumulative count of real tokens − 1 (pads → 0)."""
-    mask = inputs.get("attention_mask")
-    if mask is None:
-        T = inputs["input_ids"].shape[1]
-        return torch.arange(T, device=inputs["input_ids"].device)[None].expand(inputs["input_ids"].shape[0], T)
-    return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def left_pad(rows: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,6 +141,7 @@ class VGRefineWrapper:
         self.adapter = get_adapter(model)
         config.check_model(self.adapter.num_layers, self.adapter.num_heads)
         self._cache = GenericMapCache(cache_size, directory=cache_dir, namespace=lambda: model_fingerprint(model))
+        self.grounding = GroundingPass(model, adapter=self.adapter, cache=self._cache)
         self._tail_memo: tuple | None = None
         self.last_triage: TriageResult | None = None
         self._probe: AttentionProbe | None = None
@@ -196,11 +160,12 @@ class VGRefineWrapper:
 
     # ------------------------------------------------------------------ generic prompt
     def _generic_tail(self) -> torch.Tensor:
-        """Token ids of the generic prompt after the image tokens, rendered with the processor's template
-        (memoised per generic prompt, instruction and processor)."""
+        """Token ids (host) of the generic prompt after the image tokens, rendered with the processor's
+        template (memoised per generic prompt, instruction and processor)."""
         memo_key = (self.config.generic_prompt, self.config.instruction, id(self.processor))
         if self._tail_memo is None or self._tail_memo[0] != memo_key:
-            self._tail_memo = (memo_key, self._render_generic_tail())
+            tail = self._render_generic_tail()
+            self._tail_memo = (memo_key, tail, hashlib.sha1(tail.numpy().tobytes()).hexdigest())
         return self._tail_memo[1]
 
     def _render_generic_tail(self) -> torch.Tensor:
@@ -218,24 +183,50 @@ class VGRefineWrapper:
             raise ValueError(f"the processor's chat template did not emit the image placeholder {placeholder!r}; "
                              "pass generic_inputs= built with your own template")
         tail = self.adapter.image_suffix_text(self.processor) + rendered.split(placeholder, 1)[1]
-        ids = self.processor.tokenizer(tail, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-        return ids
+        return self.processor.tokenizer(tail, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
 
-    def _generic_batch(self, inputs, spans, samples):
-        """Generic-prompt inputs for ``samples``: each sample's prefix up to its image end + generic tail."""
+    def _generic_batch(self, inputs: dict, spans: list, samples: list) -> dict:
+        """Generic-prompt inputs of ``samples``: each one's prefix up to its image end + the generic tail."""
         tail = self._generic_tail()
+        ids_host = inputs["input_ids"].cpu()
+        mask = inputs.get("attention_mask")
+        mask = mask.cpu().bool() if mask is not None else None
         rows = []
         for b in samples:
-            valid = inputs["attention_mask"][b].bool() if "attention_mask" in inputs else None
-            ids = inputs["input_ids"][b]
-            start = int(valid.float().argmax()) if valid is not None else 0
-            rows.append(torch.cat([ids[start:spans[b][0].end], tail]))
+            start = int(mask[b].int().argmax()) if mask is not None else 0
+            rows.append(torch.cat([ids_host[b, start:spans[b][0].end], tail]))
         pad = getattr(getattr(self.processor, "tokenizer", None), "pad_token_id", None)
         pad = pad if pad is not None else (self.adapter.text_config.pad_token_id or 0)
-        ids, mask = left_pad(rows, pad)
-        batch = {"input_ids": ids, "attention_mask": mask, **self.adapter.select_images(inputs, samples)}
-        batch.update(self.adapter.id_derived(ids, inputs))
+        ids, att = left_pad(rows, pad)
+        dev = inputs["input_ids"].device
+        batch = {"input_ids": ids.to(dev), "attention_mask": att.to(dev), **self.adapter.select_images(inputs, samples)}
+        batch.update(self.adapter.id_derived(batch["input_ids"], inputs))
         return batch
+
+    def _check_same_images(self, inputs, generic_inputs, q_prints: list) -> None:
+        """Raise unless ``generic_inputs`` carry the same image inputs as ``inputs`` (per sample)."""
+        B = inputs["input_ids"].shape[0]
+        if generic_inputs["input_ids"].shape[0] != B:
+            raise ValueError(f"generic_inputs has {generic_inputs['input_ids'].shape[0]} samples, the inputs "
+                             f"{B}: pass one generic prompt per sample, same order")
+        for b in range(B):
+            g = image_fingerprints(self.adapter, generic_inputs, b)
+            for key, val in q_prints[b].items():
+                if g.get(key) != val:
+                    raise ValueError(f"generic_inputs sample {b}: {key!r} differs from the question's; the generic "
+                                     "prompt must use the same image inputs (build both with the same image, e.g. "
+                                     "hf_vgrefine.prompts.generic_inputs(processor, image))")
+
+    def _generic_key(self, prints: dict, generic_layout: PromptLayout | None, b: int) -> tuple:
+        """Cache key of sample ``b``'s generic map: image fingerprint, query mode, layers and generic prompt."""
+        if generic_layout is None:   # the rendered generic text after the image (template included)
+            self._generic_tail()
+            prompt = self._tail_memo[2]
+        else:
+            row = generic_layout.ids[b, generic_layout.starts[b]:]
+            prompt = hashlib.sha1(row.numpy().tobytes()).hexdigest()
+        image = hashlib.sha1(repr(sorted(prints.items())).encode()).hexdigest()
+        return (image, self.config.query, tuple(self.config.triage_layers), prompt)
 
     # ------------------------------------------------------------------ step I
     def refine_inputs(self, generic_inputs: dict | None = None, gt_token_masks=None, **inputs) -> TriageResult:
@@ -247,166 +238,83 @@ class VGRefineWrapper:
         """
         cfg = self.config
         t0 = time.perf_counter()
-        spans = self.adapter.image_spans(inputs)
-        B, T = inputs["input_ids"].shape
-        for b, sp in enumerate(spans):
-            main = [s for s in sp if s.block in ("grid", "base")]
-            if len(main) != 1:
-                raise ValueError(f"sample {b} has {len(main)} images; VGRefine supports one image per prompt")
-        if generic_inputs is not None and cfg.generic_norm != "none" and cfg.knockout_set == "triage":
-            _check_same_images(self.adapter, inputs, generic_inputs, list(range(B)))
-        layers = cfg.triage_layers
-        timings, hits = {}, 0
-        q_maps = g_maps = None
-        share = cfg.share_prefix and min(cfg.masked_layers) > 0
-        share_generic = (cfg.share_prefix and cfg.generic_norm != "none" and cfg.query == "last"
-                         and cfg.knockout_set == "triage")
-        tail_ids = None
-        if share_generic:
-            tail_ids = self._generic_tail() if generic_inputs is None else _common_tail(inputs, spans, generic_inputs,
-                                                                                          self.adapter)
-            share_generic = tail_ids is not None
-        positions = None
-        if cfg.knockout_set == "triage":
-            q_inputs = inputs
-            if cfg.share_prefix:
-                positions = self.adapter.position_ids(inputs)
-                if self.adapter.explicit_position_ids:
-                    # same position ids as generate's prefill, so the recorded prefix can be replayed
-                    q_inputs = dict(inputs, position_ids=positions)
-            n_kv = max(layers + ([min(cfg.masked_layers)] if share else [])) + 1 if share_generic else 0
-            q_maps = capture_image_attention(self.model, q_inputs, layers=layers, query=cfg.query,
-                                             early_exit=cfg.early_exit, spans=spans, adapter=self.adapter,
-                                             record_prefix=min(cfg.masked_layers) if share else 0, record_kv=n_kv)
-            timings["question_pass_s"] = time.perf_counter() - t0
-            if cfg.generic_norm != "none":
-                t1 = time.perf_counter()
-                shared = (q_maps.prefix, positions, tail_ids) if share_generic else None
-                g_maps, hits = self._generic_maps(inputs, spans, layers, generic_inputs, shared)
-                timings["generic_pass_s"] = time.perf_counter() - t1
-        samples, biases = [], []
-        for b, sp in enumerate(spans):
-            span = sp[0]
-            n = span.n_tokens
-            if cfg.knockout_set == "oracle":
-                if gt_token_masks is None:
-                    raise ValueError("knockout_set='oracle' needs gt_token_masks (one bool [N] per sample)")
+        layout = PromptLayout.read(self.adapter, inputs)          # the one host read of the call
+        layout.require_one_image()
+        main = layout.main
+        B, T, dev = layout.B, layout.T, layout.device
+        timings, hits, record = {}, 0, None
+        if cfg.knockout_set == "oracle":
+            if gt_token_masks is None:
+                raise ValueError("knockout_set='oracle' needs gt_token_masks (one bool [N] per sample)")
+            K, scores, tau = [], [], []
+            for b, span in enumerate(main):
                 gt = torch.as_tensor(gt_token_masks[b], dtype=torch.bool).flatten()
-                if gt.numel() != n:
-                    raise ValueError(f"gt_token_masks[{b}] has {gt.numel()} cells, the image has {n} tokens")
-                scores, K, tau, flags = gt.float(), ~gt, float("nan"), ["oracle"]
+                if gt.numel() != span.n_tokens:
+                    raise ValueError(f"gt_token_masks[{b}] has {gt.numel()} cells, the image has {span.n_tokens} tokens")
+                gt = gt.to(dev, non_blocking=True)
+                K.append(~gt)
+                scores.append(gt.float())
+                tau.append(torch.full((), float("nan"), dtype=torch.float64, device=dev))
+        else:
+            need_generic = cfg.generic_norm != "none"
+            g_layout = None
+            q_prints = None
+            if need_generic and (generic_inputs is not None or cfg.cache_generic):
+                q_prints = [image_fingerprints(self.adapter, inputs, b) for b in range(B)]
+            if need_generic and generic_inputs is not None:
+                self._check_same_images(inputs, generic_inputs, q_prints)
+                g_layout = PromptLayout.read(self.adapter, generic_inputs)
+            layers = cfg.triage_layers
+            record_n = min(cfg.masked_layers) if cfg.share_prefix and min(cfg.masked_layers) > 0 else 0
+            if need_generic:
+                keys = [self._generic_key(q_prints[b], g_layout, b) for b in range(B)] if cfg.cache_generic else None
+                tail = None
+                if cfg.share_prefix:
+                    tail = self._generic_tail() if generic_inputs is None else common_tail(layout, g_layout)
+                generic = generic_inputs if generic_inputs is not None else (
+                    lambda: self._generic_batch(inputs, [[s] for s in layout.main], list(range(B))))
+                res, g_maps, hits = self.grounding.question_and_generic(
+                    inputs, layout, layers, query=cfg.query, generic=generic, generic_layout=g_layout, tail=tail,
+                    keys=keys, record_prefix=record_n, early_exit=cfg.early_exit, pack=cfg.share_prefix)
             else:
-                qm = q_maps.sample(b)[..., :n]
-                gm = g_maps[b] if g_maps is not None else None
-                scores = triage_scores(qm, gm, q_maps.layers, cfg)
-                K, tau, flags = knockout_set(scores, cfg)
-            ko = K.nonzero().flatten()
-            pos = span.positions[ko]
-            row_stop = T if cfg.knockout_scope == "prefill" else None
-            if cfg.knockout_heads == "all":
-                biases.append(KeyBias(layers=tuple(cfg.masked_layers), batch_index=b, row_start=span.end,
-                                      row_stop=row_stop, cols=pos))
+                res = self.grounding.run(inputs, layout, layers=layers, query=cfg.query, early_exit=cfg.early_exit,
+                                         record_prefix=record_n)
+                g_maps = None
+            record = res.record
+            timings["triage_pass_s"] = time.perf_counter() - t0
+            q = res.question
+            if len(set(q.n_tokens)) == 1:                      # one batched triage on the device
+                g = torch.stack(g_maps) if g_maps is not None else None
+                s = triage_scores(q.maps, g, q.layers, cfg)
+                k, t = knockout_set(s, cfg)
+                scores, K, tau = list(s), list(k), list(t)
             else:
-                for l in cfg.masked_layers:
-                    hs = tuple(h for ll, h in cfg.sensitive_heads if ll == l)
-                    if hs:
-                        biases.append(KeyBias(layers=(l,), batch_index=b, row_start=span.end, row_stop=row_stop,
-                                              cols=pos, heads=hs))
-            samples.append(SampleTriage(keep_mask=~K, triage_map=scores.float(), knocked_out=ko,
-                                        knocked_out_positions=pos, threshold=tau, grid=(span.rows, span.cols),
-                                        query_rows=(span.end, T), flags=flags))
+                scores, K, tau = [], [], []
+                for b in range(B):
+                    s = triage_scores(q.sample(b), g_maps[b] if g_maps is not None else None, q.layers, cfg)
+                    k, t = knockout_set(s, cfg)
+                    scores.append(s)
+                    K.append(k)
+                    tau.append(t)
+        keys_blocked = layout.key_mask(K, dev)
+        v_end = torch.tensor([s.end for s in main]).to(dev, non_blocking=True)
+        row_hi = torch.full((B,), T, dtype=torch.long, device=dev) if cfg.knockout_scope == "prefill" else None
+        if cfg.knockout_heads == "all":
+            biases = [KeyBlock(layers=cfg.masked_layers, row_lo=v_end, row_hi=row_hi, keys=keys_blocked)]
+        else:
+            biases = []
+            for l in cfg.masked_layers:
+                hs = tuple(h for ll, h in cfg.sensitive_heads if ll == l)
+                if hs:
+                    biases.append(KeyBlock(layers=(l,), row_lo=v_end, row_hi=row_hi, keys=keys_blocked, heads=hs))
+        samples = [SampleTriage(keep_mask=~K[b], triage_map=scores[b].float(), threshold=tau[b],
+                                grid=(span.rows, span.cols), query_rows=(span.end, T), positions=span.positions,
+                                config=cfg) for b, span in enumerate(main)]
         timings["triage_s"] = time.perf_counter() - t0
         result = TriageResult(samples=samples, biases=biases, timings=timings, generic_cache_hits=hits,
-                              prefix=q_maps.prefix if q_maps is not None else None, seq_len=T)
+                              prefix=record, seq_len=T)
         self.last_triage = result
         return result
-
-    def _generic_key(self, inputs, generic_inputs, b: int, layers) -> tuple:
-        """Cache key of sample ``b``'s generic map: image content, query mode, layers and generic prompt."""
-        if generic_inputs is None:   # the rendered generic text after the image (template included)
-            prompt = hashlib.sha1(self._generic_tail().numpy().tobytes()).hexdigest()
-        else:
-            row = generic_inputs["input_ids"][b]
-            if "attention_mask" in generic_inputs:
-                row = row[generic_inputs["attention_mask"][b].bool()]
-            prompt = hashlib.sha1(row.cpu().numpy().tobytes()).hexdigest()
-        return (_image_key(self.adapter, inputs, b), self.config.query, tuple(layers), prompt)
-
-    def _generic_maps(self, inputs, spans, layers, generic_inputs, shared=None):
-        """Generic-prompt maps ``[n_layers, H, N]`` per sample (LRU-cached per image and prompt) and the
-        number of cache hits. One pass per distinct (image, prompt) among the misses."""
-        cfg = self.config
-        B = inputs["input_ids"].shape[0]
-        keys = [self._generic_key(inputs, generic_inputs, b, layers) if cfg.cache_generic else ("sample", b)
-                for b in range(B)]
-        maps = [None] * B
-        device = inputs["input_ids"].device
-        found: dict = {}
-        for b, key in enumerate(keys):
-            if key[0] != "sample":
-                if key not in found:
-                    found[key] = self._cache.get(key)
-                maps[b] = None if found[key] is None else found[key].to(device)
-        hits = sum(m is not None for m in maps)
-        uniq: dict = {}
-        for b in range(B):
-            if maps[b] is None:
-                uniq.setdefault(keys[b], []).append(b)
-        if not uniq:
-            return maps, hits
-        reps = [v[0] for v in uniq.values()]
-        if shared is not None:
-            cap = self._generic_tail_capture(inputs, spans, layers, reps, *shared)
-        else:
-            if generic_inputs is not None:
-                batch = _take_rows(self.adapter, generic_inputs, reps)
-            else:
-                batch = self._generic_batch(inputs, spans, reps)
-            g_spans = self.adapter.image_spans(batch)
-            for i, r in enumerate(reps):
-                if g_spans[i][0].n_tokens != spans[r][0].n_tokens:
-                    raise ValueError(f"generic prompt of sample {r} has {g_spans[i][0].n_tokens} image tokens, the "
-                                     f"question prompt {spans[r][0].n_tokens}: both must use the same image inputs")
-            cap = capture_image_attention(self.model, batch, layers=layers, query=cfg.query,
-                                          early_exit=cfg.early_exit, spans=g_spans, adapter=self.adapter)
-        self._store_generic(cap, uniq, maps)
-        return maps, hits
-
-    def _store_generic(self, cap, uniq: dict, maps: list):
-        for i, (key, members) in enumerate(uniq.items()):
-            m = cap.sample(i).clone()
-            for b in members:
-                maps[b] = m
-            if key[0] != "sample":
-                self._cache.put(key, m)
-
-    def _generic_tail_capture(self, inputs, spans, layers, reps, prefix, positions, tail):
-        """Generic-prompt maps from the question pass's cached image prefix: only the generic prompt's
-        text after the image is run (``[v_end, T)`` of the question is masked out), with the position ids
-        it has in a standalone generic prompt. Equal to a full generic pass (tested)."""
-        from transformers import DynamicCache
-
-        tail = tail.to(inputs["input_ids"].device)
-        n, t = len(reps), tail.numel()
-        idx = torch.tensor(reps, device=tail.device)
-        cache = DynamicCache()
-        for layer in range(max(layers) + 1):
-            k, v = prefix["kv"][layer]
-            cache.update(k[idx], v[idx], layer)
-        mask = inputs["attention_mask"][idx].clone() if "attention_mask" in inputs else \
-            torch.ones_like(inputs["input_ids"][idx])
-        for i, b in enumerate(reps):
-            mask[i, spans[b][0].end:] = 0
-        mask = torch.cat([mask, mask.new_ones(n, t)], 1)
-        ends = torch.tensor([spans[b][0].end for b in reps], device=tail.device)
-        start = positions[..., idx, :].gather(-1, ends.view(*([1] * (positions.dim() - 2)), n, 1).expand(
-            *positions.shape[:-2], n, 1))
-        pos = start + torch.arange(t, device=tail.device)
-        ids = tail[None].expand(n, t)
-        batch = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-        batch.update(self.adapter.id_derived(ids, inputs))
-        return capture_image_attention(self.model, batch, layers=layers, query="last", early_exit=True,
-                                       spans=[spans[b] for b in reps], adapter=self.adapter, cache=cache)
 
     # ------------------------------------------------------------------ step II
     def logits_processor(self, answer_choices=None, triage: TriageResult | None = None, generic_inputs=None,
@@ -421,7 +329,6 @@ class VGRefineWrapper:
         state = self._probe.state
         state.biases = list(triage.biases)
         state.batch_size = inputs["input_ids"].shape[0]
-        state.bias_enabled = True
         state.replace_mask = not self.config.compose_with_model_mask
         state.calls.clear()
         state.capture = None
@@ -434,27 +341,30 @@ class VGRefineWrapper:
         Extra keywords: ``generic_inputs`` (see :meth:`refine_inputs`), ``answer_choices`` (token ids the
         first answer token is restricted to), ``gt_token_masks`` (oracle knockout).
         """
-        model_inputs = {k: v for k, v in kwargs.items() if k in self._input_keys(kwargs)}
         if kwargs.get("use_cache") is False:
             raise ValueError("VGRefine's knockout is defined on the prefill and its KV cache: generate with "
                              "use_cache=True (the default)")
-        triage = self.refine_inputs(generic_inputs=generic_inputs, gt_token_masks=gt_token_masks, **model_inputs)
+        model_inputs = {k: v for k, v in kwargs.items() if k in self._input_keys(kwargs)}
         user_lp = kwargs.pop("logits_processor", None)
         outer = self._probe is not None
         if not outer:
             self.__enter__()
         try:
+            triage = self.refine_inputs(generic_inputs=generic_inputs, gt_token_masks=gt_token_masks, **model_inputs)
             lp = self.logits_processor(answer_choices=answer_choices, triage=triage, **model_inputs)
             procs = LogitsProcessorList(list(user_lp or []) + [lp])
+            if self.config.knockout_scope == "all_steps":
+                kwargs.setdefault("disable_compile", True)   # compiled decode steps would skip the knockout
             t0 = time.perf_counter()
-            if triage.prefix is not None and triage.prefix.get("hidden") is not None and self._can_replay(kwargs):
-                with PrefixReplay(self.adapter, triage.prefix, triage.seq_len) as replay:
+            with self._eager_if_compiled():
+                if triage.prefix is not None and self._can_replay(kwargs):
+                    with PrefixReplay(self.adapter, triage.prefix) as replay:
+                        out = self.model.generate(**kwargs, logits_processor=procs)
+                    if not replay.all_used():
+                        raise RuntimeError("share_prefix: the answer prefill did not consume the recorded prefix "
+                                           "(inputs changed between triage and generate?)")
+                else:
                     out = self.model.generate(**kwargs, logits_processor=procs)
-                if not replay.all_used():
-                    raise RuntimeError("share_prefix: the answer prefill did not consume the recorded prefix "
-                                       "(inputs changed between triage and generate?)")
-            else:
-                out = self.model.generate(**kwargs, logits_processor=procs)
             triage.timings["generate_s"] = time.perf_counter() - t0
             triage.timings["steps"] = lp.steps
         finally:
@@ -462,16 +372,19 @@ class VGRefineWrapper:
                 self.__exit__(None, None, None)
         return out
 
+    def _eager_if_compiled(self):
+        return eager_if_compiled(self.model)
+
     def __call__(self, generic_inputs: dict | None = None, gt_token_masks=None, **inputs):
         """One refined forward (prefill with the knockout); returns the model's output.
 
         ``gt_token_masks``: per-sample bool ``[N]`` ground-truth token masks (``knockout_set="oracle"``)."""
-        triage = self.refine_inputs(generic_inputs=generic_inputs, gt_token_masks=gt_token_masks,
-                                    **{k: v for k, v in inputs.items() if k in self._input_keys(inputs)})
-        probe = AttentionProbe(self.model, biases=triage.biases, batch_size=inputs["input_ids"].shape[0],
-                               adapter=self.adapter)
+        probe = AttentionProbe(self.model, batch_size=inputs["input_ids"].shape[0], adapter=self.adapter)
         probe.state.replace_mask = not self.config.compose_with_model_mask
-        with torch.no_grad(), probe:
+        with torch.no_grad(), probe, self._eager_if_compiled():
+            triage = self.refine_inputs(generic_inputs=generic_inputs, gt_token_masks=gt_token_masks,
+                                        **{k: v for k, v in inputs.items() if k in self._input_keys(inputs)})
+            probe.state.biases = list(triage.biases)
             return self.model(**inputs)
 
     def plot_triage(self, image, index: int = 0, triage: TriageResult | None = None, path=None, boxes=None,
@@ -511,9 +424,7 @@ class VGRefineWrapper:
 
     @staticmethod
     def _input_keys(kwargs) -> set:
-        known = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "image_sizes", "mm_token_type_ids",
-                 "token_type_ids", "pixel_attention_mask"}
         if "input_ids" not in kwargs:
             raise ValueError("VGRefine needs input_ids with image tokens (the processor's output for an image + "
                              "prompt); inputs_embeds alone are not supported")
-        return known & set(kwargs)
+        return set(_MODEL_INPUT_KEYS) & set(kwargs)
