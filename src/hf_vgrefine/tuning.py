@@ -312,7 +312,7 @@ def _prefix_units(model, adapter, inputs: dict, spans: list) -> list[_Unit]:
             sub["position_ids"] = pos[..., rows, :s]
         with torch.no_grad():
             out = model(**sub, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         tail = {"input_ids": inputs["input_ids"][rows, s:]}
         if mask is not None:
@@ -356,7 +356,14 @@ def _knockout_logits(model, adapter, unit: _Unit, knocked_out, masked_layers, he
         cache = DynamicCache()
         for layer, (k, v) in enumerate(unit.kv):
             cache.update(k, v, layer)
-        return model(**unit.tail, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        kw = {_cache_kwarg(model): cache}
+        return model(**unit.tail, **kw, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+
+
+def _cache_kwarg(model) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _rows_inputs(adapter, inputs: dict, rows: list) -> dict:
@@ -380,10 +387,13 @@ class SearchResult:
     baseline: dict
     info: dict
     files: dict = field(default_factory=dict)
+    per_example: dict = field(default_factory=dict)   # "baseline" / candidate label -> correct per question
+    ids: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"chosen": self.chosen, "baseline": self.baseline, "info": self.info, "table": self.table,
-                "config": self.config.to_dict(), "files": self.files}
+                "config": self.config.to_dict(), "files": self.files, "ids": self.ids,
+                "per_example": {k: [int(x) for x in v] for k, v in self.per_example.items()}}
 
 
 def head_ranking_from_config(config) -> list:
@@ -737,7 +747,9 @@ def search_knockout(model, processor, dataset, base_config, space=None, head_ran
                                            f"{c.label}, calibration gain {chosen['gain']:+.4f}")
     cfg.calibration = dict(base.calibration or {}, search=summary)
     cfg.check_model(L, H)
-    result = SearchResult(config=cfg, chosen=chosen, table=table, baseline=baseline_block, info=info)
+    per_example = {"baseline": baseline.tolist(), **{c_.label: results[c_]["correct"].tolist() for c_ in cands}}
+    result = SearchResult(config=cfg, chosen=chosen, table=table, baseline=baseline_block, info=info,
+                          per_example=per_example, ids=[str(e.get("id", i)) for i, e in enumerate(examples)])
     if output_dir is not None:
         result.files = write_report(result, output_dir)
     return result
