@@ -112,3 +112,23 @@ def test_reference_model_is_grounded_in_the_demo(run):
     assert res["calibration"]["masked_layers"] == [g["best_layer"]] or res["calibration"]["masked_layers"]
     assert res["accuracy"]["baseline"]["accuracy"] >= 0.65
     assert res["timing"]["total_s"] < 120
+
+
+def test_tuned_vgrefine_row_on_the_same_test_questions(run):
+    out, r = run
+    a, t = r["accuracy"], r["tuning"]
+    rows = [json.loads(x) for x in (out / "per_example.jsonl").read_text().splitlines()]
+    assert a["vgrefine_tuned"]["n"] == a["baseline"]["n"] == len(rows)
+    acc_t = sum(x["vgrefine_tuned"] == x["answer"] for x in rows) / len(rows)
+    acc_b = sum(x["baseline"] == x["answer"] for x in rows) / len(rows)
+    assert a["vgrefine_tuned"]["accuracy"] == round(acc_t, 4)
+    assert a["tuned_difference"] == pytest.approx(acc_t - acc_b, abs=1e-4)
+    lo, hi = a["tuned_difference_ci"]
+    assert lo <= a["tuned_difference"] <= hi
+    # the search's questions come from the calibration slices only (never a test image)
+    search = json.loads((out / "search" / "search_results.json").read_text())
+    test_slices = {x["id"].split("/")[1] for x in rows}
+    assert search["ids"] and not {i.split("/")[1] for i in search["ids"]} & test_slices
+    assert t["n_calibration"] == len(search["ids"]) and t["n_candidates"] == len(search["table"])
+    assert (out / "search" / "search_gain_vs_percentile.png").stat().st_size > 1000
+    assert "VGRefine (tuned on the calibration split)" in (out / demo.REPORT_MD).read_text()

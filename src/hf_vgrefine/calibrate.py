@@ -118,7 +118,7 @@ def calibrate(model, processor, dataset, k: int = 20, criterion: str = "attentio
               exclude_layers: Sequence[int] = (), output_dir: str | None = None, batch_size: int = 4,
               split_group: str | None = "calibration", gt: str = "box", eps: float = 1e-10,
               instruction: str | None = INSTRUCTION, percentile: float | None = 80.0,
-              results: GroundingResults | None = None, progress: bool = True, **measure_kwargs):
+              results: GroundingResults | None = None, progress: bool = True, search=None, **measure_kwargs):
     """Choose VGRefine's masked layer and top-``k`` sensitive heads for ``model``.
 
     Ranking rule (method.md §4.4, the package's documented choice — the study released none):
@@ -138,6 +138,11 @@ def calibrate(model, processor, dataset, k: int = 20, criterion: str = "attentio
         gt, eps, instruction, batch_size, measure_kwargs: passed to :func:`measure_grounding`.
         percentile: triage percentile stored in the config (80 = released default).
         results: reuse an existing per-head :class:`GroundingResults` instead of measuring.
+        search: ``True``, a dict of :class:`hf_vgrefine.tuning.SearchSpace` fields or a ``SearchSpace``: then tune
+            the knockout settings on the same calibration rows (closed questions with answers) with accuracy
+            gain as objective (:func:`hf_vgrefine.tuning.search_knockout`), starting from the grounding choice,
+            and return the tuned config (report in ``output_dir/search``; the tuned config is also written to
+            ``output_dir``).
     Returns:
         :class:`~hf_vgrefine.vgrefine.VGRefineConfig` with ``masked_layers``, ``sensitive_heads`` and
         ``calibration`` (scores behind the choice).
@@ -230,6 +235,15 @@ def calibrate(model, processor, dataset, k: int = 20, criterion: str = "attentio
                           title=f"top-{k_eff} heads (white) by {rank_by}; masked layer {best} (red)")
         cfg.calibration["heatmap"] = HEATMAP_PNG
         cfg.save_pretrained(output_dir)
+    if search is not None and search is not False:
+        from .tuning import search_knockout
+
+        res = search_knockout(model, processor, dataset, cfg, space=search, split_group=used_group or split_group,
+                              batch_size=batch_size, progress=progress,
+                              output_dir=None if output_dir is None else os.path.join(output_dir, "search"))
+        cfg = res.config
+        if output_dir is not None:
+            cfg.save_pretrained(output_dir)
     return cfg
 
 
@@ -240,13 +254,18 @@ def _run_calibrate(args) -> int:
                     exclude_layers=args.exclude_layers, output_dir=args.out, batch_size=args.batch_size,
                     split_group=None, gt=args.gt, eps=args.eps, query=args.query,
                     instruction=None if args.no_instruction else args.instruction, percentile=args.percentile,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, search=True if args.search else None)
     if cfg is None:
         return 0
     cal = cfg.calibration
     print(f"masked layer: {cfg.masked_layers}  (criterion {cal['criterion']}, {cal['n_samples']} samples)")
     print(f"sensitive heads (top-{cal['k_effective']} by {cal['rank_by']}): {cfg.sensitive_heads}")
     print(f"wrote {os.path.join(args.out, 'vgrefine_config.json')} and {os.path.join(args.out, HEATMAP_PNG)}")
+    if args.search:
+        s = cal["search"]
+        print(f"knockout search: {s['chosen']} (calibration gain {s['gain']:+.4f}, 95% CI [{s['gain_ci'][0]:+.4f}, "
+              f"{s['gain_ci'][1]:+.4f}]; {s['n_candidates']} candidates on {s['n_calibration']} questions); report "
+              f"{os.path.join(args.out, 'search', s['report'])}")
     return 0
 
 
@@ -283,5 +302,9 @@ def add_cli(subparsers) -> None:
                    help="layers never chosen (neither as masked layer nor for heads), e.g. 0,1")
     p.add_argument("--percentile", type=float, default=80.0,
                    help="triage percentile stored in the config (default 80, the released value)")
+    p.add_argument("--search", action="store_true",
+                   help="then tune the knockout settings (layers, heads, threshold, normalisation, knockout heads) on "
+                        "the same rows (closed questions with answers) by accuracy gain; writes search/ (report, table, "
+                        "figure) and the tuned vgrefine_config.json")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=_run_calibrate)

@@ -221,6 +221,138 @@ def _bootstrap_diff(rows, n_boot: int = 1000, seed: int = 0, key: str = "vgrefin
     return float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
+# ============================================================================================ tuned VGRefine (issue 15)
+TUNE_SEEDS = (1001, 1002, 1003)
+TUNE_SPACE = dict(percentiles=(70.0, 80.0, 85.0, 90.0, 95.0), magnitude_thresholds=(0.1, 0.2), ks=(1, 2, 4, 8),
+                  stage2_top=2)
+
+
+def tuning_examples(images, test, limit: int | None = None, seeds: Sequence[int] = TUNE_SEEDS) -> list[dict]:
+    """The calibration split of the knockout search: the VGMED ``calibration`` slices (never the test slices;
+    the reference VLM's training slices are >= 3 mm from every VGMED slice) with fresh lesion placements
+    (one ``yes`` and one ``no`` question per target and seed). Raises if an image is shared with ``test``."""
+    from . import reference_task as rt
+
+    out = []
+    for s in seeds:
+        for e in rt.heldout_examples(images=images, split_group="calibration", limit=limit, seed=int(s)):
+            e = dict(e, id=f"{e['id']}/seed{s}")
+            out.append(e)
+    from .data.atlas import ATLAS_SLICES
+
+    overlap = {e["image_key"] for e in out} & {e["image_key"] for e in test}
+    if overlap or any(e["split_group"] != "calibration" for e in out):
+        raise RuntimeError(f"tuning split shares images with the test split: {sorted(overlap)}")
+    if set(ATLAS_SLICES) & set(rt.training_slice_indices()):
+        raise RuntimeError("a VGMED slice is among the reference VLM's training slices")
+    return out
+
+
+def evaluate_tuned(model, processor, examples, config, batch_size: int = 16, progress: bool = True) -> list[str]:
+    """Yes/no answers of :class:`~hf_vgrefine.vgrefine.VGRefineWrapper` with ``config`` (larger logit)."""
+    import torch
+
+    from .prompts import build_inputs, to_model_inputs
+    from .vgrefine import VGRefineWrapper
+
+    yes, no = _answer_token_ids(processor)
+    wrapper = VGRefineWrapper(model, config, processor=processor)
+    out = []
+    bar = _bar(len(examples), "tuned VGRefine", progress)
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start:start + batch_size]
+            inputs = to_model_inputs(build_inputs(processor, [e["image"] for e in batch], [e["question"] for e in batch],
+                                                  instruction=config.instruction), model)
+            with torch.no_grad():
+                logits = wrapper(**inputs).logits[:, -1].float()
+            out += ["yes" if float(logits[i, yes]) > float(logits[i, no]) else "no" for i in range(len(batch))]
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    return out
+
+
+def _run_tuning(model, processor, images, test, cfg, out, calibration_limit, batch_size, progress, timing):
+    """Knockout search on the tuning split (written to ``out/search``) and the tuned config's test answers."""
+    from .tuning import search_knockout
+
+    t = time.perf_counter()
+    calib = tuning_examples(images, test, limit=calibration_limit)
+    _say(f"[demo] tuning VGRefine's knockout on {len(calib)} calibration questions (accuracy gain)", progress)
+    res = search_knockout(model, processor, calib, cfg, space=TUNE_SPACE, batch_size=max(batch_size, 48),
+                          output_dir=str(Path(out) / "search"), progress=progress)
+    timing["tune_search_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    answers = evaluate_tuned(model, processor, test, res.config, batch_size=batch_size, progress=progress)
+    timing["tune_test_s"] = time.perf_counter() - t
+    res.info["n_slices"] = len({e["image_key"] for e in calib})
+    return res, answers
+
+
+def _tuned_accuracy(rows) -> dict:
+    a = _accuracy_block(rows, "vgrefine_tuned")
+    b = _accuracy_block(rows, "baseline")
+    lo, hi = _bootstrap_diff(rows, key="vgrefine_tuned")
+    return {"vgrefine_tuned": {"accuracy": _r(a["accuracy"]), "n": a["n"]},
+            "tuned_difference": _r(a["accuracy"] - b["accuracy"]), "tuned_difference_ci": [_r(lo), _r(hi)]}
+
+
+def _tuning_block(res, accuracy) -> dict:
+    ch = res.chosen
+    target = _r(accuracy["oracle_difference"] / 2.0)
+    lo = accuracy["tuned_difference_ci"][0]
+    return {"chosen": ch["label"], "config": res.config.to_dict(), "calibration_gain": _r(ch["gain"]),
+            "calibration_gain_ci": [_r(v) for v in ch["gain_ci"]], "best": res.info["best"]["label"],
+            "best_gain": _r(res.info["best"]["gain"]), "n_calibration": res.info["n_calibration"],
+            "n_candidates": res.info["n_candidates"], "n_slices": res.info.get("n_slices"), "seeds": list(TUNE_SEEDS),
+            "rule": res.info["rule"], "kept_fraction": _r(ch["kept_fraction"]), "kept_in_region": _r(ch["kept_in_region"]),
+            "kept_distractor": _r(ch["kept_distractor"]), "target_gain": target,
+            "target_reached": bool(lo is not None and lo > 0 and accuracy["tuned_difference"] >= target),
+            "search_s": res.info["total_s"], "figure": res.files.get("figure"), "report": "search/" + res.files["report"]}
+
+
+def _tuned_lines(r: dict) -> list[str]:
+    t, acc = r.get("tuning"), r["accuracy"]
+    if not t:
+        return []
+    a = acc["vgrefine_tuned"]
+    reached = t["target_reached"]
+    return [
+        "## 3b. VGRefine tuned on the calibration split (knockout search)",
+        "",
+        f"`hf_vgrefine.tuning.search_knockout` searched {t['n_candidates']} knockout settings (masked layer(s), "
+        f"number of sensitive heads, percentile / magnitude threshold, generic normalisation, knockout heads) on "
+        f"{t['n_calibration']} calibration questions from the {t['n_slices']} calibration slices (fresh lesions, "
+        f"seeds {t['seeds']}; disjoint from the test slices and from the model's training slices), objective: "
+        f"accuracy gain over the baseline. Chosen (rule: {t['rule']}): **{t['chosen']}**, calibration gain "
+        f"{_fmt(t['calibration_gain'])} (95% CI [{_fmt(t['calibration_gain_ci'][0])}, "
+        f"{_fmt(t['calibration_gain_ci'][1])}]); the best calibration candidate was {t['best']} "
+        f"({_fmt(t['best_gain'])}). Report: `search/search_report.md`; config: `search/vgrefine_config.json`.",
+        "",
+        "| method | accuracy | n | difference vs baseline | 95% paired CI |",
+        "|---|---|---|---|---|",
+        f"| baseline | {_fmt(acc['baseline']['accuracy'])} | {acc['baseline']['n']} | | |",
+        f"| VGRefine (grounding calibration) | {_fmt(acc['vgrefine']['accuracy'])} | {acc['vgrefine']['n']} | "
+        f"{_fmt(acc['difference'])} | [{_fmt(acc['difference_ci'][0])}, {_fmt(acc['difference_ci'][1])}] |",
+        f"| VGRefine (tuned on the calibration split) | {_fmt(a['accuracy'])} | {a['n']} | "
+        f"{_fmt(acc['tuned_difference'])} | [{_fmt(acc['tuned_difference_ci'][0])}, "
+        f"{_fmt(acc['tuned_difference_ci'][1])}] |",
+        f"| oracle knockout (upper bound) | {_fmt(acc['oracle']['accuracy'])} | {acc['oracle']['n']} | "
+        f"{_fmt(acc['oracle_difference'])} | [{_fmt(acc['oracle_difference_ci'][0])}, "
+        f"{_fmt(acc['oracle_difference_ci'][1])}] |",
+        "",
+        f"Target (CI excludes 0 and gain >= half the oracle's, {_fmt(t['target_gain'])}): "
+        + ("**reached**." if reached else "**not reached** on this model: see the search report for what was tried and "
+           f"the diagnostics (the chosen setting keeps {_fmt(t['kept_fraction'])} of the image tokens, "
+           f"{_fmt(t['kept_in_region'])} of the region's and {_fmt(t['kept_distractor'])} of the distractor "
+           "lesions' tokens on the calibration split; the oracle keeps the region only)."),
+        "",
+        f"![gain vs percentile](search/{t['figure']})",
+        "",
+    ]
+
+
 # ============================================================================================ figures
 def _overlay_figure(examples, maps, adapter, processor, layer: int, path: str) -> str:
     from .viz import _new_figure, plot_attention_overlay, plot_triage_overlay, save_figure
@@ -365,6 +497,7 @@ def _render_markdown(results: dict) -> str:
         f"{_fmt(acc['oracle_difference'])} (95% CI [{_fmt(acc['oracle_difference_ci'][0])}, "
         f"{_fmt(acc['oracle_difference_ci'][1])}]).",
         "",
+        *_tuned_lines(r),
         "## 4. Heat-maps before / after VGRefine",
         "",
         f"Left: the image with the named structure (green contour) and the lesions (red circles). Then the relative "
@@ -428,7 +561,7 @@ def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine
              calibration_limit: int | None = None, k: int | None = None, percentile: float = 80.0,
              batch_size: int = 16, seed: int = 0, html_report: bool = True, n_overlays: int = 3,
              progress: bool = True, dtype: str = "float32", device: str | None = None, threads: int | None = None,
-             command: str | None = None) -> dict:
+             command: str | None = None, tune: bool = True) -> dict:
     """Run the demo and write the report; returns the results dict (also saved as ``results.json``).
 
     Args:
@@ -442,6 +575,8 @@ def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine
         html_report: also write ``report.html``. ``n_overlays``: examples in the before/after figure.
         threads: torch CPU threads (default: 1 for the reference model — as fast as 2 for a model this small
             and not slowed down by other processes — else torch's default).
+        tune: also search the knockout settings on a calibration split (:mod:`hf_vgrefine.tuning`) and report
+            the tuned VGRefine on the same test questions.
     """
     import torch
     import transformers
@@ -464,6 +599,7 @@ def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine
     import shutil
 
     shutil.rmtree(out / "calibration", ignore_errors=True)   # a previous demo's calibration (resumable run folder)
+    shutil.rmtree(out / "search", ignore_errors=True)        # a previous demo's knockout search
     model_id = str(model) if model else str(reference_model_dir())
     _say(f"[demo] loading model {model_id}", progress)
     t = time.perf_counter()
@@ -504,6 +640,13 @@ def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine
     rows = ev["per_example"]
     timing["refine_s"] = time.perf_counter() - t
 
+    tuning = None
+    if tune:
+        tuning, tuned_answers = _run_tuning(mdl, processor, images, test, cfg, out, calibration_limit, batch_size,
+                                            progress, timing)
+        for r_, a_ in zip(rows, tuned_answers):
+            r_["vgrefine_tuned"] = a_
+
     # ---------------------------------------------------------------- numbers (rounded once, used everywhere)
     def curve(kind, score):
         d = summ[(summ["kind"] == kind) & (summ["score"] == score)].sort_values("layer")
@@ -529,6 +672,7 @@ def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine
                 "oracle_difference": _r(acc_o["accuracy"] - acc_b["accuracy"]),
                 "oracle_difference_ci": [_r(o_lo), _r(o_hi)],
                 "n_flipped": int(sum(r["baseline"] != r["vgrefine"] for r in rows)),
+                **(_tuned_accuracy(rows) if tuning else {}),
                 "top1_is_yes_no": {"baseline": _r(_mean(rows, "baseline_top1_is_yes_no")),
                                    "vgrefine": _r(_mean(rows, "vgrefine_top1_is_yes_no"))}}
     masked = {"layer": ev["layer"],
@@ -573,6 +717,7 @@ def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine
         "calibration": calib_info,
         "accuracy": accuracy,
         "masked_layer_grounding": masked,
+        **({"tuning": _tuning_block(tuning, accuracy)} if tuning else {}),
         "figures": {k_: v for k_, v in FIGURES.items()},
         "overlay_examples": [test[i]["id"] for i in sorted(ev["maps"])],
         "environment": {"threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -604,6 +749,9 @@ def _summary_lines(r: dict, out: Path) -> str:
         f"(n={a['baseline']['n']}, difference {_fmt(a['difference'])}, 95% CI [{_fmt(a['difference_ci'][0])}, "
         f"{_fmt(a['difference_ci'][1])}])",
         f"[demo] oracle knockout (upper bound, keeps only the named region): {_fmt(a['oracle']['accuracy'])}",
+        *([f"[demo] VGRefine tuned on the calibration split ({r['tuning']['chosen']}): "
+           f"{_fmt(a['vgrefine_tuned']['accuracy'])} (difference {_fmt(a['tuned_difference'])}, 95% CI "
+           f"[{_fmt(a['tuned_difference_ci'][0])}, {_fmt(a['tuned_difference_ci'][1])}])"] if "tuning" in r else []),
         f"[demo] total {r['timing']['total_s']:.1f} s; report: {out / REPORT_MD}",
     ])
 
@@ -615,7 +763,7 @@ def _run(args) -> int:
     run_demo(model=args.model, out_dir=args.out, limit=args.limit, calibration_limit=args.calibration_limit,
              k=args.k, percentile=args.percentile, batch_size=args.batch_size, seed=args.seed,
              html_report=not args.no_html, progress=not args.no_progress, dtype=args.dtype, device=args.device,
-             threads=args.threads, command=" ".join(argv))
+             threads=args.threads, command=" ".join(argv), tune=not args.no_tune)
     return 0
 
 
@@ -649,5 +797,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for the reference model, else torch's choice)")
     p.add_argument("--no-html", action="store_true", help="write report.md only")
+    p.add_argument("--no-tune", action="store_true",
+                   help="skip the knockout search (VGRefine tuned on a calibration split, hf_vgrefine.tuning)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
     p.set_defaults(func=_run)

@@ -1,0 +1,861 @@
+"""Tune VGRefine's knockout settings to a model on a labelled calibration split (accuracy gain as objective).
+
+:func:`hf_vgrefine.calibrate.calibrate` chooses the masked layer and sensitive heads from grounding scores
+only. :func:`search_knockout` (``calibrate(..., search=...)``, ``hf-vgrefine calibrate --search``) asks the
+question that matters for answers: which knockout setting improves accuracy over the plain model on held-out,
+labelled closed questions? It searches
+
+* the masked layer(s): every single layer and every run of up to ``max_run`` consecutive layers;
+* the number ``k`` of sensitive heads (the top-``k`` of the grounding ranking of :func:`calibrate`);
+* the threshold: triage percentile, or magnitude threshold on the min-max-normalised triage map;
+* the generic normalisation (``layer_mean`` as released, ``per_head``, ``none``);
+* the knockout heads (``all`` heads of the masked layers as released, or only the ``sensitive`` ones).
+
+Cost. Per calibration batch the question- and generic-prompt attention maps of **all** layers and heads are
+captured once; every candidate's knockout set is derived from them with vectorised equivalents of
+:func:`hf_vgrefine.vgrefine.triage.triage_scores` / :func:`~hf_vgrefine.vgrefine.triage.knockout_set` (tested
+equal). The knockout only changes the rows after the image, so the keys/values of every position before the
+image end are the same for all candidates: they are computed once per batch (one prefix pass, vision tower
+included) and each candidate runs only the text after the image on that cache — one short forward per
+(candidate, unit), a unit being the samples of a batch whose image ends at the same position. A self-check
+compares the first unit's cached-prefix logits with a full forward and falls back to full forwards if they
+differ. Candidates with the same knockout (same layers, heads and knocked-out tokens) share one forward.
+
+Noise. The report states the calibration split size next to the number of candidates, gives every
+candidate's paired bootstrap 95 % CI of the accuracy gain over the baseline, and chooses by a rule that
+prefers the simpler setting within noise: among the candidates whose paired CI of the accuracy difference to
+the best candidate contains 0, the one that changes the fewest knobs of the starting config (the grounding
+calibration with the released percentile 80, layer-mean normalisation, all-heads knockout), then with fewer
+masked layers, fewer heads, and the higher gain.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["SearchSpace", "Candidate", "SearchResult", "search_knockout", "triage_scores_batch", "knockout_masks_batch",
+           "distractor_mask", "paired_bootstrap", "head_ranking_from_config"]
+
+REPORT_MD = "search_report.md"
+RESULTS_JSON = "search_results.json"
+FIGURE_PNG = "search_gain_vs_percentile.png"
+
+
+# ============================================================================================ search space
+@dataclass(frozen=True)
+class Candidate:
+    """One knockout setting; ``k`` = number of top-ranked sensitive heads."""
+
+    masked_layers: tuple
+    k: int
+    percentile: float | None = 80.0
+    magnitude_threshold: float | None = None
+    generic_norm: str = "layer_mean"
+    knockout_heads: str = "all"
+
+    @property
+    def label(self) -> str:
+        lay = "+".join(str(x) for x in self.masked_layers)
+        thr = f"P{self.percentile:g}" if self.percentile is not None else f"mag{self.magnitude_threshold:g}"
+        return f"L{lay} k{self.k} {thr} {self.generic_norm} ko:{self.knockout_heads}"
+
+    def to_config(self, base, ranking: Sequence, notes: str = ""):
+        """``VGRefineConfig``: ``base`` with this candidate's knobs and the top-``k`` heads of ``ranking``."""
+        from .vgrefine.config import VGRefineConfig
+
+        d = base.to_dict()
+        d.update(masked_layers=list(self.masked_layers), sensitive_heads=[list(x) for x in ranking[:self.k]],
+                 percentile=self.percentile, magnitude_threshold=self.magnitude_threshold,
+                 generic_norm=self.generic_norm, knockout_heads=self.knockout_heads, triage_source="heads",
+                 knockout_set="triage")
+        if notes:
+            d["notes"] = notes
+        d.pop("faithful", None)
+        cfg = VGRefineConfig.from_dict(d)
+        cfg.faithful = base.faithful
+        return cfg
+
+
+@dataclass
+class SearchSpace:
+    """What :func:`search_knockout` tries.
+
+    ``strategy="staged"`` (default, coordinate search): stage 1 scans masked layer(s) x thresholds at the
+    base config's ``k``, normalisation and knockout heads; stage 2 scans ``ks`` x ``generic_norms`` x
+    ``knockout_heads`` at the ``stage2_top`` best (layers, threshold) pairs of stage 1. ``"grid"``: the full
+    product (can be large: the report states the count).
+    """
+
+    layer_runs: Sequence | None = None          # explicit tuples of layers; None: singles + runs <= max_run
+    max_run: int = 2
+    ks: Sequence[int] = (1, 2, 4, 8, 16)
+    percentiles: Sequence[float] = (50.0, 60.0, 70.0, 80.0, 85.0, 90.0, 95.0)
+    magnitude_thresholds: Sequence[float] = (0.1, 0.2, 0.3, 0.5)
+    generic_norms: Sequence[str] = ("layer_mean", "per_head", "none")
+    knockout_heads: Sequence[str] = ("all", "sensitive")
+    strategy: str = "staged"
+    stage2_top: int = 3
+
+    def __post_init__(self):
+        if self.strategy not in ("staged", "grid"):
+            raise ValueError(f"SearchSpace.strategy must be 'staged' or 'grid', got {self.strategy!r}")
+        bad = [p for p in self.percentiles if not 0.0 <= float(p) <= 100.0]
+        if bad:
+            raise ValueError(f"percentiles must lie in [0, 100], got {bad}")
+        bad = [t for t in self.magnitude_thresholds if not 0.0 <= float(t) <= 1.0]
+        if bad:
+            raise ValueError(f"magnitude_thresholds must lie in [0, 1], got {bad}")
+        for name, allowed in (("generic_norms", ("layer_mean", "per_head", "none")),
+                              ("knockout_heads", ("all", "sensitive"))):
+            wrong = [v for v in getattr(self, name) if v not in allowed]
+            if wrong:
+                raise ValueError(f"SearchSpace.{name} has {wrong}; allowed {allowed}")
+        if not self.percentiles and not self.magnitude_thresholds:
+            raise ValueError("give at least one percentile or magnitude threshold")
+        if int(self.max_run) < 1 or any(int(k) < 1 for k in self.ks):
+            raise ValueError("max_run and every k must be >= 1")
+
+    @classmethod
+    def coerce(cls, search) -> "SearchSpace":
+        if search is True or search is None:
+            return cls()
+        if isinstance(search, cls):
+            return search
+        if isinstance(search, dict):
+            return cls(**search)
+        raise TypeError(f"search must be True, a dict of SearchSpace fields or a SearchSpace, got {type(search).__name__}")
+
+    def layer_sets(self, num_layers: int) -> list[tuple]:
+        if self.layer_runs is not None:
+            out = [tuple(sorted(int(x) for x in run)) for run in self.layer_runs]
+            bad = [r for r in out if not r or any(not 0 <= x < num_layers for x in r)]
+            if bad:
+                raise ValueError(f"layer_runs {bad} do not fit a model with {num_layers} layers")
+            return list(dict.fromkeys(out))
+        return [tuple(range(a, a + n)) for n in range(1, int(self.max_run) + 1) for a in range(num_layers - n + 1)]
+
+    def thresholds(self) -> list[tuple]:
+        return [(float(p), None) for p in self.percentiles] + [(None, float(t)) for t in self.magnitude_thresholds]
+
+
+# ============================================================================================ triage (vectorised)
+def triage_scores_batch(question, generic, heads: Sequence, generic_norm: str, eps: float):
+    """Triage scores ``[B, N]`` (fp32) of a batch: vectorised :func:`~hf_vgrefine.vgrefine.triage.triage_scores`
+    (``triage_source="heads"``). ``question``/``generic``: ``[B, L, H, N]`` maps of all layers and heads
+    (``generic`` may be None for ``generic_norm="none"``); ``heads``: ``(layer, head)`` pairs."""
+    import torch
+
+    if not heads:
+        raise ValueError("no sensitive heads")
+    q = question.float()
+    ls = torch.tensor([int(l) for l, _ in heads])
+    hs = torch.tensor([int(h) for _, h in heads])
+    a = q[:, ls, hs]                                    # [B, k, N]
+    if generic_norm != "none":
+        if generic is None:
+            raise ValueError("generic-prompt maps are required unless generic_norm='none'")
+        g = generic.float()
+        if generic_norm == "layer_mean":
+            a = a / (g.mean(2)[:, ls] + eps)
+        elif generic_norm == "per_head":
+            a = a / (g[:, ls, hs] + eps)
+        else:
+            raise ValueError(f"unknown generic_norm {generic_norm!r}")
+    return a.mean(1)
+
+
+def knockout_masks_batch(scores, percentile: float | None, magnitude_threshold: float | None):
+    """Bool ``[B, N]`` knock-out masks (True = blocked): vectorised
+    :func:`~hf_vgrefine.vgrefine.triage.knockout_set` (same arithmetic in float64; non-finite scores count as
+    ``+inf``; a constant map knocks out nothing in magnitude mode)."""
+    import torch
+
+    s = scores.double()
+    finite = torch.isfinite(s)
+    s = torch.where(finite, s, torch.full_like(s, float("inf")))
+    N = s.shape[-1]
+    if percentile is not None:
+        v, _ = torch.sort(s, dim=-1)
+        pos = float(percentile) / 100.0 * (N - 1)
+        lo = int(pos // 1)
+        hi = min(lo + 1, N - 1)
+        frac = pos - lo
+        vlo, vhi = v[:, lo], v[:, hi]
+        if frac == 0:
+            tau = vlo
+        else:
+            tau = torch.where(vhi == vlo, vlo, vlo + (vhi - vlo) * frac)
+        return s < tau[:, None]
+    fmin = torch.where(finite, s, torch.full_like(s, float("inf"))).min(-1).values
+    fmax = torch.where(finite, s, torch.full_like(s, float("-inf"))).max(-1).values
+    none_finite = ~finite.any(-1)
+    fmin = torch.where(none_finite, torch.zeros_like(fmin), fmin)
+    fmax = torch.where(none_finite, torch.zeros_like(fmax), fmax)
+    const = fmax == fmin
+    norm = (s - fmin[:, None]) / torch.where(const, torch.ones_like(fmax), fmax - fmin)[:, None]
+    return (norm < float(magnitude_threshold)) & ~const[:, None]
+
+
+# ============================================================================================ diagnostics
+def distractor_mask(example) -> np.ndarray | None:
+    """Pixel mask of the lesions *outside* the named structure of a reference-task example
+    (:mod:`hf_vgrefine.reference_task`: ``lesions`` = ``(x, y, r, depth)``, ``lesion_labels`` = host
+    structure, ``label`` = named structure, ``lesion_mask``); ``None`` when the example has no such fields.
+    An explicit ``example["distractor_mask"]`` wins."""
+    if example.get("distractor_mask") is not None:
+        return np.asarray(example["distractor_mask"]) > 0
+    if "lesions" not in example or "lesion_labels" not in example or example.get("lesion_mask") is None:
+        return None
+    lm = np.asarray(example["lesion_mask"]) > 0
+    H, W = lm.shape[:2]
+    yy, xx = np.mgrid[0:H, 0:W]
+    out = np.zeros((H, W), dtype=bool)
+    for (x, y, r, _), host in zip(example["lesions"], example["lesion_labels"]):
+        if host != example.get("label"):
+            out |= np.hypot(xx - x, yy - y) <= r + 2.0
+    return out & lm
+
+
+def _token_masks(adapter, processor, example):
+    """(region token mask or None, distractor-only token mask or None) of one example, bool ``[N]``."""
+    from .geometry import boxes_to_token_mask, mask_to_token_mask
+
+    grid = adapter.token_grid(processor, example["image"].size)
+    region = None
+    if example.get("boxes"):
+        region = boxes_to_token_mask(example["boxes"], grid, box_format="xywh", mode="any", on_empty="empty")
+    dm = distractor_mask(example)
+    distr = None
+    if dm is not None:
+        distr = mask_to_token_mask(dm, grid, mode="any", on_empty="empty")
+        if region is not None:
+            distr = distr & ~region
+    return region, distr
+
+
+# ============================================================================================ statistics
+def paired_bootstrap(diffs: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """95 % paired bootstrap CIs of the mean of each row of ``diffs`` ``[C, n]`` (per-example differences,
+    e.g. correct(candidate) − correct(baseline)); the same resamples for every row. Returns (low, high, se)
+    with ``se`` the bootstrap standard error."""
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.ndim == 1:
+        d = d[None]
+    n = d.shape[1]
+    if n == 0:
+        nan = np.full(d.shape[0], np.nan)
+        return nan, nan, nan
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    w = np.zeros((n_boot, n))
+    np.add.at(w, (np.repeat(np.arange(n_boot), n), idx.ravel()), 1.0)
+    boots = d @ w.T / n                                   # [C, n_boot]
+    return np.percentile(boots, 2.5, axis=1), np.percentile(boots, 97.5, axis=1), boots.std(1, ddof=1)
+
+
+# ============================================================================================ model passes
+def _answer_ids(processor, choices: Sequence[str]) -> list[int]:
+    tok = getattr(processor, "tokenizer", processor)
+    ids = []
+    for c in choices:
+        enc = tok(str(c), add_special_tokens=False)["input_ids"]
+        if not enc:
+            raise ValueError(f"the tokenizer cannot encode the answer choice {c!r}")
+        ids.append(int(enc[0]))
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"answer choices {list(choices)} do not start with distinct tokens; the search scores a closed "
+                         "question by the first-token logits of its choices")
+    return ids
+
+
+def _norm(s) -> str:
+    return str(s).strip().lower()
+
+
+@dataclass
+class _Unit:
+    rows: list              # indices into the batch
+    start: int              # first position run per candidate (= image end of every row)
+    kv: list                # [(k, v)] per layer, positions < start
+    tail: dict              # model inputs of the tail
+    spans: list             # per row: the image span (absolute positions)
+    T: int
+
+
+def _prefix_units(model, adapter, inputs: dict, spans: list) -> list[_Unit]:
+    """Split a batch into units of rows with the same image end and compute each unit's prefix cache."""
+    import torch
+
+    ends = [int(sp[0].end) for sp in spans]
+    T = inputs["input_ids"].shape[1]
+    explicit = adapter.explicit_position_ids
+    pos = adapter.position_ids(inputs) if not explicit else None
+    units = []
+    for s in sorted(set(ends)):
+        rows = [b for b, e in enumerate(ends) if e == s]
+        sub = {"input_ids": inputs["input_ids"][rows, :s]}
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            sub["attention_mask"] = mask[rows, :s]
+        sub.update(adapter.select_images(inputs, rows))
+        sub.update(adapter.id_derived(sub["input_ids"], inputs))
+        if pos is not None:
+            sub["position_ids"] = pos[..., rows, :s]
+        with torch.no_grad():
+            out = model(**sub, use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        tail = {"input_ids": inputs["input_ids"][rows, s:]}
+        if mask is not None:
+            tail["attention_mask"] = mask[rows]
+        tail.update(adapter.id_derived(tail["input_ids"], inputs))
+        if pos is not None:
+            tail["position_ids"] = pos[..., rows, s:]
+        units.append(_Unit(rows=rows, start=s, kv=kv, tail=tail, spans=[spans[b][0] for b in rows], T=T))
+    return units
+
+
+def _knockout_logits(model, adapter, unit: _Unit, knocked_out, masked_layers, heads=None, full_inputs=None):
+    """Last-position logits ``[B_unit, V]`` with a knockout: for each row ``b`` of the unit, the rows after its
+    image do not attend to the image tokens ``knocked_out[b]`` (bool ``[N]``) in ``masked_layers`` (all heads,
+    or ``heads[layer]`` = tuple of query heads). This is the only place the package's attention machinery
+    applies a candidate (as :meth:`VGRefineWrapper.__call__` does). ``full_inputs``: run the whole prompt
+    instead of the unit's tail on its cached prefix (self-check and fallback)."""
+    import torch
+    from transformers import DynamicCache
+
+    from .attention import AttentionProbe, KeyBias
+
+    biases = []
+    for i, span in enumerate(unit.spans):
+        if knocked_out is None:
+            break
+        cols = span.positions[torch.as_tensor(knocked_out[i]).nonzero().flatten().to(span.positions.device)]
+        if heads is None:
+            biases.append(KeyBias(layers=tuple(masked_layers), batch_index=i, row_start=span.end, row_stop=unit.T,
+                                  cols=cols))
+        else:
+            for l in masked_layers:
+                hs = tuple(heads.get(l, ()))
+                if hs:
+                    biases.append(KeyBias(layers=(l,), batch_index=i, row_start=span.end, row_stop=unit.T, cols=cols,
+                                          heads=hs))
+    probe = AttentionProbe(model, biases=biases, batch_size=len(unit.rows), adapter=adapter)
+    with torch.no_grad(), probe:
+        if full_inputs is not None:
+            return model(**full_inputs, logits_to_keep=1).logits[:, -1].float()
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(unit.kv):
+            cache.update(k, v, layer)
+        kw = {_cache_kwarg(model): cache}
+        return model(**unit.tail, **kw, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+
+
+def _cache_kwarg(model) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _rows_inputs(adapter, inputs: dict, rows: list) -> dict:
+    out = {"input_ids": inputs["input_ids"][rows]}
+    if "attention_mask" in inputs:
+        out["attention_mask"] = inputs["attention_mask"][rows]
+    out.update(adapter.select_images(inputs, rows))
+    out.update(adapter.id_derived(out["input_ids"], inputs))
+    return out
+
+
+# ============================================================================================ the search
+@dataclass
+class SearchResult:
+    """Outcome of :func:`search_knockout`: the chosen ``config``, every candidate's row (``table``), the
+    baseline accuracy on the calibration split and the settings of the search."""
+
+    config: object
+    chosen: dict
+    table: list
+    baseline: dict
+    info: dict
+    files: dict = field(default_factory=dict)
+    per_example: dict = field(default_factory=dict)   # "baseline" / candidate label -> correct per question
+    ids: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"chosen": self.chosen, "baseline": self.baseline, "info": self.info, "table": self.table,
+                "config": self.config.to_dict(), "files": self.files, "ids": self.ids,
+                "per_example": {k: [int(x) for x in v] for k, v in self.per_example.items()}}
+
+
+def head_ranking_from_config(config) -> list:
+    """Every ``(layer, head)`` best first, from a :func:`calibrate` config (its stored head statistic matrix);
+    falls back to ``config.sensitive_heads`` when the matrix is absent."""
+    from .calibrate import RANK_RULES, rank_heads
+
+    cal = config.calibration or {}
+    hs = cal.get("head_statistic") or {}
+    if hs.get("matrix") is not None and cal.get("layers") is not None:
+        desc = RANK_RULES.get(cal.get("rank_by", "ar_mean"), (None, None, True))[2]
+        ranked = rank_heads(np.asarray(hs["matrix"], dtype=np.float64), cal["layers"], cal["heads"], desc,
+                            cal.get("exclude_layers", ()))
+        return [[l, h] for l, h, _ in ranked]
+    return [list(x) for x in config.sensitive_heads]
+
+
+def _select_rows(dataset, split_group):
+    """Rows of ``dataset`` (list of dicts or a ``datasets.Dataset``) with ``split_group`` (only the
+    ``split_group`` column is read to decide); every row when ``split_group`` is None or absent."""
+    cols = getattr(dataset, "column_names", None)
+    if split_group is None:
+        return [dataset[i] for i in range(len(dataset))]
+    if cols is not None:
+        if "split_group" not in cols:
+            return [dataset[i] for i in range(len(dataset))]
+        groups = dataset["split_group"]
+        return [dataset[i] for i, g in enumerate(groups) if g == split_group]
+    return [row for row in dataset if row.get("split_group", split_group) == split_group]
+
+
+def search_knockout(model, processor, dataset, base_config, space=None, head_ranking=None, split_group="calibration",
+                    choices: Sequence[str] | None = None, batch_size: int = 16, n_boot: int = 1000, seed: int = 0,
+                    output_dir: str | None = None, progress: bool = True, self_check: bool = True) -> SearchResult:
+    """Search VGRefine's knockout settings for ``model`` on a labelled calibration split (accuracy gain).
+
+    Args:
+        dataset: closed questions with answers: rows with ``image`` (PIL), ``question``, ``answer``; optional
+            ``choices`` (per row), ``boxes`` (xywh, the question's region: kept-region diagnostic) and
+            distractor fields (:func:`distractor_mask`). A ``datasets.Dataset`` or a list of dicts.
+        base_config: the starting :class:`~hf_vgrefine.vgrefine.VGRefineConfig` (e.g. :func:`calibrate`'s):
+            instruction, query, eps, generic prompt and the ``k``/normalisation/heads of stage 1 come from it.
+        space: :class:`SearchSpace` (or a dict of its fields; default ``SearchSpace()``).
+        head_ranking: ``(layer, head)`` pairs best first (default :func:`head_ranking_from_config`).
+        split_group: only rows whose ``split_group`` equals it are used when rows have that field (other rows'
+            content is never read); None uses every row.
+        choices: answer choices of every question (default: per-row ``choices``, else the distinct answers).
+        output_dir: writes ``vgrefine_config.json`` (the chosen config), ``search_report.md``,
+            ``search_results.json`` and ``search_gain_vs_percentile.png``.
+    Returns:
+        :class:`SearchResult` (``.config`` is the chosen config; its ``calibration["search"]`` holds the summary).
+    """
+    import torch
+
+    from .adapters import get_adapter
+    from .attention import AttentionProbe, capture_image_attention
+    from .prompts import build_inputs, generic_inputs, to_model_inputs
+
+    t_all = time.perf_counter()
+    space = SearchSpace.coerce(space)
+    adapter = get_adapter(model)
+    L, H = adapter.num_layers, adapter.num_heads
+    base = base_config
+    base.check_model(L, H)
+    if base.query != "last":
+        raise ValueError("the search supports query='last' (the released triage row) only")
+    ranking = [list(map(int, x)) for x in (head_ranking if head_ranking is not None else head_ranking_from_config(base))]
+    if not ranking:
+        raise ValueError("no head ranking: pass head_ranking= or a base config from hf_vgrefine.calibrate")
+    examples = _select_rows(dataset, split_group)
+    if not examples:
+        raise ValueError(f"no calibration rows (split_group={split_group!r})")
+    for i, e in enumerate(examples):
+        for key in ("image", "question", "answer"):
+            if e.get(key) is None:
+                raise ValueError(f"calibration row {i} has no {key!r}: the search needs closed questions with answers")
+    global_choices = list(choices) if choices is not None else sorted({str(e["answer"]) for e in examples})
+    if choices is None and any(e.get("choices") is None for e in examples) and len(global_choices) > 10:
+        raise ValueError(f"{len(global_choices)} distinct answers and no per-row 'choices': the search needs closed "
+                         "questions (give choices= or a 'choices' field)")
+
+    # ------------------------------------------------------------------ candidates
+    layer_sets = space.layer_sets(L)
+    thresholds = space.thresholds()
+    base_k = len(base.sensitive_heads) or 1
+    base_thr = (float(base.percentile), None) if base.percentile is not None else (None, float(base.magnitude_threshold))
+    ks = sorted({min(int(k), len(ranking)) for k in space.ks} | {min(base_k, len(ranking))})
+
+    def cand(layers, k, thr, norm, heads):
+        return Candidate(tuple(layers), int(k), thr[0], thr[1], norm, heads)
+
+    base_cand = cand(base.masked_layers, min(base_k, len(ranking)), base_thr, base.generic_norm, base.knockout_heads)
+    if space.strategy == "grid":
+        stages = [[cand(l, k, t, n, h) for l in layer_sets for k in ks for t in thresholds
+                   for n in space.generic_norms for h in space.knockout_heads]]
+    else:
+        stages = [[cand(l, base_cand.k, t, base.generic_norm, base.knockout_heads) for l in layer_sets for t in thresholds]]
+
+    # ------------------------------------------------------------------ per-batch preparation
+    n = len(examples)
+    tok = getattr(processor, "tokenizer", processor)
+    from .prompts import format_question
+
+    # rows with equally long questions end their image at the same position: batching them together keeps one
+    # unit (one tail forward per candidate) per batch
+    q_len = [len(tok(format_question(e["question"], base.instruction), add_special_tokens=False)["input_ids"])
+             for e in examples]
+    order = sorted(range(n), key=lambda i: (q_len[i], i))
+    answers = [_norm(e["answer"]) for e in examples]
+    row_choices = [list(e["choices"]) if e.get("choices") is not None else global_choices for e in examples]
+    for i, (a, ch) in enumerate(zip(answers, row_choices)):
+        if a not in {_norm(c) for c in ch}:
+            raise ValueError(f"calibration row {i}: answer {examples[i]['answer']!r} is not one of its choices {ch}")
+    choice_ids = {}
+    diag_region, diag_distr = [], []
+    for e in examples:
+        r, d = _token_masks(adapter, processor, e)
+        diag_region.append(r)
+        diag_distr.append(d)
+
+    def predict(logits, rows_global):
+        out = []
+        for j, i in enumerate(rows_global):
+            ch = tuple(row_choices[i])
+            if ch not in choice_ids:
+                choice_ids[ch] = _answer_ids(processor, ch)
+            ids = choice_ids[ch]
+            out.append(_norm(ch[int(torch.argmax(logits[j, ids]))]) == answers[i])
+        return out
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="search: capture", unit="ex", leave=False)
+    batches = []
+    baseline = np.zeros(n, dtype=bool)
+    timings = {"capture_s": 0.0, "prefix_s": 0.0, "candidates_s": 0.0}
+    check = {"done": False, "max_abs_diff": None, "fallback": False}
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        batch = [examples[i] for i in idx]
+        t0 = time.perf_counter()
+        inputs = to_model_inputs(build_inputs(processor, [e["image"] for e in batch], [e["question"] for e in batch],
+                                              instruction=base.instruction), model)
+        spans = adapter.image_spans(inputs)
+        for b, sp in enumerate(spans):
+            if len([s for s in sp if s.block in ("grid", "base")]) != 1:
+                raise ValueError(f"calibration row {idx[b]} has several images; VGRefine supports one per prompt")
+        q = capture_image_attention(model, inputs, layers=None, query="last", spans=spans, adapter=adapter)
+        g = None
+        if any(nm != "none" for nm in set(space.generic_norms) | {base.generic_norm}):
+            g_in = to_model_inputs(generic_inputs(processor, [e["image"] for e in batch], instruction=base.instruction,
+                                                  generic_question=base.generic_prompt), model)
+            g = capture_image_attention(model, g_in, layers=None, query="last", adapter=adapter).maps
+        timings["capture_s"] += time.perf_counter() - t0
+        ntok = set(q.n_tokens)
+        if len(ntok) != 1:
+            raise ValueError("the search needs the same number of image tokens for every calibration image "
+                             f"(got {sorted(ntok)}); resize the images to one size")
+        batches.append({"idx": idx, "inputs": inputs, "spans": spans, "q": q.maps, "g": g})
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+
+    # ------------------------------------------------------------------ evaluation of a list of candidates
+    results: dict = {}   # Candidate -> dict(correct=bool[n], kept=..., ...)
+
+    def evaluate(cands: list):
+        todo = [c for c in cands if c not in results]
+        if not todo:
+            return
+        correct = {c: np.zeros(n, dtype=bool) for c in todo}
+        kept = {c: np.zeros(n) for c in todo}
+        kept_region = {c: np.full(n, np.nan) for c in todo}
+        kept_distr = {c: np.full(n, np.nan) for c in todo}
+        pbar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            pbar = tqdm(total=len(batches) * len(todo), desc=f"search: {len(todo)} candidates", leave=False)
+        outer = AttentionProbe(model, adapter=adapter)   # keeps the attention function set between candidates
+        outer.__enter__()
+        try:
+            _evaluate_batches(todo, correct, kept, kept_region, kept_distr, pbar)
+        finally:
+            outer.__exit__(None, None, None)
+        if pbar is not None:
+            pbar.close()
+        for c in todo:
+            results[c] = {"correct": correct[c], "kept_fraction": kept[c], "kept_in_region": kept_region[c],
+                          "kept_distractor": kept_distr[c]}
+
+    def _evaluate_batches(todo, correct, kept, kept_region, kept_distr, pbar):
+        n_forwards = 0
+        for bt in batches:
+            t0 = time.perf_counter()
+            units = _prefix_units(model, adapter, bt["inputs"], bt["spans"])
+            timings["prefix_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            glob = bt["idx"]
+            for u in units:
+                rows_g = [glob[r] for r in u.rows]
+                if bt.get("baseline_done") is None:
+                    logits = _knockout_logits(model, adapter, u, None, (), None)
+                    baseline[rows_g] = predict(logits, rows_g)
+            bt["baseline_done"] = True
+            score_memo, mask_memo, fwd_memo = {}, {}, {}
+            for c in todo:
+                heads_sel = [tuple(x) for x in ranking[:c.k]]
+                key_s = (tuple(heads_sel), c.generic_norm)
+                if key_s not in score_memo:
+                    score_memo[key_s] = triage_scores_batch(bt["q"], bt["g"], heads_sel, c.generic_norm, base.eps)
+                key_m = key_s + (c.percentile, c.magnitude_threshold)
+                if key_m not in mask_memo:
+                    mask_memo[key_m] = knockout_masks_batch(score_memo[key_s], c.percentile, c.magnitude_threshold)
+                K = mask_memo[key_m]                                    # [B, N]
+                kn = K.cpu().numpy()
+                for b, i in enumerate(glob):
+                    kept[c][i] = 1.0 - kn[b].mean()
+                    if diag_region[i] is not None and diag_region[i].any():
+                        kept_region[c][i] = 1.0 - kn[b][diag_region[i]].mean()
+                    if diag_distr[i] is not None and diag_distr[i].any():
+                        kept_distr[c][i] = 1.0 - kn[b][diag_distr[i]].mean()
+                if c.knockout_heads == "all":
+                    heads_map = None
+                else:
+                    heads_map = {}
+                    for l, h in heads_sel:
+                        heads_map.setdefault(l, []).append(h)
+                    if not any(l in heads_map for l in c.masked_layers):     # no knockout at all: the baseline
+                        for b, i in enumerate(glob):
+                            correct[c][i] = baseline[i]
+                        if pbar is not None:
+                            pbar.update(1)
+                        continue
+                    if all(len(set(heads_map.get(l, ()))) == H for l in c.masked_layers):
+                        heads_map = None                                 # every head of every masked layer: = all
+                hkey = None if heads_map is None else tuple(sorted((l, tuple(sorted(v))) for l, v in heads_map.items()
+                                                                   if l in c.masked_layers))
+                fkey = (c.masked_layers, hkey, kn.tobytes())
+                if fkey not in fwd_memo:
+                    preds = {}
+                    for u in units:
+                        rows_g = [glob[r] for r in u.rows]
+                        ko = K[u.rows]
+                        hm = None if heads_map is None else {l: tuple(v) for l, v in heads_map.items()}
+                        if check["fallback"]:
+                            logits = _knockout_logits(model, adapter, u, ko, c.masked_layers, hm,
+                                                      full_inputs=_rows_inputs(adapter, bt["inputs"], u.rows))
+                        else:
+                            logits = _knockout_logits(model, adapter, u, ko, c.masked_layers, hm)
+                            if self_check and not check["done"]:
+                                full = _knockout_logits(model, adapter, u, ko, c.masked_layers, hm,
+                                                        full_inputs=_rows_inputs(adapter, bt["inputs"], u.rows))
+                                diff = float((full - logits).abs().max())
+                                scale = float(full.abs().max()) or 1.0
+                                check.update(done=True, max_abs_diff=diff)
+                                if diff > 1e-3 * scale:
+                                    import warnings
+
+                                    warnings.warn(f"search: the cached-prefix logits differ from a full forward by "
+                                                  f"{diff:.3g}; falling back to full forwards (slower)", stacklevel=2)
+                                    check["fallback"] = True
+                                    logits = full
+                        n_forwards += 1
+                        for r, ok in zip(rows_g, predict(logits, rows_g)):
+                            preds[r] = ok
+                    fwd_memo[fkey] = preds
+                for i, ok in fwd_memo[fkey].items():
+                    correct[c][i] = ok
+                if pbar is not None:
+                    pbar.update(1)
+            timings["candidates_s"] += time.perf_counter() - t0
+            for u in units:
+                u.kv = None
+        timings["forwards"] = timings.get("forwards", 0) + n_forwards
+
+    evaluate(stages[0] + [base_cand])
+    if space.strategy == "staged":
+        gain1 = sorted(stages[0], key=lambda c: (-results[c]["correct"].mean(), _complexity(c, base_cand)))
+        top = []
+        for c in gain1:
+            if (c.masked_layers, c.percentile, c.magnitude_threshold) not in top:
+                top.append((c.masked_layers, c.percentile, c.magnitude_threshold))
+            if len(top) >= int(space.stage2_top):
+                break
+        stage2 = [cand(l, k, (p, m), nm, h) for l, p, m in top for k in ks for nm in space.generic_norms
+                  for h in space.knockout_heads]
+        stages.append(stage2)
+        evaluate(stage2)
+
+    # ------------------------------------------------------------------ statistics and choice
+    cands = list(dict.fromkeys([c for st in stages for c in st] + [base_cand]))
+    D = np.stack([results[c]["correct"].astype(float) - baseline.astype(float) for c in cands])
+    lo, hi, _ = paired_bootstrap(D, n_boot=n_boot, seed=seed)
+    gains = D.mean(1)
+    best = int(np.argmax(gains))
+    dlo, dhi, dse = paired_bootstrap(D[best][None] - D, n_boot=n_boot, seed=seed + 1)
+    # one-standard-error rule: within noise of the best = gain >= best gain - SE(best - candidate), paired
+    within = [i for i in range(len(cands)) if gains[i] >= gains[best] - dse[i] - 1e-12]
+    chosen_i = min(within, key=lambda i: (_complexity(cands[i], base_cand), -gains[i]))
+    base_acc = float(baseline.mean())
+
+    def mean_or_none(v):
+        v = v[np.isfinite(v)]
+        return float(v.mean()) if v.size else None
+
+    table = []
+    for i, c in enumerate(cands):
+        r = results[c]
+        table.append({
+            "label": c.label, "masked_layers": list(c.masked_layers), "k": c.k, "percentile": c.percentile,
+            "magnitude_threshold": c.magnitude_threshold, "generic_norm": c.generic_norm,
+            "knockout_heads": c.knockout_heads, "stage": next(s + 1 for s, st in enumerate(stages) if c in st)
+            if any(c in st for st in stages) else 0,
+            "accuracy": float(r["correct"].mean()), "gain": float(gains[i]), "gain_ci": [float(lo[i]), float(hi[i])],
+            "diff_to_best_ci": [float(dlo[i]), float(dhi[i])], "diff_to_best_se": float(dse[i]),
+            "within_noise_of_best": i in within,
+            "changes_from_base": _complexity(c, base_cand)[0],
+            "kept_fraction": mean_or_none(r["kept_fraction"]), "kept_in_region": mean_or_none(r["kept_in_region"]),
+            "kept_distractor": mean_or_none(r["kept_distractor"]),
+            "is_base": c == base_cand, "is_best": i == best, "is_chosen": i == chosen_i,
+        })
+    chosen = dict(table[chosen_i])
+    n_distinct = len(cands)
+    rule = ("best = highest calibration gain; within noise of the best = gain >= best gain - one paired bootstrap "
+            "standard error of the difference to the best (one-standard-error rule); chosen = among those, the one "
+            "with the fewest knobs changed from the base config, then fewer masked layers, fewer heads, higher gain")
+    info = {
+        "n_calibration": n, "n_candidates": n_distinct, "n_per_candidate_ratio": round(n / max(n_distinct, 1), 3),
+        "strategy": space.strategy, "space": {k_: (list(v) if isinstance(v, (list, tuple)) else v)
+                                              for k_, v in asdict(space).items()},
+        "layer_sets": [list(x) for x in layer_sets], "head_ranking": ranking, "choices": global_choices,
+        "split_group": split_group, "rule": rule, "n_boot": n_boot, "seed": seed,
+        "base": {"label": base_cand.label, "gain": float(gains[cands.index(base_cand)])},
+        "best": {"label": cands[best].label, "gain": float(gains[best]), "gain_ci": [float(lo[best]), float(hi[best])]},
+        "se_of_a_gain": float(np.sqrt(D[best].var() / n)) if n > 1 else None,
+        "self_check": check, "timings_s": {k_: round(v, 2) for k_, v in timings.items()},
+        "total_s": round(time.perf_counter() - t_all, 2),
+        "n_with_region": int(sum(r is not None and r.any() for r in diag_region)),
+        "n_with_distractors": int(sum(d is not None and d.any() for d in diag_distr)),
+    }
+    baseline_block = {"accuracy": base_acc, "n": n}
+    summary = {"chosen": chosen["label"], "gain": chosen["gain"], "gain_ci": chosen["gain_ci"],
+               "baseline_accuracy": base_acc, "accuracy": chosen["accuracy"], "n_calibration": n,
+               "n_candidates": n_distinct, "best": info["best"], "rule": rule, "report": REPORT_MD}
+    c = cands[chosen_i]
+    cfg = c.to_config(base, ranking, notes=f"tuned by hf_vgrefine.tuning.search_knockout on {n} calibration questions: "
+                                           f"{c.label}, calibration gain {chosen['gain']:+.4f}")
+    cfg.calibration = dict(base.calibration or {}, search=summary)
+    cfg.check_model(L, H)
+    per_example = {"baseline": baseline.tolist(), **{c_.label: results[c_]["correct"].tolist() for c_ in cands}}
+    result = SearchResult(config=cfg, chosen=chosen, table=table, baseline=baseline_block, info=info,
+                          per_example=per_example, ids=[str(e.get("id", i)) for i, e in enumerate(examples)])
+    if output_dir is not None:
+        result.files = write_report(result, output_dir)
+    return result
+
+
+def _complexity(c: Candidate, base: Candidate) -> tuple:
+    """Simplicity key (smaller = simpler): knobs changed from the base config, masked layers, heads."""
+    changed = sum([c.masked_layers != base.masked_layers, c.k != base.k,
+                   (c.percentile, c.magnitude_threshold) != (base.percentile, base.magnitude_threshold),
+                   c.generic_norm != base.generic_norm, c.knockout_heads != base.knockout_heads])
+    return (changed, len(c.masked_layers), c.k)
+
+
+# ============================================================================================ report
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else ""
+    if isinstance(v, float):
+        return f"{v:.3f}" if math.isfinite(v) else "n/a"
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, float) for x in v):
+        return f"[{v[0]:+.3f}, {v[1]:+.3f}]"
+    return str(v)
+
+
+def report_markdown(result: SearchResult, top: int = 25) -> str:
+    info, ch = result.info, result.chosen
+    rows = sorted(result.table, key=lambda r: -r["gain"])
+    keep = rows[:top] + [r for r in rows[top:] if r["is_base"] or r["is_chosen"]]
+    head = ["candidate", "stage", "accuracy", "gain", "gain 95% CI", "within noise of best", "knobs changed",
+            "kept", "kept in region", "kept distractor", "note"]
+    lines = ["# VGRefine knockout search (calibration split)", "",
+             f"Calibration split: **{info['n_calibration']} questions** (split_group={info['split_group']!r}), "
+             f"**{info['n_candidates']} candidates** ({info['strategy']} search; "
+             f"{info['n_per_candidate_ratio']} questions per candidate). Baseline accuracy "
+             f"{result.baseline['accuracy']:.3f}. Standard error of one candidate's gain ≈ "
+             f"{_fmt(info['se_of_a_gain'])}: with this many candidates the best calibration gain is biased upwards; "
+             "judge a setting by its gain on held-out test data.", "",
+             f"Chosen: **{ch['label']}** — gain {ch['gain']:+.3f} (95% CI {_fmt(ch['gain_ci'])}); "
+             f"best: {info['best']['label']} ({info['best']['gain']:+.3f}); base config {info['base']['label']} "
+             f"({info['base']['gain']:+.3f}).", "", f"Rule: {info['rule']}.", "",
+             "Diagnostics: *kept* = fraction of image tokens kept by the triage; *kept in region* = fraction of the "
+             "named region's tokens kept; *kept distractor* = fraction of the tokens of lesions outside the named "
+             f"region kept ({info['n_with_region']} questions with a region, {info['n_with_distractors']} with "
+             "distractors).", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in keep:
+        note = ", ".join(x for x, f in (("chosen", r["is_chosen"]), ("best", r["is_best"]), ("base", r["is_base"])) if f)
+        vals = [r["label"], r["stage"], r["accuracy"], f"{r['gain']:+.3f}", _fmt(r["gain_ci"]),
+                r["within_noise_of_best"], r["changes_from_base"], r["kept_fraction"], r["kept_in_region"],
+                r["kept_distractor"], note]
+        lines.append("| " + " | ".join(_fmt(v) for v in vals) + " |")
+    lines += ["", f"All {len(result.table)} candidates: `{RESULTS_JSON}`. Figure: `{FIGURE_PNG}` (gain vs percentile "
+              "per masked layer set, stage 1 settings).", ""]
+    return "\n".join(lines)
+
+
+def plot_gain_vs_percentile(result: SearchResult, path: str | None = None):
+    """Calibration gain (with paired 95 % CI) vs triage percentile, one line per masked-layer set, at the
+    stage-1 settings (base ``k``, normalisation and knockout heads)."""
+    from .viz import _new_figure, save_figure
+
+    base = next(r for r in result.table if r["is_base"])
+    fig = _new_figure((7.0, 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    sets = []
+    for r in result.table:
+        if r["percentile"] is not None and r["k"] == base["k"] and r["generic_norm"] == base["generic_norm"] \
+                and r["knockout_heads"] == base["knockout_heads"] and r["masked_layers"] not in sets:
+            sets.append(r["masked_layers"])
+    for layers in sets:
+        rs = sorted((r for r in result.table if r["masked_layers"] == layers and r["percentile"] is not None
+                     and r["k"] == base["k"] and r["generic_norm"] == base["generic_norm"]
+                     and r["knockout_heads"] == base["knockout_heads"]), key=lambda r: r["percentile"])
+        x = [r["percentile"] for r in rs]
+        y = [r["gain"] for r in rs]
+        line, = ax.plot(x, y, marker="o", label="layer " + "+".join(map(str, layers)))
+        ax.fill_between(x, [r["gain_ci"][0] for r in rs], [r["gain_ci"][1] for r in rs], color=line.get_color(),
+                        alpha=0.12)
+    ch = result.chosen
+    if ch["percentile"] is not None:
+        ax.scatter([ch["percentile"]], [ch["gain"]], s=120, facecolors="none", edgecolors="k", zorder=5,
+                   label=f"chosen ({ch['label']})")
+    ax.axhline(0.0, color="gray", lw=1, ls="--")
+    ax.set_xlabel("triage percentile (tokens below it are knocked out)")
+    ax.set_ylabel("accuracy gain over baseline")
+    ax.set_title(f"Knockout search on {result.info['n_calibration']} calibration questions (k={base['k']}, "
+                 f"{base['generic_norm']}, ko:{base['knockout_heads']})", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def write_report(result: SearchResult, output_dir: str) -> dict:
+    """Write the chosen config, the report, the full table and the figure into ``output_dir`` (atomically)."""
+    from .atomic import atomic_write
+
+    os.makedirs(output_dir, exist_ok=True)
+    files = {"config": os.path.join(output_dir, "vgrefine_config.json"),
+             "report": os.path.join(output_dir, REPORT_MD), "results": os.path.join(output_dir, RESULTS_JSON),
+             "figure": os.path.join(output_dir, FIGURE_PNG)}
+    result.config.save_pretrained(output_dir)
+    plot_gain_vs_percentile(result, files["figure"])
+    atomic_write(files["report"], report_markdown(result))
+    atomic_write(files["results"], json.dumps(result.to_dict(), indent=1, default=float) + "\n")
+    return {k: os.path.basename(v) for k, v in files.items()}
