@@ -11,6 +11,12 @@ import time
 import torch
 
 
+# The host-bound CPU stand-in for a 7B model on a GPU (issue "GPU regime"): 28 layers x 28 heads (4 KV) like
+# Qwen2-7B, tiny width, an 8x8 image (56 px, patch 7): 137-token prompts. Per-layer Python and every extra model
+# call cost as much here as the math, as they do for a 7B prefill on a GPU.
+GPU_PROXY = dict(layers=28, hidden=112, heads=28, kv_heads=4, intermediate=224, vision_size=56)
+
+
 def bench_model(layers: int = 8, hidden: int = 256, heads: int = 8, kv_heads: int = 8, dtype=torch.float32,
                 vision_size: int = 168, device: str = "cpu", intermediate: int | None = None, vocab: int | None = None):
     """LLaVA with a 24x24 = 576-token image grid (tiny CLIP: 168 px, patch 7) and the given text size.

@@ -13,7 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import PeakMemory, bench_inputs, bench_model, interleaved, median, peak_in_fresh_process, setup_threads  # noqa: E402
+from _common import GPU_PROXY, PeakMemory, bench_inputs, bench_model, interleaved, median, peak_in_fresh_process, setup_threads  # noqa: E402
 
 from hf_vgrefine.attention import capture_image_attention  # noqa: E402
 
@@ -21,10 +21,12 @@ from hf_vgrefine.attention import capture_image_attention  # noqa: E402
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--regime", choices=("cpu", "gpu-proxy"), default="cpu",
+                    help="gpu-proxy: the host-bound CPU shape of a 7B model on a GPU (28 layers x 28 heads, 137 tokens)")
     ap.add_argument("--mem-variant", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     setup_threads()
-    model = bench_model()
+    model = bench_model(**GPU_PROXY) if args.regime == "gpu-proxy" else bench_model()
     inputs = bench_inputs(model)
     T = inputs["input_ids"].shape[1]
 
@@ -50,8 +52,10 @@ def main():
         print(f"MEM {pm.extra_mib} {pm.total_mib}")
         return
     times = interleaved(variants, rounds=args.rounds)
-    mem = {name: peak_in_fresh_process(__file__, name) for name in variants}
-    print(f"model: LLaVA text hidden 256, 8 layers, 8 heads; prompt {T} tokens (576 image); CPU, "
+    mem = {name: peak_in_fresh_process(__file__, name, ["--regime", args.regime]) for name in variants}
+    tc = model.config.text_config
+    print(f"model ({args.regime}): LLaVA text hidden {tc.hidden_size}, {tc.num_hidden_layers} layers, "
+          f"{tc.num_attention_heads} heads; prompt {T} tokens; CPU, "
           f"{torch.get_num_threads()} thread(s); {args.rounds} interleaved rounds")
     for name in variants:
         print(f"  {name:24s} median {median(times[name]) * 1e3:8.1f} ms   min {min(times[name]) * 1e3:8.1f} ms   "

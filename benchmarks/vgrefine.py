@@ -29,7 +29,7 @@ from transformers.masking_utils import eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import PeakMemory, bench_inputs, bench_model, interleaved, median, peak_in_fresh_process, setup_threads  # noqa: E402
+from _common import GPU_PROXY, PeakMemory, bench_inputs, bench_model, interleaved, median, peak_in_fresh_process, setup_threads  # noqa: E402
 
 from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper  # noqa: E402
 
@@ -111,13 +111,24 @@ def main():
     ap.add_argument("--throughput", type=int, default=0, metavar="B",
                     help="instead: samples/s of VGRefine (cold: a new image per sample) and plain generate at batch B "
                          "vs batch 1 (GPU target for B=8: >= 5x)")
+    ap.add_argument("--regime", choices=("cpu", "gpu-proxy"), default="cpu",
+                    help="gpu-proxy: the host-bound CPU shape of a 7B model on a GPU (28 layers x 28 heads, hidden "
+                         "112, 8x8 image, 137 tokens; HuatuoGPT-Vision-7B preset), 1 new token first")
     ap.add_argument("--mem-variant", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     setup_threads()
+    vision = 168
+    if args.regime == "gpu-proxy":
+        args.layers, args.hidden, args.heads, args.kv_heads = (GPU_PROXY[k] for k in ("layers", "hidden", "heads",
+                                                                                       "kv_heads"))
+        args.intermediate, vision = GPU_PROXY["intermediate"], GPU_PROXY["vision_size"]
+        if args.new_tokens == [16, 1]:
+            args.new_tokens = [1, 16]
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = bench_model(layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads, dtype=dtype,
-                        device=args.device, intermediate=args.intermediate, vocab=args.vocab)
-    cfg = make_config(args.layers, args.heads)
+                        device=args.device, intermediate=args.intermediate, vocab=args.vocab, vision_size=vision)
+    cfg = (VGRefineConfig.from_preset("huatuogpt-vision-7b") if args.regime == "gpu-proxy"
+           else make_config(args.layers, args.heads))
     warm_inputs = bench_inputs(model, batch=args.batch, device=args.device)
     generic = bench_inputs(model, batch=args.batch, text_tokens=22, device=args.device, generic=True)  # same image
     counter = [100]
@@ -230,7 +241,7 @@ def main():
         extra = ["--device", args.device, "--hidden", str(args.hidden), "--layers", str(args.layers), "--heads",
                  str(args.heads), "--kv-heads", str(args.kv_heads), "--batch", str(args.batch)] + (["--bf16"] if args.bf16 else []) \
             + (["--intermediate", str(args.intermediate)] if args.intermediate else []) \
-            + (["--vocab", str(args.vocab)] if args.vocab else [])
+            + (["--vocab", str(args.vocab)] if args.vocab else []) + ["--regime", args.regime]
         mem = {name: peak_in_fresh_process(__file__, f"{name}:{n_new}", extra) for name in variants}
         pb = mem["plain_generate"]
         print(f"RATIO {n_new} new tokens peak memory (process peak): " + "  ".join(
