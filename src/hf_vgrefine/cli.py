@@ -64,7 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if command is None else 2
-    return int(args.func(args) or 0)
+    from .outdir import ForeignOutputError
+
+    try:
+        return int(args.func(args) or 0)
+    except ForeignOutputError as e:   # a refused output folder is a usage error, not a crash
+        print(f"hf-vgrefine {command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -428,12 +428,13 @@ def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine
              calibration_limit: int | None = None, k: int | None = None, percentile: float = 80.0,
              batch_size: int = 16, seed: int = 0, html_report: bool = True, n_overlays: int = 3,
              progress: bool = True, dtype: str = "float32", device: str | None = None, threads: int | None = None,
-             command: str | None = None) -> dict:
+             command: str | None = None, overwrite: bool = False) -> dict:
     """Run the demo and write the report; returns the results dict (also saved as ``results.json``).
 
     Args:
         model: hub id or local folder (default: the shipped reference VLM).
-        out_dir: report folder (created; files are overwritten).
+        out_dir: report folder (created and marked as the demo's; a folder holding other files is refused
+            unless ``overwrite=True``, which writes the demo's files and keeps every other file).
         limit: test targets to use (2 examples each; default all 226 of the 8 test slices).
         calibration_limit: calibration targets (default all 48 of the 2 calibration slices).
         k: sensitive heads to select (default ``min(20, max(2, layers*heads // 4))``).
@@ -459,17 +460,17 @@ def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine
         threads = 1   # the reference model is tiny: one thread is as fast and immune to CPU oversubscription
     if threads:
         torch.set_num_threads(int(threads))
-    out = Path(out_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    import shutil
+    from .outdir import claim_output_dir, make_stage, mark, replace_dir
 
-    shutil.rmtree(out / "calibration", ignore_errors=True)   # a previous demo's calibration (resumable run folder)
     model_id = str(model) if model else str(reference_model_dir())
     _say(f"[demo] loading model {model_id}", progress)
     t = time.perf_counter()
     mdl, processor = load_model_and_processor(model_id, dtype=dtype, device=device)
     adapter = get_adapter(mdl)
     timing["load_model_s"] = time.perf_counter() - t
+    # the output folder is touched only once the model loaded; a folder with files the demo did not write is
+    # refused unless overwrite=True, and nothing the package did not create is ever deleted
+    out = claim_output_dir(out_dir, "demo", overwrite=overwrite)
 
     _say("[demo] loading VGMED atlas (built on first use, offline)", progress)
     t = time.perf_counter()
@@ -492,8 +493,19 @@ def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine
     k_eff = int(k) if k else min(20, max(2, (L * H) // 4))
     _say(f"[demo] calibrating (masked layer + top-{k_eff} heads) on {len(calib)} calibration examples", progress)
     t = time.perf_counter()
-    cfg = calibrate(mdl, processor, calib, k=k_eff, split_group=None, percentile=percentile, batch_size=batch_size,
-                    output_dir=str(out / "calibration"), progress=progress)
+    calib_stage = make_stage(out, "calibration")   # fresh (calibration output folders resume), renamed at the end
+    try:
+        mark(calib_stage, "demo")
+        cfg = calibrate(mdl, processor, calib, k=k_eff, split_group=None, percentile=percentile,
+                        batch_size=batch_size, output_dir=str(calib_stage), progress=progress)
+        kept = replace_dir(calib_stage, out / "calibration")
+    finally:
+        if calib_stage.exists():
+            import shutil
+
+            shutil.rmtree(calib_stage, ignore_errors=True)   # our own staging folder
+    if kept is not None:
+        _say(f"[demo] an existing {out / 'calibration'} not written by the demo was kept as {kept}", progress)
     timing["calibrate_s"] = time.perf_counter() - t
 
     _say("[demo] baseline vs VGRefine on the test examples", progress)
@@ -615,13 +627,15 @@ def _run(args) -> int:
     run_demo(model=args.model, out_dir=args.out, limit=args.limit, calibration_limit=args.calibration_limit,
              k=args.k, percentile=args.percentile, batch_size=args.batch_size, seed=args.seed,
              html_report=not args.no_html, progress=not args.no_progress, dtype=args.dtype, device=args.device,
-             threads=args.threads, command=" ".join(argv))
+             threads=args.threads, command=" ".join(argv), overwrite=args.overwrite)
     return 0
 
 
 def add_cli(subparsers) -> None:
     """Register ``hf-vgrefine demo``."""
     import argparse
+
+    from .outdir import model_id_or_path, percentile_value, positive_int
 
     p = subparsers.add_parser(
         "demo", help="offline end-to-end run on the embedded default (build, measure, calibrate, refine, report)",
@@ -630,23 +644,27 @@ def add_cli(subparsers) -> None:
             "Offline end-to-end run: build/load VGMED atlas, measure where the model looks (per layer, relative\n"
             "attention vs the named structure), calibrate VGRefine's masked layer and heads, compare baseline and\n"
             "VGRefine on held-out yes/no questions, and write report.md/report.html with figures and results.json.\n"
-            "Default model: the package's small reference VLM trained on the atlas grounding task (CPU, ~1-3 min)."),
+            "Default model: the package's small reference VLM trained on the atlas grounding task (CPU, about 30-40 s\n"
+            "on 2 cores). Output goes to --out (default ./hf_vgrefine_demo); a folder holding files the demo did not\n"
+            "write is refused unless --overwrite (other files are then kept)."),
     )
-    p.add_argument("--model", default=None, metavar="ID_OR_PATH",
+    p.add_argument("--model", default=None, metavar="ID_OR_PATH", type=model_id_or_path,
                    help="hub id or local folder (AutoModelForImageTextToText + AutoProcessor); default: the shipped "
                         "reference VLM")
     p.add_argument("--out", default="hf_vgrefine_demo", metavar="DIR", help="report folder (default ./hf_vgrefine_demo)")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing --out folder that holds files the demo did not write (they are kept)")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="use only the first N test targets (2 examples each; default all 226)")
-    p.add_argument("--calibration-limit", type=int, default=None, metavar="N",
+    p.add_argument("--calibration-limit", type=positive_int, default=None, metavar="N",
                    help="use only the first N calibration targets (default all 48)")
-    p.add_argument("--k", type=int, default=None, help="sensitive heads to calibrate (default min(20, layers*heads/4))")
-    p.add_argument("--percentile", type=float, default=80.0, help="VGRefine triage percentile (default 80)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--k", type=positive_int, default=None, help="sensitive heads to calibrate (default min(20, layers*heads/4))")
+    p.add_argument("--percentile", type=percentile_value, default=80.0, help="VGRefine triage percentile (default 80)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward pass (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out lesion placement (default 0)")
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="device (default cpu, or the accelerate device)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: 1 for the reference model, else torch's choice)")
     p.add_argument("--no-html", action="store_true", help="write report.md only")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
