@@ -15,6 +15,7 @@ import sys
 
 # (command name, implementing module, one-line help). Order = order in --help.
 COMMANDS: list[tuple[str, str, str]] = [
+    ("setup", "hf_vgrefine.setup_cmd", "post-install: put the grounding_ratio metric and VGMED atlas into the HF cache"),
     ("demo", "hf_vgrefine.demo", "offline end-to-end run on the embedded default (build, measure, calibrate, refine, report)"),
     ("capture", "hf_vgrefine.capture_cli", "per-layer last-token attention of a model to an image (where does it look?)"),
     ("build-vgmed", "hf_vgrefine.data.cli", "build a VGMED configuration as parquet + dataset card"),
