@@ -566,7 +566,8 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
                       generic_question: str = GENERIC_QUESTION, head_norm: str = "per_head",
                       scores: Iterable[str] | None = None, metric_options: dict | None = None,
                       min_cells_per_box: int = 1, chat_template: str | None = None, generic_cache_size: int = 1024,
-                      progress: bool = True, n_boot: int = 1000, plot: bool = True) -> GroundingResults:
+                      progress: bool = True, n_boot: int = 1000, plot: bool = True,
+                      on_error: str = "raise") -> GroundingResults:
     """Measure attention-vs-region grounding of ``model`` on ``dataset``, per layer (and per head).
 
     Args:
@@ -593,6 +594,9 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
         min_cells_per_box: 1 (default) or 0 (faithful degenerate-box rule, method.md §3.2).
         generic_cache_size: images whose generic maps stay cached in memory (LRU).
         n_boot, plot: bootstrap resamples of the saved summary; write ``layers.png`` (with ``output_dir``).
+        on_error: a row whose image cannot be read (corrupt or truncated file): ``"raise"`` (default; the
+            error names the row) or ``"skip"`` (go on; skipped rows are listed in ``results.info["skipped"]``
+            and, with ``output_dir``, in ``skipped.json``; a rerun retries them).
     Returns:
         :class:`GroundingResults` (on the main process: all samples, merged over processes).
     """
@@ -607,6 +611,8 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
         raise ValueError(f"head_norm must be 'per_head' or 'layer_mean', got {head_norm!r}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise TypeError("dataset must support len() and indexing (a datasets.Dataset or a list of dicts); "
                         "for an IterableDataset, materialise it first (e.g. Dataset.from_list(list(ds.take(n))))")
@@ -642,10 +648,23 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
     local_parts = []
     bar = _progress(len(todo), progress and (state is None or state.is_local_main_process))
     t0 = time.time()
+    skipped = []
     try:
         for start in range(0, len(todo), int(batch_size)):
-            idx = todo[start:start + int(batch_size)]
-            rows = [dataset[i] for i in idx]
+            idx, rows = [], []
+            for i in todo[start:start + int(batch_size)]:
+                row, err = _fetch_row(dataset, i, ids[i])
+                if err is None:
+                    idx.append(i)
+                    rows.append(row)
+                elif on_error == "skip":
+                    skipped.append({"index": i, "id": ids[i], "error": err})
+                else:
+                    raise ValueError(f"{err}; fix or drop that row, or pass on_error='skip' (CLI: --on-error skip) to "
+                                     "skip such rows and list them in the results")
+            if not rows:
+                bar.update(len(todo[start:start + int(batch_size)]))
+                continue
             part = _measure_batch(model, processor, adapter, rows, idx, [ids[i] for i in idx], layer_list, per_head,
                                   relative, query, gt, eps, instruction, generic_question, head_norm, score_names,
                                   metric_options, min_cells_per_box, chat_template, cache, counters, int(batch_size),
@@ -655,10 +674,15 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
                 part.to_parquet(os.path.join(output_dir, SHARD_DIR, f"rank{rank:03d}-{shard_seq:06d}.parquet"))
             else:
                 local_parts.append(part)
-            bar.update(len(idx))
+            bar.update(len(todo[start:start + int(batch_size)]))
     finally:
         bar.close()
     counters["seconds"] = round(time.time() - t0, 3)
+    counters["skipped"] = len(skipped)
+    if skipped and world > 1:
+        from accelerate.utils import gather_object
+
+        skipped = list(gather_object(skipped))
     counters["generic_cache_hits"] = cache.hits
 
     if state is not None and world > 1:
@@ -670,6 +694,9 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
         if results is None:
             results = _empty_results(settings, score_names)
         results.info["last_run"] = counters
+        results.info["skipped"] = skipped
+        if skipped:
+            _atomic_write_json(os.path.join(output_dir, "skipped.json"), skipped)
         results.save(output_dir, n_boot=n_boot, plot=plot)
         return results
     if world > 1:
@@ -681,7 +708,21 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
         local_parts = [GroundingResults._from_payload(x) for x in gathered]
     results = GroundingResults.concat(local_parts).sort_by_index() if local_parts else _empty_results(settings, score_names)
     results.info["last_run"] = counters
+    results.info["skipped"] = skipped
     return results
+
+
+def _fetch_row(dataset, i: int, row_id) -> tuple[dict | None, str | None]:
+    """Row ``i`` with its image decoded (RGB, pixels loaded), or ``(None, message naming the row)``."""
+    try:
+        row = dataset[i]
+        img = _rgb(row["image"])
+        img.load()
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError) as e:
+        return None, f"row {i} (id {row_id!r}): its image cannot be read ({type(e).__name__}: {e})"
+    row = dict(row)
+    row["image"] = img
+    return row, None
 
 
 def _dataset_ids(dataset) -> list[str]:
@@ -838,6 +879,11 @@ def load_model_and_processor(model_id: str, dtype: str = "auto", device: str | N
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from .outdir import model_reference_error
+
+    err = model_reference_error(str(model_id))
+    if err:
+        raise ValueError(err)
     kw = {"revision": revision} if revision else {}
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=torch_dtype, **kw)
@@ -922,8 +968,10 @@ def _kv(text: str):
 
 def add_common_arguments(p) -> None:
     """Options shared by ``measure`` and ``calibrate``."""
+    from .outdir import model_id_or_path, positive_int
+
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", required=True, metavar="ID_OR_PATH",
+    g.add_argument("--model", required=True, metavar="ID_OR_PATH", type=model_id_or_path,
                    help="model to load with AutoModelForImageTextToText + AutoProcessor: a hub id or a local folder "
                         "written by save_pretrained")
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --model")
@@ -933,7 +981,7 @@ def add_common_arguments(p) -> None:
                         "the package's VGMED")
     g.add_argument("--config", default=None, metavar="CFG", help="dataset configuration name (e.g. atlas, slake, full)")
     g.add_argument("--split", default="test", help="dataset split (default: test)")
-    g.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N rows (after --split-group)")
+    g.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N rows (after --split-group)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model weights dtype (attention is always captured in fp32)")
     g.add_argument("--device", default=None, help="device (default: the accelerate process device, else cpu)")
@@ -943,7 +991,7 @@ def add_common_arguments(p) -> None:
                         "Use the same settings for calibration and inference")
     m = p.add_argument_group("measurement")
     m.add_argument("--layers", default="all", help="decoder layers: 'all' or a list like 0,4,10-15 (default all)")
-    m.add_argument("--batch-size", type=int, default=4, help="prompts per forward pass (default 4)")
+    m.add_argument("--batch-size", type=positive_int, default=4, help="prompts per forward pass (default 4)")
     m.add_argument("--gt", default="box", choices=list(GT_MODES),
                    help="ground-truth tokens: box = cells touched by a box (default); mask_cells = cells touching a "
                         "mask pixel; soft_mask = covered fraction per cell")
@@ -955,6 +1003,9 @@ def add_common_arguments(p) -> None:
                    help=f"suffix appended to every prompt with one space (default: {INSTRUCTION!r})")
     m.add_argument("--no-instruction", action="store_true", help="do not append any instruction suffix")
     m.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    m.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                   help="a row whose image cannot be read: stop naming the row (raise, default) or skip it and list "
+                        "it in skipped.json / the results (skip)")
 
 
 def _load_from_args(args, strict_group: bool = True):
@@ -984,7 +1035,7 @@ def _run_measure(args) -> int:
                             relative=not args.raw_only, batch_size=args.batch_size, output_dir=args.out,
                             query=args.query, gt=args.gt, eps=args.eps,
                             instruction=None if args.no_instruction else args.instruction,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, on_error=args.on_error)
     if res is None:  # non-main process
         return 0
     _print_layer_table(res)

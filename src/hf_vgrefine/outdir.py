@@ -134,6 +134,22 @@ def existing_dir(text: str) -> str:
     return os.path.expanduser(text)
 
 
+def torch_device(text: str) -> str:
+    """``argparse`` type: a torch device string that exists on this machine (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device; give e.g. cpu, cuda or cuda:0") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text!r}: no such CUDA device on this machine "
+                                         f"({torch.cuda.device_count()} visible); use --device cpu")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine; use --device cpu")
+    return text
+
+
 def model_id_or_path(text: str) -> str:
     """``argparse`` type: a local model folder or something shaped like a hub id (``name`` or ``org/name``)."""
     err = model_reference_error(text)

@@ -36,6 +36,8 @@ def setup(quiet: bool = True, build_atlas: bool = True) -> dict:
     entry, built = None, False
     if build_atlas:
         entry = cached_path("atlas")
+        if entry is not None and not _readable():
+            entry = None                                   # damaged (e.g. truncated): rebuilt below, replacing it
         if entry is None:
             import datasets
 
@@ -55,6 +57,17 @@ def setup(quiet: bool = True, build_atlas: bool = True) -> dict:
                     datasets.enable_progress_bars()
             built = True
     return {"metric": str(metric), "atlas": None if entry is None else str(entry), "built": built}
+
+
+def _readable() -> bool:
+    from .data.build import load_vgmed
+
+    try:
+        ds = load_vgmed("atlas", build_if_missing=False)
+        ds.select([len(ds) - 1])[0]
+    except (RuntimeError, FileNotFoundError):
+        return False
+    return True
 
 
 def _run(args) -> int:

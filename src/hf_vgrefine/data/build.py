@@ -537,7 +537,19 @@ def load_vgmed(config: str = schema.DEFAULT_CONFIG, *, root=None, data_dir=None,
             )
         prefill_cache(config, data_dir=data_dir, cache_dir=cache_dir)
     builder = _builder(config, cache_dir=datasets_cache_dir(cache_dir))
-    return builder.as_dataset(split=split)
+    try:
+        return builder.as_dataset(split=split)
+    except Exception as e:  # noqa: BLE001 - pyarrow / OS errors of a damaged cache entry
+        import pyarrow
+
+        if not isinstance(e, (pyarrow.ArrowException, OSError, ValueError)):
+            raise
+        entry = cached_path(config, cache_dir)
+        raise RuntimeError(
+            f"the cached VGMED `{config}` at {entry} cannot be read ({type(e).__name__}: {e}); it is damaged (e.g. a "
+            f"truncated file). Rebuild it with `hf-vgrefine build-vgmed --config {config}`"
+            + (" (for atlas also `hf-vgrefine setup`)" if config == "atlas" else "")
+            + "; the rebuild replaces the damaged entry") from e
 
 
 # ---------------------------------------------------------------------------------------------------

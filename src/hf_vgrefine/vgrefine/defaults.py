@@ -85,9 +85,7 @@ def default_processor(model):
     """``AutoProcessor`` from the model's own folder or hub id (left padding); ``None`` with a warning when
     it cannot be loaded (then pass ``processor=``)."""
     name = _model_name(model)
-    if not name:
-        warnings.warn("VGRefineWrapper: the model has no name_or_path to load its processor from; pass "
-                      "processor=AutoProcessor.from_pretrained(...)", UserWarning, stacklevel=4)
+    if not name:   # a model built in memory: nothing to load from (generic_inputs= or processor= are needed later)
         return None
     from transformers import AutoProcessor
 
