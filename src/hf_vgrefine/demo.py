@@ -94,11 +94,15 @@ def _answer_token_ids(processor) -> tuple[int, int]:
     return ids[0], ids[1]
 
 
-def _gt_token_mask(adapter, processor, example):
-    from .geometry import boxes_to_token_mask
+def _gt_token_mask(adapter, processor, example, config=None):
+    """Ground-truth token mask of the example's boxes by the config's box rule (``faithful=True``: the released
+    stretch mapping and inclusive-max mask boxes; default: the processor's real geometry)."""
+    from .geometry import MASK_DERIVED_SOURCES, study_geometry, study_token_mask
 
     grid = adapter.token_grid(processor, example["image"].size)
-    return grid, boxes_to_token_mask(example["boxes"], grid, box_format="xywh", mode="any", on_empty="empty")
+    geo = study_geometry(config) if config is not None else {}
+    return grid, study_token_mask(example["boxes"], grid, example["image"].size, mode="any", on_empty="empty",
+                                  from_mask=str(example.get("source", "")) in MASK_DERIVED_SOURCES, **geo)
 
 
 def _layer_mean(cap, b: int) -> np.ndarray:
@@ -135,7 +139,7 @@ def evaluate_refinement(model, processor, examples, config, batch_size: int = 16
             batch = examples[start:start + batch_size]
             inputs = to_model_inputs(build_inputs(processor, [e["image"] for e in batch], [e["question"] for e in batch],
                                                   instruction=config.instruction), model)
-            gts = [_gt_token_mask(adapter, processor, e)[1] for e in batch]
+            gts = [_gt_token_mask(adapter, processor, e, config)[1] for e in batch]
             with torch.no_grad():
                 base = model(**inputs, logits_to_keep=1).logits[:, -1].float()
                 refined = wrapper(**inputs).logits[:, -1].float()

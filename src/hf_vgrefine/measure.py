@@ -457,9 +457,12 @@ def _capture(model, adapter, inputs, layers, query):
     return [maps[b, :, :, : cap.n_tokens[b]] for b in range(maps.shape[0])], spans
 
 
-def _sample_gt(row, grid, gt: str, min_cells_per_box: int):
-    """-> (token mask [N] bool or float32, gt_source, error message)."""
-    from .geometry import boxes_to_token_mask, mask_to_token_mask
+def _sample_gt(row, grid, gt: str, min_cells_per_box: int, image_size=None, settings: dict | None = None):
+    """-> (token mask [N] bool or float32, gt_source, error message).
+
+    ``settings["box_mapping"]`` / ``settings["mask_box_end"]`` (absent = defaults): the study's box rule of
+    :func:`hf_vgrefine.geometry.study_token_mask` (``faithful=True``: stretch, inclusive-max mask boxes)."""
+    from .geometry import MASK_DERIVED_SOURCES, mask_to_token_mask, study_token_mask
 
     boxes = row.get("boxes")
     boxes = [] if boxes is None else [list(map(float, b)) for b in boxes]
@@ -477,8 +480,11 @@ def _sample_gt(row, grid, gt: str, min_cells_per_box: int):
             tm = mask_to_token_mask(marr, grid, mode=mode, on_empty="empty")
             src = "soft_mask" if fraction else "mask_cells"
         elif boxes:
-            tm = boxes_to_token_mask(boxes, grid, box_format="xywh", mode=mode, min_cells_per_box=min_cells_per_box,
-                                     on_empty="empty")
+            st = settings or {}
+            tm = study_token_mask(boxes, grid, image_size, box_mapping=st.get("box_mapping", "processor"),
+                                  mask_box_end=st.get("mask_box_end", "exclusive"),
+                                  from_mask=str(row.get("source", "")) in MASK_DERIVED_SOURCES, mode=mode,
+                                  min_cells_per_box=min_cells_per_box, on_empty="empty")
             src = "box_fraction" if fraction else "box"
         else:
             return np.zeros(grid.n_tokens, dtype=bool), "none", "sample has neither boxes nor a mask"
@@ -567,7 +573,8 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
                       scores: Iterable[str] | None = None, metric_options: dict | None = None,
                       min_cells_per_box: int = 1, chat_template: str | None = None, generic_cache_size: int = 1024,
                       progress: bool = True, n_boot: int = 1000, plot: bool = True,
-                      on_error: str = "raise") -> GroundingResults:
+                      on_error: str = "raise", box_mapping: str = "processor",
+                      mask_box_end: str = "exclusive") -> GroundingResults:
     """Measure attention-vs-region grounding of ``model`` on ``dataset``, per layer (and per head).
 
     Args:
@@ -594,6 +601,9 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
         min_cells_per_box: 1 (default) or 0 (faithful degenerate-box rule, method.md §3.2).
         generic_cache_size: images whose generic maps stay cached in memory (LRU).
         n_boot, plot: bootstrap resamples of the saved summary; write ``layers.png`` (with ``output_dir``).
+        box_mapping / mask_box_end: box → token rule (:func:`hf_vgrefine.geometry.study_token_mask`);
+            ``**hf_vgrefine.geometry.study_geometry(config)`` gives a VGRefine config's (``faithful=True``:
+            the released stretch mapping and inclusive-max mask boxes).
         on_error: a row whose image cannot be read (corrupt or truncated file): ``"raise"`` (default; the
             error names the row) or ``"skip"`` (go on; skipped rows are listed in ``results.info["skipped"]``
             and, with ``output_dir``, in ``skipped.json``; a rerun retries them).
@@ -634,6 +644,13 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
                 "instruction": instruction, "generic_question": generic_question, "head_norm": head_norm,
                 "scores": score_names, "metric_options": metric_options, "min_cells_per_box": int(min_cells_per_box),
                 "chat_template": chat_template}
+    if box_mapping not in ("processor", "pad", "stretch") or mask_box_end not in ("exclusive", "inclusive_max"):
+        raise ValueError(f"box_mapping={box_mapping!r} (processor | stretch), mask_box_end={mask_box_end!r} "
+                         "(exclusive | inclusive_max)")
+    if box_mapping == "stretch":            # recorded only when not the default (older runs stay resumable)
+        settings["box_mapping"] = "stretch"
+    if mask_box_end != "exclusive":
+        settings["mask_box_end"] = mask_box_end
     done: set = set()
     if output_dir is not None:
         _check_run(output_dir, settings, is_main, state)
@@ -832,7 +849,7 @@ def _measure_batch(model, processor, adapter, rows, idx, ids, layers, per_head, 
         if g_maps[b] is not None and g_maps[b].shape[-1] != N:
             raise RuntimeError(f"sample {ids[b]}: generic pass has {g_maps[b].shape[-1]} image tokens, question pass "
                                f"{N}: the two prompts must see the same image geometry")
-        tm, src, err = _sample_gt(row, grid, gt, min_cells_per_box)
+        tm, src, err = _sample_gt(row, grid, gt, min_cells_per_box, images[b].size, settings)
         tm_f = np.asarray(tm, dtype=np.float64)
         res = _score_sample(q_maps[b], g_maps[b], tm, grid, relative, per_head, head_norm, eps, score_names,
                             metric_options)
