@@ -105,6 +105,14 @@ def _gt_token_mask(adapter, processor, example, config=None):
                                   from_mask=str(example.get("source", "")) in MASK_DERIVED_SOURCES, **geo)
 
 
+def _transposed(gt: np.ndarray, grid_rc) -> np.ndarray:
+    """The token mask with rows and columns swapped (square grids; an all-False mask otherwise -> NaN AR)."""
+    rows, cols = grid_rc
+    if rows != cols or gt.size != rows * cols:
+        return np.zeros_like(gt)
+    return gt.reshape(rows, cols).T.reshape(-1).copy()
+
+
 def _layer_mean(cap, b: int) -> np.ndarray:
     return cap.sample(b).mean(1).detach().float().cpu().numpy()   # [n_layers, N]
 
@@ -139,7 +147,9 @@ def evaluate_refinement(model, processor, examples, config, batch_size: int = 16
             batch = examples[start:start + batch_size]
             inputs = to_model_inputs(build_inputs(processor, [e["image"] for e in batch], [e["question"] for e in batch],
                                                   instruction=config.instruction), model)
-            gts = [_gt_token_mask(adapter, processor, e, config)[1] for e in batch]
+            gt_pairs = [_gt_token_mask(adapter, processor, e, config) for e in batch]
+            gts = [g for _, g in gt_pairs]
+            grids_rc = [(gr.rows, gr.cols) for gr, _ in gt_pairs]
             with torch.no_grad():
                 base = model(**inputs, logits_to_keep=1).logits[:, -1].float()
                 refined = wrapper(**inputs).logits[:, -1].float()
@@ -181,6 +191,10 @@ def evaluate_refinement(model, processor, examples, config, batch_size: int = 16
                     "kept_in_region": float(keep_mask[gt].mean()) if gt.any() else float("nan"),
                     "kept_fraction": float(keep_mask.mean()),
                     "triage_ar": float(attention_ratio(tri.triage_map.cpu().numpy().astype(np.float64), gt)),
+                    # control: the same maps scored against the ground-truth token mask transposed (rows <-> cols)
+                    "ar_before_transposed": float(attention_ratio(a0, _transposed(gt, grids_rc[i]))),
+                    "triage_ar_transposed": float(attention_ratio(tri.triage_map.cpu().numpy().astype(np.float64),
+                                                                  _transposed(gt, grids_rc[i]))),
                     "oracle": "yes" if o_yes > o_no else "no", "oracle_margin": o_yes - o_no,
                     "ar_oracle": float(attention_ratio(a2, gt)), "mass_oracle": float(energy_pointing_game(a2, gt)),
                     "oracle_kept_fraction": float(oracle.last_triage[i].keep_mask.float().mean()),
@@ -259,9 +273,10 @@ def _overlay_figure(examples, maps, adapter, processor, layer: int, path: str) -
             title = cols[c - 1] if r == 0 else None
             if key == "triage":
                 plot_triage_overlay(img, vals, m["keep"], grid, mask=mask, ax=ax, colorbar=True, alpha=0.55,
-                                    title=title)
+                                    title=title, colorbar_label="triage score (question / generic)")
             else:
-                plot_attention_overlay(img, vals, grid, mask=mask, ax=ax, colorbar=True, alpha=0.55, title=title)
+                plot_attention_overlay(img, vals, grid, mask=mask, ax=ax, colorbar=True, alpha=0.55, title=title,
+                                       colorbar_label="relative attention (question / generic)")
     fig.tight_layout()
     save_figure(fig, path, bbox_inches=None)
     return path
@@ -345,6 +360,13 @@ def _render_markdown(results: dict) -> str:
         "",
         f"Best layer: **{g['best_layer']}** (relative AR {_fmt(g['best_layer_ar'])}; chance 1.0000).",
         "",
+        f"Control (box -> token geometry): at masked layer {cal['masked_layers'][0]} the triage map scores relative AR "
+        f"{_fmt(r['masked_layer_grounding']['vgrefine']['triage_attention_ratio'])} against the named structure's "
+        f"tokens and {_fmt(r['masked_layer_grounding']['control_transposed_mask']['triage_attention_ratio'])} against "
+        "the same token mask transposed (rows <-> cols); the raw last-token attention: "
+        f"{_fmt(r['masked_layer_grounding']['baseline']['attention_ratio'])} vs "
+        f"{_fmt(r['masked_layer_grounding']['control_transposed_mask']['attention_ratio'])}.",
+        "",
         "## 2. Calibration (masked layer and sensitive heads)",
         "",
         f"On the {cal['n_samples']} calibration examples: masked layer **{cal['masked_layers']}**, "
@@ -418,8 +440,9 @@ def _render_html(results: dict, markdown: str) -> str:
             text = html.escape(line)
             import re
 
-            text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
             text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+            text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+            text = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<i>\1</i>", text)
             out.append(f"<p>{text}</p>")
     if in_table:
         out.append("</table>")
@@ -557,7 +580,9 @@ def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine
                            "triage_attention_ratio": _r(_mean(rows, "triage_ar"))},
               "oracle": {"attention_ratio": _r(_mean(rows, "ar_oracle")), "region_mass": _r(_mean(rows, "mass_oracle")),
                          "kept_fraction": _r(_mean(rows, "oracle_kept_fraction"))},
-              "chance_region_mass": _r(_mean(rows, "f"))}
+              "chance_region_mass": _r(_mean(rows, "f")),
+              "control_transposed_mask": {"attention_ratio": _r(_mean(rows, "ar_before_transposed")),
+                                          "triage_attention_ratio": _r(_mean(rows, "triage_ar_transposed"))}}
     calib_info = {"masked_layers": cfg.masked_layers, "sensitive_heads": cfg.sensitive_heads,
                   "percentile": cfg.percentile, "k": k_eff, "n_samples": cfg.calibration.get("n_samples"),
                   "rule": cfg.calibration.get("rule"), "layer_curves": cfg.calibration.get("layer_curves"),

@@ -419,6 +419,8 @@ class GroundingResults:
         summ = self.summary(kinds=kinds, scores=scores, n_boot=n_boot)
         model = self.info.get("model", {})
         name = model.get("name_or_path") or model.get("class", "")
+        if name and os.path.isabs(str(name)):        # a local folder: its name, not the absolute path
+            name = os.path.basename(str(name).rstrip("/")) or str(name)
         title = title if title is not None else f"{name} — {len(self)} samples, gt={self.info.get('gt', '?')}"
         return plot_layer_curves(summ, path=path, scores=scores, kinds=kinds, title=title)
 
