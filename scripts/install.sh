@@ -21,3 +21,6 @@ if [ "${1:-}" = "--test" ]; then extra="[test]"; fi
 pip_args=(install -q -e ".${extra}")
 if [ -n "$constraints" ]; then pip_args+=(-c "$constraints"); fi
 python -m pip "${pip_args[@]}"
+# post-install: grounding_ratio metric + offline VGMED atlas into the HF cache ($HF_HOME), so that
+# evaluate.load("grounding_ratio") and load_dataset("vgmed") work offline from any directory (idempotent)
+hf-vgrefine setup --quiet

@@ -132,3 +132,25 @@ def test_tuned_vgrefine_row_on_the_same_test_questions(run):
     assert t["n_calibration"] == len(search["ids"]) and t["n_candidates"] == len(search["table"])
     assert (out / "search" / "search_gain_vs_percentile.png").stat().st_size > 1000
     assert "VGRefine (tuned on the calibration split)" in (out / demo.REPORT_MD).read_text()
+
+
+def test_transposed_mask_control_is_in_results_and_report(run):
+    out, r = run
+    ctrl = r["masked_layer_grounding"]["control_transposed_mask"]
+    per = [json.loads(line) for line in (out / "per_example.jsonl").read_text().splitlines()]
+    # the control is the mean of the per-example values, each the AR against the transposed token mask
+    vals = [p["triage_ar_transposed"] for p in per if p["triage_ar_transposed"] is not None]
+    assert ctrl["triage_attention_ratio"] == pytest.approx(sum(vals) / len(vals), abs=1e-4)
+    # on the grounded reference model the transposed mask scores far below the real one
+    assert ctrl["triage_attention_ratio"] < r["masked_layer_grounding"]["vgrefine"]["triage_attention_ratio"] / 2
+    md = (out / demo.REPORT_MD).read_text()
+    assert f"{ctrl['triage_attention_ratio']:.4f} against the same token mask transposed" in md
+
+
+def test_report_html_renders_markdown_emphasis(run):
+    out, _ = run
+    page = (out / demo.REPORT_HTML).read_text()
+    text = re.sub(r"<[^>]+>", "", page)
+    assert "<i>Oracle knockout</i>" in page and "<b>" in page
+    assert not re.search(r"(?<![\w*])\*[^*\s][^*]*\*(?![\w*])", text)       # no literal *emphasis*
+    assert "**" not in text

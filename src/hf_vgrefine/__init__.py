@@ -38,5 +38,7 @@ __all__ = ["__version__", *_LAZY]
 
 def __getattr__(name: str):
     if name in _LAZY:
+        # note: after ``hf_vgrefine.calibrate`` (the module) is imported, Python binds the package attribute
+        # ``calibrate`` to the module; that module is callable as the function (see calibrate.py)
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'hf_vgrefine' has no attribute {name!r}")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 import warnings
 from typing import Sequence
 
@@ -254,7 +255,8 @@ def _run_calibrate(args) -> int:
                     exclude_layers=args.exclude_layers, output_dir=args.out, batch_size=args.batch_size,
                     split_group=None, gt=args.gt, eps=args.eps, query=args.query,
                     instruction=None if args.no_instruction else args.instruction, percentile=args.percentile,
-                    progress=not args.no_progress, search=True if args.search else None)
+                    progress=not args.no_progress, search=True if args.search else None,
+                    on_error=args.on_error)
     if cfg is None:
         return 0
     cal = cfg.calibration
@@ -291,7 +293,9 @@ def add_cli(subparsers) -> None:
     add_common_arguments(p)
     p.add_argument("--split-group", default="calibration", choices=["all", "calibration", "test"],
                    help="use only rows of this VGMED split_group (default calibration, disjoint from test images)")
-    p.add_argument("--k", type=int, default=20, help="number of sensitive heads (default 20)")
+    from .outdir import percentile_value, positive_int
+
+    p.add_argument("--k", type=positive_int, default=20, help="number of sensitive heads (default 20)")
     p.add_argument("--criterion", default="attention_ratio",
                    help="layer-choice score: attention_ratio (default), kl_gt_attention, js_divergence, "
                         "energy_pointing_game, ... (KL/JS: lower is better)")
@@ -300,7 +304,7 @@ def add_cli(subparsers) -> None:
                         "(ascending)")
     p.add_argument("--exclude-layers", type=_int_list, default=[], metavar="L1,L2",
                    help="layers never chosen (neither as masked layer nor for heads), e.g. 0,1")
-    p.add_argument("--percentile", type=float, default=80.0,
+    p.add_argument("--percentile", type=percentile_value, default=80.0,
                    help="triage percentile stored in the config (default 80, the released value)")
     p.add_argument("--search", action="store_true",
                    help="then tune the knockout settings (layers, heads, threshold, normalisation, knockout heads) on "
@@ -308,3 +312,20 @@ def add_cli(subparsers) -> None:
                         "figure) and the tuned vgrefine_config.json")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=_run_calibrate)
+
+
+# ``hf_vgrefine.calibrate`` is both this module and the function: importing the submodule makes Python bind
+# the package attribute ``calibrate`` to the module, so ``from hf_vgrefine import calibrate`` can give either.
+# The module is made callable (and introspectable) as the function, so ``calibrate(model, ...)`` always works.
+class _CallableModule(type(sys.modules[__name__])):
+    def __call__(self, *args, **kwargs):
+        return calibrate(*args, **kwargs)
+
+    @property
+    def __signature__(self):
+        import inspect
+
+        return inspect.signature(calibrate)
+
+
+sys.modules[__name__].__class__ = _CallableModule

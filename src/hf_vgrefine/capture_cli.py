@@ -12,10 +12,16 @@ import argparse
 import json
 
 
+TINY_NOTICE = ("no --model given: using a tiny random-weight LLaVA built offline (a smoke test of the pipeline; "
+               "the numbers have no meaning). Pass --model ID_OR_PATH for a real model.")
+
+
 def add_cli(subparsers):
+    from .outdir import model_id_or_path, torch_device
+
     p = subparsers.add_parser("capture", help=__doc__.splitlines()[0], description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="hub id or local directory of a supported VLM (default: tiny "
+    p.add_argument("--model", default=None, type=model_id_or_path, help="hub id or local directory of a supported VLM (default: tiny "
                    "random LLaVA built offline)")
     p.add_argument("--image", default=None, help="image file (default: a synthetic 96x64 test image)")
     p.add_argument("--question", default="Is there an abnormality in the left lung?", help="question text")
@@ -23,7 +29,8 @@ def add_cli(subparsers):
                    help="region in original-image pixels (xywh) for the attention ratio")
     p.add_argument("--no-generic", action="store_true", help="raw attention only (skip the generic-prompt pass)")
     p.add_argument("--json", default=None, help="also write the per-layer table to this JSON file")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", default="cpu", type=torch_device,
+                   help="torch device for the model, also the tiny default one (default: cpu)")
     p.set_defaults(func=run)
     return p
 
@@ -34,7 +41,7 @@ def _load(model_id, device):
     if model_id is None:
         from .testing import build_tiny_model, tiny_processor
 
-        return build_tiny_model("llava", num_hidden_layers=4).model, tiny_processor("llava")
+        return build_tiny_model("llava", num_hidden_layers=4).model.to(device).eval(), tiny_processor("llava")
     model = AutoModelForImageTextToText.from_pretrained(model_id).to(device).eval()
     return model, AutoProcessor.from_pretrained(model_id)
 
@@ -85,6 +92,8 @@ def capture_summary(model, processor, image, question, box=None, generic=True) -
 
 
 def run(args) -> int:
+    if args.model is None:
+        print(TINY_NOTICE)
     model, processor = _load(args.model, args.device)
     rows = capture_summary(model, processor, _image(args.image), args.question, box=args.box,
                            generic=not args.no_generic)

@@ -15,6 +15,7 @@ import sys
 
 # (command name, implementing module, one-line help). Order = order in --help.
 COMMANDS: list[tuple[str, str, str]] = [
+    ("setup", "hf_vgrefine.setup_cmd", "post-install: put the grounding_ratio metric and VGMED atlas into the HF cache"),
     ("demo", "hf_vgrefine.demo", "offline end-to-end run on the embedded default (build, measure, calibrate, refine, report)"),
     ("capture", "hf_vgrefine.capture_cli", "per-layer last-token attention of a model to an image (where does it look?)"),
     ("build-vgmed", "hf_vgrefine.data.cli", "build a VGMED configuration as parquet + dataset card"),
@@ -64,7 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if command is None else 2
-    return int(args.func(args) or 0)
+    from .outdir import ForeignOutputError
+
+    try:
+        return int(args.func(args) or 0)
+    except ForeignOutputError as e:   # a refused output folder is a usage error, not a crash
+        print(f"hf-vgrefine {command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -94,11 +94,23 @@ def _answer_token_ids(processor) -> tuple[int, int]:
     return ids[0], ids[1]
 
 
-def _gt_token_mask(adapter, processor, example):
-    from .geometry import boxes_to_token_mask
+def _gt_token_mask(adapter, processor, example, config=None):
+    """Ground-truth token mask of the example's boxes by the config's box rule (``faithful=True``: the released
+    stretch mapping and inclusive-max mask boxes; default: the processor's real geometry)."""
+    from .geometry import MASK_DERIVED_SOURCES, study_geometry, study_token_mask
 
     grid = adapter.token_grid(processor, example["image"].size)
-    return grid, boxes_to_token_mask(example["boxes"], grid, box_format="xywh", mode="any", on_empty="empty")
+    geo = study_geometry(config) if config is not None else {}
+    return grid, study_token_mask(example["boxes"], grid, example["image"].size, mode="any", on_empty="empty",
+                                  from_mask=str(example.get("source", "")) in MASK_DERIVED_SOURCES, **geo)
+
+
+def _transposed(gt: np.ndarray, grid_rc) -> np.ndarray:
+    """The token mask with rows and columns swapped (square grids; an all-False mask otherwise -> NaN AR)."""
+    rows, cols = grid_rc
+    if rows != cols or gt.size != rows * cols:
+        return np.zeros_like(gt)
+    return gt.reshape(rows, cols).T.reshape(-1).copy()
 
 
 def _layer_mean(cap, b: int) -> np.ndarray:
@@ -135,7 +147,9 @@ def evaluate_refinement(model, processor, examples, config, batch_size: int = 16
             batch = examples[start:start + batch_size]
             inputs = to_model_inputs(build_inputs(processor, [e["image"] for e in batch], [e["question"] for e in batch],
                                                   instruction=config.instruction), model)
-            gts = [_gt_token_mask(adapter, processor, e)[1] for e in batch]
+            gt_pairs = [_gt_token_mask(adapter, processor, e, config) for e in batch]
+            gts = [g for _, g in gt_pairs]
+            grids_rc = [(gr.rows, gr.cols) for gr, _ in gt_pairs]
             with torch.no_grad():
                 base = model(**inputs, logits_to_keep=1).logits[:, -1].float()
                 refined = wrapper(**inputs).logits[:, -1].float()
@@ -177,6 +191,10 @@ def evaluate_refinement(model, processor, examples, config, batch_size: int = 16
                     "kept_in_region": float(keep_mask[gt].mean()) if gt.any() else float("nan"),
                     "kept_fraction": float(keep_mask.mean()),
                     "triage_ar": float(attention_ratio(tri.triage_map.cpu().numpy().astype(np.float64), gt)),
+                    # control: the same maps scored against the ground-truth token mask transposed (rows <-> cols)
+                    "ar_before_transposed": float(attention_ratio(a0, _transposed(gt, grids_rc[i]))),
+                    "triage_ar_transposed": float(attention_ratio(tri.triage_map.cpu().numpy().astype(np.float64),
+                                                                  _transposed(gt, grids_rc[i]))),
                     "oracle": "yes" if o_yes > o_no else "no", "oracle_margin": o_yes - o_no,
                     "ar_oracle": float(attention_ratio(a2, gt)), "mass_oracle": float(energy_pointing_game(a2, gt)),
                     "oracle_kept_fraction": float(oracle.last_triage[i].keep_mask.float().mean()),
@@ -275,13 +293,25 @@ def evaluate_tuned(model, processor, examples, config, batch_size: int = 16, pro
 
 def _run_tuning(model, processor, images, test, cfg, out, calibration_limit, batch_size, progress, timing):
     """Knockout search on the tuning split (written to ``out/search``) and the tuned config's test answers."""
+    from .outdir import make_stage, mark, replace_dir
     from .tuning import search_knockout
 
     t = time.perf_counter()
     calib = tuning_examples(images, test, limit=calibration_limit)
     _say(f"[demo] tuning VGRefine's knockout on {len(calib)} calibration questions (accuracy gain)", progress)
-    res = search_knockout(model, processor, calib, cfg, space=TUNE_SPACE, batch_size=max(batch_size, 48),
-                          output_dir=str(Path(out) / "search"), progress=progress)
+    stage = make_stage(out, "search")           # written aside, renamed over a previous demo's search at the end
+    try:
+        mark(stage, "demo")
+        res = search_knockout(model, processor, calib, cfg, space=TUNE_SPACE, batch_size=max(batch_size, 48),
+                              output_dir=str(stage), progress=progress)
+        kept = replace_dir(stage, Path(out) / "search")
+    finally:
+        if stage.exists():
+            import shutil
+
+            shutil.rmtree(stage, ignore_errors=True)   # our own staging folder
+    if kept is not None:
+        _say(f"[demo] an existing {Path(out) / 'search'} not written by the demo was kept as {kept}", progress)
     timing["tune_search_s"] = time.perf_counter() - t
     t = time.perf_counter()
     answers = evaluate_tuned(model, processor, test, res.config, batch_size=batch_size, progress=progress)
@@ -387,9 +417,10 @@ def _overlay_figure(examples, maps, adapter, processor, layer: int, path: str) -
             title = cols[c - 1] if r == 0 else None
             if key == "triage":
                 plot_triage_overlay(img, vals, m["keep"], grid, mask=mask, ax=ax, colorbar=True, alpha=0.55,
-                                    title=title)
+                                    title=title, colorbar_label="triage score (question / generic)")
             else:
-                plot_attention_overlay(img, vals, grid, mask=mask, ax=ax, colorbar=True, alpha=0.55, title=title)
+                plot_attention_overlay(img, vals, grid, mask=mask, ax=ax, colorbar=True, alpha=0.55, title=title,
+                                       colorbar_label="relative attention (question / generic)")
     fig.tight_layout()
     save_figure(fig, path, bbox_inches=None)
     return path
@@ -473,6 +504,13 @@ def _render_markdown(results: dict) -> str:
         "",
         f"Best layer: **{g['best_layer']}** (relative AR {_fmt(g['best_layer_ar'])}; chance 1.0000).",
         "",
+        f"Control (box -> token geometry): at masked layer {cal['masked_layers'][0]} the triage map scores relative AR "
+        f"{_fmt(r['masked_layer_grounding']['vgrefine']['triage_attention_ratio'])} against the named structure's "
+        f"tokens and {_fmt(r['masked_layer_grounding']['control_transposed_mask']['triage_attention_ratio'])} against "
+        "the same token mask transposed (rows <-> cols); the raw last-token attention: "
+        f"{_fmt(r['masked_layer_grounding']['baseline']['attention_ratio'])} vs "
+        f"{_fmt(r['masked_layer_grounding']['control_transposed_mask']['attention_ratio'])}.",
+        "",
         "## 2. Calibration (masked layer and sensitive heads)",
         "",
         f"On the {cal['n_samples']} calibration examples: masked layer **{cal['masked_layers']}**, "
@@ -547,8 +585,9 @@ def _render_html(results: dict, markdown: str) -> str:
             text = html.escape(line)
             import re
 
-            text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
             text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+            text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+            text = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<i>\1</i>", text)
             out.append(f"<p>{text}</p>")
     if in_table:
         out.append("</table>")
@@ -561,12 +600,13 @@ def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine
              calibration_limit: int | None = None, k: int | None = None, percentile: float = 80.0,
              batch_size: int = 16, seed: int = 0, html_report: bool = True, n_overlays: int = 3,
              progress: bool = True, dtype: str = "float32", device: str | None = None, threads: int | None = None,
-             command: str | None = None, tune: bool = True) -> dict:
+             command: str | None = None, tune: bool = True, overwrite: bool = False) -> dict:
     """Run the demo and write the report; returns the results dict (also saved as ``results.json``).
 
     Args:
         model: hub id or local folder (default: the shipped reference VLM).
-        out_dir: report folder (created; files are overwritten).
+        out_dir: report folder (created and marked as the demo's; a folder holding other files is refused
+            unless ``overwrite=True``, which writes the demo's files and keeps every other file).
         limit: test targets to use (2 examples each; default all 226 of the 8 test slices).
         calibration_limit: calibration targets (default all 48 of the 2 calibration slices).
         k: sensitive heads to select (default ``min(20, max(2, layers*heads // 4))``).
@@ -594,18 +634,17 @@ def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine
         threads = 1   # the reference model is tiny: one thread is as fast and immune to CPU oversubscription
     if threads:
         torch.set_num_threads(int(threads))
-    out = Path(out_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    import shutil
+    from .outdir import claim_output_dir, make_stage, mark, replace_dir
 
-    shutil.rmtree(out / "calibration", ignore_errors=True)   # a previous demo's calibration (resumable run folder)
-    shutil.rmtree(out / "search", ignore_errors=True)        # a previous demo's knockout search
     model_id = str(model) if model else str(reference_model_dir())
     _say(f"[demo] loading model {model_id}", progress)
     t = time.perf_counter()
     mdl, processor = load_model_and_processor(model_id, dtype=dtype, device=device)
     adapter = get_adapter(mdl)
     timing["load_model_s"] = time.perf_counter() - t
+    # the output folder is touched only once the model loaded; a folder with files the demo did not write is
+    # refused unless overwrite=True, and nothing the package did not create is ever deleted
+    out = claim_output_dir(out_dir, "demo", overwrite=overwrite)
 
     _say("[demo] loading VGMED atlas (built on first use, offline)", progress)
     t = time.perf_counter()
@@ -628,8 +667,19 @@ def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine
     k_eff = int(k) if k else min(20, max(2, (L * H) // 4))
     _say(f"[demo] calibrating (masked layer + top-{k_eff} heads) on {len(calib)} calibration examples", progress)
     t = time.perf_counter()
-    cfg = calibrate(mdl, processor, calib, k=k_eff, split_group=None, percentile=percentile, batch_size=batch_size,
-                    output_dir=str(out / "calibration"), progress=progress)
+    calib_stage = make_stage(out, "calibration")   # fresh (calibration output folders resume), renamed at the end
+    try:
+        mark(calib_stage, "demo")
+        cfg = calibrate(mdl, processor, calib, k=k_eff, split_group=None, percentile=percentile,
+                        batch_size=batch_size, output_dir=str(calib_stage), progress=progress)
+        kept = replace_dir(calib_stage, out / "calibration")
+    finally:
+        if calib_stage.exists():
+            import shutil
+
+            shutil.rmtree(calib_stage, ignore_errors=True)   # our own staging folder
+    if kept is not None:
+        _say(f"[demo] an existing {out / 'calibration'} not written by the demo was kept as {kept}", progress)
     timing["calibrate_s"] = time.perf_counter() - t
 
     _say("[demo] baseline vs VGRefine on the test examples", progress)
@@ -685,7 +735,9 @@ def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine
                            "triage_attention_ratio": _r(_mean(rows, "triage_ar"))},
               "oracle": {"attention_ratio": _r(_mean(rows, "ar_oracle")), "region_mass": _r(_mean(rows, "mass_oracle")),
                          "kept_fraction": _r(_mean(rows, "oracle_kept_fraction"))},
-              "chance_region_mass": _r(_mean(rows, "f"))}
+              "chance_region_mass": _r(_mean(rows, "f")),
+              "control_transposed_mask": {"attention_ratio": _r(_mean(rows, "ar_before_transposed")),
+                                          "triage_attention_ratio": _r(_mean(rows, "triage_ar_transposed"))}}
     calib_info = {"masked_layers": cfg.masked_layers, "sensitive_heads": cfg.sensitive_heads,
                   "percentile": cfg.percentile, "k": k_eff, "n_samples": cfg.calibration.get("n_samples"),
                   "rule": cfg.calibration.get("rule"), "layer_curves": cfg.calibration.get("layer_curves"),
@@ -763,13 +815,15 @@ def _run(args) -> int:
     run_demo(model=args.model, out_dir=args.out, limit=args.limit, calibration_limit=args.calibration_limit,
              k=args.k, percentile=args.percentile, batch_size=args.batch_size, seed=args.seed,
              html_report=not args.no_html, progress=not args.no_progress, dtype=args.dtype, device=args.device,
-             threads=args.threads, command=" ".join(argv), tune=not args.no_tune)
+             threads=args.threads, command=" ".join(argv), tune=not args.no_tune, overwrite=args.overwrite)
     return 0
 
 
 def add_cli(subparsers) -> None:
     """Register ``hf-vgrefine demo``."""
     import argparse
+
+    from .outdir import model_id_or_path, percentile_value, positive_int
 
     p = subparsers.add_parser(
         "demo", help="offline end-to-end run on the embedded default (build, measure, calibrate, refine, report)",
@@ -778,23 +832,27 @@ def add_cli(subparsers) -> None:
             "Offline end-to-end run: build/load VGMED atlas, measure where the model looks (per layer, relative\n"
             "attention vs the named structure), calibrate VGRefine's masked layer and heads, compare baseline and\n"
             "VGRefine on held-out yes/no questions, and write report.md/report.html with figures and results.json.\n"
-            "Default model: the package's small reference VLM trained on the atlas grounding task (CPU, ~1-3 min)."),
+            "Default model: the package's small reference VLM trained on the atlas grounding task (CPU, about 30-40 s\n"
+            "on 2 cores). Output goes to --out (default ./hf_vgrefine_demo); a folder holding files the demo did not\n"
+            "write is refused unless --overwrite (other files are then kept)."),
     )
-    p.add_argument("--model", default=None, metavar="ID_OR_PATH",
+    p.add_argument("--model", default=None, metavar="ID_OR_PATH", type=model_id_or_path,
                    help="hub id or local folder (AutoModelForImageTextToText + AutoProcessor); default: the shipped "
                         "reference VLM")
     p.add_argument("--out", default="hf_vgrefine_demo", metavar="DIR", help="report folder (default ./hf_vgrefine_demo)")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing --out folder that holds files the demo did not write (they are kept)")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="use only the first N test targets (2 examples each; default all 226)")
-    p.add_argument("--calibration-limit", type=int, default=None, metavar="N",
+    p.add_argument("--calibration-limit", type=positive_int, default=None, metavar="N",
                    help="use only the first N calibration targets (default all 48)")
-    p.add_argument("--k", type=int, default=None, help="sensitive heads to calibrate (default min(20, layers*heads/4))")
-    p.add_argument("--percentile", type=float, default=80.0, help="VGRefine triage percentile (default 80)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--k", type=positive_int, default=None, help="sensitive heads to calibrate (default min(20, layers*heads/4))")
+    p.add_argument("--percentile", type=percentile_value, default=80.0, help="VGRefine triage percentile (default 80)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward pass (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out lesion placement (default 0)")
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="device (default cpu, or the accelerate device)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: 1 for the reference model, else torch's choice)")
     p.add_argument("--no-html", action="store_true", help="write report.md only")
     p.add_argument("--no-tune", action="store_true",

@@ -141,7 +141,13 @@ class GenericMapCache:
         arr = value.detach().float().cpu().numpy() if kind == "torch" else np.asarray(value)
         data = save({"map": np.ascontiguousarray(arr)}, metadata={"key": repr(key), "kind": kind,
                                                                   "dtype": str(value.dtype)})
-        atomic_write(path, data)
+        try:
+            atomic_write(path, data)
+        except OSError as err:  # the disk store is optional: warn once, then keep entries in memory only
+            logger.warning("generic-map cache directory %s is unusable (%s: %s); continuing with the in-memory cache "
+                           "only (pass a writable cache_dir / --generic-cache-dir to persist the maps)",
+                           self.directory, type(err).__name__, err)
+            self.directory = None
 
     def _load(self, key):
         path = self._path(key)

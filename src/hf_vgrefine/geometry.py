@@ -455,3 +455,68 @@ def indices_to_token_mask(indices: Any, grid: TokenGrid) -> np.ndarray:
     out = np.zeros(grid.n_tokens, dtype=bool)
     out[k] = True
     return out
+
+
+# ------------------------------------------------------------------------------------ the study's box -> tokens
+#: VGMED sources whose boxes are mask extents (the released preparation code's inclusive-max boxes, and the
+#: package's own atlas lesions derived the same way from masks).
+MASK_DERIVED_SOURCES = ("sa_med2d_20m", "polyp_db", "cxr_lungs", "unknown", "mricron_aal", "pydicom_testdata")
+
+
+def released_box_end(box_xywh: Sequence[float]) -> list:
+    """A mask-extent box ``[x, y, w, h]`` (``w = x_max - x_min + 1``, the package's exclusive end) as the
+    released code reads it: ``[x_min, y_min, x_max, y_max]`` taken as corners, i.e. ``w - 1`` / ``h - 1``."""
+    x, y, w, h = (float(v) for v in box_xywh)
+    return [x, y, max(w - 1.0, 0.0), max(h - 1.0, 0.0)]
+
+
+def study_token_mask(boxes: Any, grid: TokenGrid, image_size: Sequence[int] | None = None, *,
+                     box_mapping: str = "processor", mask_box_end: str = "exclusive", from_mask: bool = False,
+                     min_cells_per_box: int = 1, mode: str = "any", on_empty: str = "empty") -> np.ndarray:
+    """Ground-truth token mask of ``boxes`` (xywh, original pixels) for the study's metrics.
+
+    ``box_mapping``: ``"processor"`` (default: ``grid`` as the processor really maps the image, e.g.
+    pad-to-square aware) or ``"stretch"`` (``VGRefineConfig.huatuo_box_mapping="stretch"``: the released
+    metric script's plain stretch of the original ``image_size`` onto ``grid.rows x grid.cols``, ignoring
+    padding and cropping). ``mask_box_end``: ``"exclusive"`` (default) or ``"inclusive_max"``
+    (``faithful=True``: boxes that are mask extents, ``from_mask=True``, end at the last mask pixel,
+    :func:`released_box_end`). ``min_cells_per_box``, ``mode``, ``on_empty``: as :func:`boxes_to_token_mask`.
+    """
+    _check_choice(box_mapping, ("processor", "pad", "stretch"), "box_mapping")
+    _check_choice(mask_box_end, ("exclusive", "inclusive_max"), "mask_box_end")
+    if box_mapping == "stretch":
+        if image_size is None:
+            raise ValueError("box_mapping='stretch' needs the original image_size (W, H)")
+        grid = TokenGrid.stretch(image_size, grid.rows, grid.cols)
+    b = [list(map(float, x)) for x in boxes]
+    if not (mask_box_end == "inclusive_max" and from_mask):
+        return boxes_to_token_mask(b, grid, box_format="xywh", mode=mode, min_cells_per_box=min_cells_per_box,
+                                   on_empty=on_empty)
+    b = [released_box_end(x) for x in b]
+    proper = [x for x in b if x[2] > 0 and x[3] > 0]
+    out = (boxes_to_token_mask(proper, grid, box_format="xywh", mode=mode, min_cells_per_box=min_cells_per_box,
+                               on_empty="empty") if proper else
+           np.zeros(grid.n_tokens, dtype=bool if mode == "any" else np.float32))
+    if mode == "any":   # a one-pixel-wide mask gives a zero-width released box: the cover rule on its line
+        sx, sy = grid.scale
+        ox, oy = grid.offset
+        wc, hc = grid.canvas_size
+        tw, th = grid.cell_size
+        cells = out.reshape(grid.rows, grid.cols)
+        for x, y, w, h in (x for x in b if not (x[2] > 0 and x[3] > 0)):
+            x0, x1 = np.clip([x * sx + ox, (x + w) * sx + ox], 0, wc)
+            y0, y1 = np.clip([y * sy + oy, (y + h) * sy + oy], 0, hc)
+            c_lo, c_hi = max(int(math.floor(x0 / tw + _EPS)), 0), min(int(math.ceil(x1 / tw - _EPS)), grid.cols)
+            r_lo, r_hi = max(int(math.floor(y0 / th + _EPS)), 0), min(int(math.ceil(y1 / th - _EPS)), grid.rows)
+            if min_cells_per_box:
+                c_lo, r_lo = min(c_lo, grid.cols - 1), min(r_lo, grid.rows - 1)
+                c_hi, r_hi = max(c_hi, c_lo + 1), max(r_hi, r_lo + 1)
+            cells[r_lo:r_hi, c_lo:c_hi] = True
+    return _finish(out, grid, on_empty, f"the box union ({len(b)} box(es))")
+
+
+def study_geometry(config: Any) -> dict:
+    """``measure_grounding`` keyword arguments for the box → token rule of a ``VGRefineConfig``
+    (``faithful=True``: stretch mapping, inclusive-max mask boxes, no minimum cell)."""
+    return {"box_mapping": "stretch" if config.huatuo_box_mapping == "stretch" else "processor",
+            "mask_box_end": config.mask_box_end, "min_cells_per_box": int(config.min_cells_per_box)}

@@ -419,6 +419,8 @@ class GroundingResults:
         summ = self.summary(kinds=kinds, scores=scores, n_boot=n_boot)
         model = self.info.get("model", {})
         name = model.get("name_or_path") or model.get("class", "")
+        if name and os.path.isabs(str(name)):        # a local folder: its name, not the absolute path
+            name = os.path.basename(str(name).rstrip("/")) or str(name)
         title = title if title is not None else f"{name} — {len(self)} samples, gt={self.info.get('gt', '?')}"
         return plot_layer_curves(summ, path=path, scores=scores, kinds=kinds, title=title)
 
@@ -457,9 +459,12 @@ def _capture(model, adapter, inputs, layers, query):
     return [maps[b, :, :, : cap.n_tokens[b]] for b in range(maps.shape[0])], spans
 
 
-def _sample_gt(row, grid, gt: str, min_cells_per_box: int):
-    """-> (token mask [N] bool or float32, gt_source, error message)."""
-    from .geometry import boxes_to_token_mask, mask_to_token_mask
+def _sample_gt(row, grid, gt: str, min_cells_per_box: int, image_size=None, settings: dict | None = None):
+    """-> (token mask [N] bool or float32, gt_source, error message).
+
+    ``settings["box_mapping"]`` / ``settings["mask_box_end"]`` (absent = defaults): the study's box rule of
+    :func:`hf_vgrefine.geometry.study_token_mask` (``faithful=True``: stretch, inclusive-max mask boxes)."""
+    from .geometry import MASK_DERIVED_SOURCES, mask_to_token_mask, study_token_mask
 
     boxes = row.get("boxes")
     boxes = [] if boxes is None else [list(map(float, b)) for b in boxes]
@@ -477,8 +482,11 @@ def _sample_gt(row, grid, gt: str, min_cells_per_box: int):
             tm = mask_to_token_mask(marr, grid, mode=mode, on_empty="empty")
             src = "soft_mask" if fraction else "mask_cells"
         elif boxes:
-            tm = boxes_to_token_mask(boxes, grid, box_format="xywh", mode=mode, min_cells_per_box=min_cells_per_box,
-                                     on_empty="empty")
+            st = settings or {}
+            tm = study_token_mask(boxes, grid, image_size, box_mapping=st.get("box_mapping", "processor"),
+                                  mask_box_end=st.get("mask_box_end", "exclusive"),
+                                  from_mask=str(row.get("source", "")) in MASK_DERIVED_SOURCES, mode=mode,
+                                  min_cells_per_box=min_cells_per_box, on_empty="empty")
             src = "box_fraction" if fraction else "box"
         else:
             return np.zeros(grid.n_tokens, dtype=bool), "none", "sample has neither boxes nor a mask"
@@ -566,7 +574,9 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
                       generic_question: str = GENERIC_QUESTION, head_norm: str = "per_head",
                       scores: Iterable[str] | None = None, metric_options: dict | None = None,
                       min_cells_per_box: int = 1, chat_template: str | None = None, generic_cache_size: int = 1024,
-                      progress: bool = True, n_boot: int = 1000, plot: bool = True) -> GroundingResults:
+                      progress: bool = True, n_boot: int = 1000, plot: bool = True,
+                      on_error: str = "raise", box_mapping: str = "processor",
+                      mask_box_end: str = "exclusive") -> GroundingResults:
     """Measure attention-vs-region grounding of ``model`` on ``dataset``, per layer (and per head).
 
     Args:
@@ -593,6 +603,12 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
         min_cells_per_box: 1 (default) or 0 (faithful degenerate-box rule, method.md §3.2).
         generic_cache_size: images whose generic maps stay cached in memory (LRU).
         n_boot, plot: bootstrap resamples of the saved summary; write ``layers.png`` (with ``output_dir``).
+        box_mapping / mask_box_end: box → token rule (:func:`hf_vgrefine.geometry.study_token_mask`);
+            ``**hf_vgrefine.geometry.study_geometry(config)`` gives a VGRefine config's (``faithful=True``:
+            the released stretch mapping and inclusive-max mask boxes).
+        on_error: a row whose image cannot be read (corrupt or truncated file): ``"raise"`` (default; the
+            error names the row) or ``"skip"`` (go on; skipped rows are listed in ``results.info["skipped"]``
+            and, with ``output_dir``, in ``skipped.json``; a rerun retries them).
     Returns:
         :class:`GroundingResults` (on the main process: all samples, merged over processes).
     """
@@ -607,6 +623,8 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
         raise ValueError(f"head_norm must be 'per_head' or 'layer_mean', got {head_norm!r}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise TypeError("dataset must support len() and indexing (a datasets.Dataset or a list of dicts); "
                         "for an IterableDataset, materialise it first (e.g. Dataset.from_list(list(ds.take(n))))")
@@ -628,6 +646,13 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
                 "instruction": instruction, "generic_question": generic_question, "head_norm": head_norm,
                 "scores": score_names, "metric_options": metric_options, "min_cells_per_box": int(min_cells_per_box),
                 "chat_template": chat_template}
+    if box_mapping not in ("processor", "pad", "stretch") or mask_box_end not in ("exclusive", "inclusive_max"):
+        raise ValueError(f"box_mapping={box_mapping!r} (processor | stretch), mask_box_end={mask_box_end!r} "
+                         "(exclusive | inclusive_max)")
+    if box_mapping == "stretch":            # recorded only when not the default (older runs stay resumable)
+        settings["box_mapping"] = "stretch"
+    if mask_box_end != "exclusive":
+        settings["mask_box_end"] = mask_box_end
     done: set = set()
     if output_dir is not None:
         _check_run(output_dir, settings, is_main, state)
@@ -642,10 +667,23 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
     local_parts = []
     bar = _progress(len(todo), progress and (state is None or state.is_local_main_process))
     t0 = time.time()
+    skipped = []
     try:
         for start in range(0, len(todo), int(batch_size)):
-            idx = todo[start:start + int(batch_size)]
-            rows = [dataset[i] for i in idx]
+            idx, rows = [], []
+            for i in todo[start:start + int(batch_size)]:
+                row, err = _fetch_row(dataset, i, ids[i])
+                if err is None:
+                    idx.append(i)
+                    rows.append(row)
+                elif on_error == "skip":
+                    skipped.append({"index": i, "id": ids[i], "error": err})
+                else:
+                    raise ValueError(f"{err}; fix or drop that row, or pass on_error='skip' (CLI: --on-error skip) to "
+                                     "skip such rows and list them in the results")
+            if not rows:
+                bar.update(len(todo[start:start + int(batch_size)]))
+                continue
             part = _measure_batch(model, processor, adapter, rows, idx, [ids[i] for i in idx], layer_list, per_head,
                                   relative, query, gt, eps, instruction, generic_question, head_norm, score_names,
                                   metric_options, min_cells_per_box, chat_template, cache, counters, int(batch_size),
@@ -655,10 +693,15 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
                 part.to_parquet(os.path.join(output_dir, SHARD_DIR, f"rank{rank:03d}-{shard_seq:06d}.parquet"))
             else:
                 local_parts.append(part)
-            bar.update(len(idx))
+            bar.update(len(todo[start:start + int(batch_size)]))
     finally:
         bar.close()
     counters["seconds"] = round(time.time() - t0, 3)
+    counters["skipped"] = len(skipped)
+    if skipped and world > 1:
+        from accelerate.utils import gather_object
+
+        skipped = list(gather_object(skipped))
     counters["generic_cache_hits"] = cache.hits
 
     if state is not None and world > 1:
@@ -670,6 +713,9 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
         if results is None:
             results = _empty_results(settings, score_names)
         results.info["last_run"] = counters
+        results.info["skipped"] = skipped
+        if skipped:
+            _atomic_write_json(os.path.join(output_dir, "skipped.json"), skipped)
         results.save(output_dir, n_boot=n_boot, plot=plot)
         return results
     if world > 1:
@@ -681,7 +727,21 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
         local_parts = [GroundingResults._from_payload(x) for x in gathered]
     results = GroundingResults.concat(local_parts).sort_by_index() if local_parts else _empty_results(settings, score_names)
     results.info["last_run"] = counters
+    results.info["skipped"] = skipped
     return results
+
+
+def _fetch_row(dataset, i: int, row_id) -> tuple[dict | None, str | None]:
+    """Row ``i`` with its image decoded (RGB, pixels loaded), or ``(None, message naming the row)``."""
+    try:
+        row = dataset[i]
+        img = _rgb(row["image"])
+        img.load()
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError) as e:
+        return None, f"row {i} (id {row_id!r}): its image cannot be read ({type(e).__name__}: {e})"
+    row = dict(row)
+    row["image"] = img
+    return row, None
 
 
 def _dataset_ids(dataset) -> list[str]:
@@ -791,7 +851,7 @@ def _measure_batch(model, processor, adapter, rows, idx, ids, layers, per_head, 
         if g_maps[b] is not None and g_maps[b].shape[-1] != N:
             raise RuntimeError(f"sample {ids[b]}: generic pass has {g_maps[b].shape[-1]} image tokens, question pass "
                                f"{N}: the two prompts must see the same image geometry")
-        tm, src, err = _sample_gt(row, grid, gt, min_cells_per_box)
+        tm, src, err = _sample_gt(row, grid, gt, min_cells_per_box, images[b].size, settings)
         tm_f = np.asarray(tm, dtype=np.float64)
         res = _score_sample(q_maps[b], g_maps[b], tm, grid, relative, per_head, head_norm, eps, score_names,
                             metric_options)
@@ -838,6 +898,11 @@ def load_model_and_processor(model_id: str, dtype: str = "auto", device: str | N
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from .outdir import model_reference_error
+
+    err = model_reference_error(str(model_id))
+    if err:
+        raise ValueError(err)
     kw = {"revision": revision} if revision else {}
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=torch_dtype, **kw)
@@ -922,8 +987,10 @@ def _kv(text: str):
 
 def add_common_arguments(p) -> None:
     """Options shared by ``measure`` and ``calibrate``."""
+    from .outdir import model_id_or_path, positive_int
+
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", required=True, metavar="ID_OR_PATH",
+    g.add_argument("--model", required=True, metavar="ID_OR_PATH", type=model_id_or_path,
                    help="model to load with AutoModelForImageTextToText + AutoProcessor: a hub id or a local folder "
                         "written by save_pretrained")
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --model")
@@ -933,7 +1000,7 @@ def add_common_arguments(p) -> None:
                         "the package's VGMED")
     g.add_argument("--config", default=None, metavar="CFG", help="dataset configuration name (e.g. atlas, slake, full)")
     g.add_argument("--split", default="test", help="dataset split (default: test)")
-    g.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N rows (after --split-group)")
+    g.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N rows (after --split-group)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model weights dtype (attention is always captured in fp32)")
     g.add_argument("--device", default=None, help="device (default: the accelerate process device, else cpu)")
@@ -943,7 +1010,7 @@ def add_common_arguments(p) -> None:
                         "Use the same settings for calibration and inference")
     m = p.add_argument_group("measurement")
     m.add_argument("--layers", default="all", help="decoder layers: 'all' or a list like 0,4,10-15 (default all)")
-    m.add_argument("--batch-size", type=int, default=4, help="prompts per forward pass (default 4)")
+    m.add_argument("--batch-size", type=positive_int, default=4, help="prompts per forward pass (default 4)")
     m.add_argument("--gt", default="box", choices=list(GT_MODES),
                    help="ground-truth tokens: box = cells touched by a box (default); mask_cells = cells touching a "
                         "mask pixel; soft_mask = covered fraction per cell")
@@ -955,6 +1022,9 @@ def add_common_arguments(p) -> None:
                    help=f"suffix appended to every prompt with one space (default: {INSTRUCTION!r})")
     m.add_argument("--no-instruction", action="store_true", help="do not append any instruction suffix")
     m.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    m.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                   help="a row whose image cannot be read: stop naming the row (raise, default) or skip it and list "
+                        "it in skipped.json / the results (skip)")
 
 
 def _load_from_args(args, strict_group: bool = True):
@@ -984,7 +1054,7 @@ def _run_measure(args) -> int:
                             relative=not args.raw_only, batch_size=args.batch_size, output_dir=args.out,
                             query=args.query, gt=args.gt, eps=args.eps,
                             instruction=None if args.no_instruction else args.instruction,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, on_error=args.on_error)
     if res is None:  # non-main process
         return 0
     _print_layer_table(res)

@@ -422,7 +422,8 @@ def _block_scores(
                 gb = inv_b[row]
                 corr = pb * np.log(0.5 * pb + EPS) - (pb + gb) * np.log(0.5 * (pb + gb) + EPS)
                 t12 += np.bincount(row, weights=corr, minlength=k) + np.log(inv_b + EPS)
-            out["js_divergence"] = 0.5 * t12
+            # rounding can leave -4e-14 for identical maps: clamp to the documented range [0, ln 2] (NaN kept)
+            out["js_divergence"] = np.clip(0.5 * t12, 0.0, math.log(2.0))
 
     if "pointing_game" in need:
         tol = opt["tolerance"]
@@ -805,22 +806,31 @@ def _shaped(a: np.ndarray, tail: tuple[int, ...], kind=float) -> Any:
 # --------------------------------------------------------------------------------------------------
 # variable-size maps (used by the evaluate module)
 # --------------------------------------------------------------------------------------------------
-def as_float32_grid(x: Any) -> Any:
-    """One map or mask (numpy, torch, nested list; any numeric or bool dtype) -> float32 ndarray."""
+def as_float32_grid(x: Any, what: str = "map") -> Any:
+    """One map or mask (numpy, torch, nested list; any numeric or bool dtype) -> 2-D float32 ndarray.
+
+    Anything but a 2-D grid ``[rows, cols]`` raises a ``ValueError`` that names the offending input."""
     if x is None:
         return None
     if _is_torch(x):
         x = x.detach().cpu().float().numpy()
-    return np.asarray(x, dtype=np.float32)
+    try:
+        arr = np.asarray(x, dtype=np.float32)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{what} is not a numeric 2-D grid ({e}); give an array [rows, cols]") from None
+    if arr.ndim != 2:
+        raise ValueError(
+            f"{what} has shape {tuple(arr.shape)} ({arr.ndim}-D); the grounding_ratio metric takes 2-D token grids "
+            "[rows, cols] for both predictions and references: reshape a flat map of N image tokens to the "
+            "model's token grid, e.g. attn.reshape(grid.rows, grid.cols)")
+    return arr
 
 
-def as_float32_grids(xs: Any) -> Any:
-    """A batch of maps or masks (list of grids, or an array ``[B, R, C]``) -> list of float32 ndarrays."""
+def as_float32_grids(xs: Any, what: str = "map") -> Any:
+    """A batch of maps or masks (list of grids, or an array ``[B, R, C]``) -> list of 2-D float32 ndarrays."""
     if xs is None:
         return None
-    if _is_torch(xs) or isinstance(xs, np.ndarray):
-        return [as_float32_grid(x) for x in xs]
-    return [as_float32_grid(x) for x in xs]
+    return [as_float32_grid(x, f"{what} {i}") for i, x in enumerate(xs)]
 
 
 def compute_from_maps(

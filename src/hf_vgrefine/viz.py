@@ -100,7 +100,8 @@ def _draw_gt(ax, boxes, mask, w0, h0, color):
 # --------------------------------------------------------------------------------------------- overlays
 def plot_attention_overlay(image, token_map, grid, boxes=None, mask=None, ax=None, path=None, cmap: str = "jet",
                            alpha: float = 0.5, vmin: float | None = None, vmax: float | None = None,
-                           title: str | None = None, colorbar: bool = True, gt_color: str = "lime"):
+                           title: str | None = None, colorbar: bool = True, gt_color: str = "lime",
+                           colorbar_label: str | None = "attention (relative to the generic prompt)"):
     """Heat-map of one token map drawn over the original image, with the ground-truth contour.
 
     Args:
@@ -143,7 +144,9 @@ def plot_attention_overlay(image, token_map, grid, boxes=None, mask=None, ax=Non
     if title:
         ax.set_title(title, fontsize=9)
     if colorbar:
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, format="%.3g")
+        cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, format="%.3g")
+        if colorbar_label:
+            cb.set_label(colorbar_label, fontsize=7)
     if path is not None:
         save_figure(fig, path)
     return fig

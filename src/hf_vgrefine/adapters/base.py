@@ -189,3 +189,13 @@ class FamilyAdapter:
             raise ValueError(
                 f"no image tokens (id {self.image_token_id}) in input_ids: build the inputs with the model's "
                 "processor and an image (one image per prompt), e.g. processor(images=img, text=prompt)")
+
+
+def several_images_check(sample: int, run_len: int, per_image: int) -> None:
+    """Raise a clear error when an image-token run holds several images (adjacent images merge into one run)."""
+    for extra in (0, 1):  # LLaVA's "full" feature strategy keeps one CLS token per image
+        k, r = divmod(run_len, per_image + extra)
+        if k >= 2 and r == 0:
+            raise ValueError(f"sample {sample}: the prompt holds {k} images ({run_len} image tokens = {k} x "
+                             f"{per_image + extra}); attention capture, grounding and VGRefine take exactly one image "
+                             "per prompt: give each sample one image (one {'type': 'image'} entry, one image in images=)")

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .base import FamilyAdapter, ImageSpan
+from .base import FamilyAdapter, ImageSpan, several_images_check
 
 
 class Gemma3Adapter(FamilyAdapter):
@@ -30,6 +30,7 @@ class Gemma3Adapter(FamilyAdapter):
             spans = []
             for i, (s, e) in enumerate(sample):
                 if e - s != side * side:
+                    several_images_check(b, e - s, side * side)
                     raise ValueError(f"sample {b}: image run of {e - s} tokens, expected {side * side}")
                 # pan-and-scan crops follow the full image as further blocks; block 0 is the full image
                 spans.append(ImageSpan(s, e, side, side, torch.arange(s, e), image_index=i,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import FamilyAdapter, ImageSpan
+from .base import FamilyAdapter, ImageSpan, several_images_check
 
 
 class LlavaAdapter(FamilyAdapter):
@@ -27,6 +27,7 @@ class LlavaAdapter(FamilyAdapter):
             for i, (s, e) in enumerate(sample):
                 extra = e - s - n  # "full" strategy keeps CLS as the first token
                 if extra not in (0, 1):
+                    several_images_check(b, e - s, n)
                     raise ValueError(f"sample {b}: image run of {e - s} tokens, expected {n} (grid {side}x{side})")
                 spans.append(ImageSpan(s, e, side, side, torch.arange(s + extra, e), image_index=i))
             out.append(spans)

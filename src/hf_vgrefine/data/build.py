@@ -102,6 +102,50 @@ def _swap_in(staged: Path, target: Path, trash_dir: Path) -> None:
     os.replace(staged, target)
 
 
+_SHARD_RE = None
+
+
+def _is_our_shard(path: Path) -> bool:
+    """A parquet shard name written by :func:`_write_parquet` (``test-00000-of-00001.parquet``)."""
+    import re
+
+    global _SHARD_RE
+    if _SHARD_RE is None:
+        _SHARD_RE = re.compile(rf"{schema.SPLIT}-\d{{5}}-of-\d{{5}}\.parquet")
+    return path.is_file() and _SHARD_RE.fullmatch(path.name) is not None
+
+
+def _foreign_files(config_dir: Path) -> list[Path]:
+    """Entries of ``OUT/data/<config>`` that this package did not write (anything but its parquet shards)."""
+    if not config_dir.is_dir():
+        return []
+    return sorted(e for e in config_dir.iterdir() if not _is_our_shard(e))
+
+
+def _check_out(out: Path, config: str, overwrite: bool) -> None:
+    """Refuse (unless ``overwrite``) an ``--out`` folder holding files the build did not write."""
+    from ..outdir import ForeignOutputError
+
+    if out.exists() and not out.is_dir():
+        raise ForeignOutputError(f"--out {out} exists and is not a folder; choose a folder for the dataset")
+    card = out / "README.md"
+    ours = card.is_file() and CARD_MARKER in card.read_text(encoding="utf-8", errors="replace")
+    if card.is_file() and not ours:
+        raise FileExistsError(f"{out} holds a README.md not written by build_vgmed; choose another --out")
+    if overwrite:
+        return
+    if out.is_dir() and not ours and any(not e.name.startswith(".") for e in out.iterdir()):
+        names = sorted(e.name for e in out.iterdir() if not e.name.startswith("."))
+        raise ForeignOutputError(
+            f"--out {out} already holds files not written by build-vgmed ({', '.join(names[:5])}); choose an empty "
+            "or new folder, or pass --overwrite to add the dataset to it (its other files are kept)")
+    foreign = _foreign_files(out / "data" / config)
+    if foreign:
+        raise ForeignOutputError(
+            f"{out / 'data' / config} holds files not written by build-vgmed ({', '.join(f.name for f in foreign[:5])}); "
+            "move them away, choose another --out, or pass --overwrite to rebuild (those files are kept)")
+
+
 def _lock(cache_root: Path):
     from filelock import FileLock
 
@@ -365,6 +409,7 @@ def build_vgmed(
     write_parquet: bool = True,
     progress: bool = True,
     private: Optional[bool] = None,
+    overwrite: bool = False,
 ) -> Path:
     """Build one VGMED configuration; return the dataset root (``out_dir``) or the cache entry.
 
@@ -381,6 +426,8 @@ def build_vgmed(
         max_samples: keep only the first N targets (2 rows each) — for quick tests.
         download: allow downloading missing sources from their public locations.
         write_parquet: write the parquet + card output (False: cache only).
+        overwrite: write into an ``out_dir`` that holds files the build did not write (refused otherwise);
+            those files are never deleted (files inside ``data/<config>/`` move along with the new build).
     """
     import datasets
 
@@ -393,9 +440,8 @@ def build_vgmed(
         raise ValueError("refusing to push the `coco` configuration: COCO images are under the Flickr terms and are "
                          "never redistributed by this package")
     out = Path(out_dir).expanduser().resolve() if out_dir else default_out_dir().resolve()
-    if write_parquet and (out / "README.md").is_file() and CARD_MARKER not in (out / "README.md").read_text(
-            encoding="utf-8", errors="replace"):
-        raise FileExistsError(f"{out} holds a README.md not written by build_vgmed; choose another --out")
+    if write_parquet:
+        _check_out(out, config, overwrite)
     cache_root = datasets_cache_dir(cache_dir)
     from datasets.utils import are_progress_bars_disabled
 
@@ -431,6 +477,10 @@ def build_vgmed(
                     except OSError:  # appeared meanwhile: merge below
                         (out_stage / "README.md").unlink(missing_ok=True)
                 if out_stage is not None:
+                    for f in _foreign_files(out / "data" / config):   # not ours: never deleted, kept in place
+                        if not overwrite:
+                            raise FileExistsError(f"{f} appeared during the build; it was not written by build-vgmed")
+                        os.replace(f, out_stage / "data" / config / f.name)
                     _swap_in(out_stage / "data" / config, out / "data" / config, out_stage)
                     _write_card(out)
             if prefill_cache:
@@ -487,7 +537,19 @@ def load_vgmed(config: str = schema.DEFAULT_CONFIG, *, root=None, data_dir=None,
             )
         prefill_cache(config, data_dir=data_dir, cache_dir=cache_dir)
     builder = _builder(config, cache_dir=datasets_cache_dir(cache_dir))
-    return builder.as_dataset(split=split)
+    try:
+        return builder.as_dataset(split=split)
+    except Exception as e:  # noqa: BLE001 - pyarrow / OS errors of a damaged cache entry
+        import pyarrow
+
+        if not isinstance(e, (pyarrow.ArrowException, OSError, ValueError)):
+            raise
+        entry = cached_path(config, cache_dir)
+        raise RuntimeError(
+            f"the cached VGMED `{config}` at {entry} cannot be read ({type(e).__name__}: {e}); it is damaged (e.g. a "
+            f"truncated file). Rebuild it with `hf-vgrefine build-vgmed --config {config}`"
+            + (" (for atlas also `hf-vgrefine setup`)" if config == "atlas" else "")
+            + "; the rebuild replaces the damaged entry") from e
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -70,6 +70,11 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="never download sources; fail with instructions when a local copy is missing",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="write into an --out folder that holds files build-vgmed did not write (refused otherwise); "
+             "those files are kept, never deleted",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -103,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
             download=args.download,
             progress=not args.quiet,
             private=args.private or None,
+            overwrite=args.overwrite,
         )
     except VGMEDSourceError as exc:
         print(f"error: {exc}", file=sys.stderr)

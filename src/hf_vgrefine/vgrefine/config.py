@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field, fields
 
@@ -35,10 +37,11 @@ PRESETS = {
         processor_settings={"do_pad": True},
         notes="Published layer and 20 heads of the official code README; percentile 80 = released VGRefine() default."),
     "huatuogpt-vision-7b-notebook": dict(
-        masked_layers=[16], sensitive_heads=_HUATUO_HEADS, percentile=50.0,
+        masked_layers=[16], sensitive_heads=_HUATUO_HEADS, percentile=50.0, eps=0.0, zero_division="notebook",
         model_id="FreedomIntelligence/HuatuoGPT-Vision-7B-hf",
         processor_settings={"do_pad": True},
-        notes="Visible parameter cell of the submission notebook eval_RAD.ipynb (percentile 50)."),
+        notes="Visible parameter cell of the submission notebook eval_RAD.ipynb (percentile 50; plain division "
+              "a / g without eps, numpy percentile over the raw scores: a 0/0 NaN score means no knockout)."),
 }
 
 _CHOICES = {
@@ -49,9 +52,41 @@ _CHOICES = {
     "knockout_set": ("triage", "oracle"),
     "triage_source": ("heads", "layer"),
     "huatuo_box_mapping": ("pad", "stretch"),
+    "zero_division": ("eps", "notebook"),
+    "attention_dtype": ("float32", "model"),
+    "mask_box_end": ("exclusive", "inclusive_max"),
 }
 _FAITHFUL = dict(compose_with_model_mask=False, cache_generic=False, early_exit=False, share_prefix=False, huatuo_box_mapping="stretch",
-                 min_cells_per_box=0, calibration_eps=0.0)
+                 min_cells_per_box=0, calibration_eps=0.0, attention_dtype="model", mask_box_end="inclusive_max")
+
+
+_EXAMPLE = {"percentile": 80, "magnitude_threshold": 0.5, "eps": 1e-10, "calibration_eps": 1e-10}
+
+
+def _as_int(name: str, value, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise TypeError(f"VGRefineConfig.{name}: {value!r} is not a whole number; {hint}")
+    return int(value)
+
+
+def _int_list(name: str, values, hint: str) -> list:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"VGRefineConfig.{name}={values!r}: give a list of layer indices, {hint}")
+    return [_as_int(name, v, hint) for v in values]
+
+
+def _pair_list(values) -> list:
+    hint = "give [layer, head] pairs, e.g. sensitive_heads=[[16, 5], [15, 4]]"
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"VGRefineConfig.sensitive_heads={values!r}: {hint}")
+    out = []
+    for i, pair in enumerate(values):
+        if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+            raise ValueError(f"VGRefineConfig.sensitive_heads[{i}]={pair!r} is not a (layer, head) pair; {hint}")
+        out.append([_as_int("sensitive_heads", pair[0], hint), _as_int("sensitive_heads", pair[1], hint)])
+    return out
 
 
 @dataclass
@@ -69,12 +104,30 @@ class VGRefineConfig:
     ``percentile``: knock out the image tokens whose triage score is strictly below this percentile
     (linear interpolation); ``magnitude_threshold`` is used only when ``percentile is None``
     (min-max-normalised scores below it are knocked out).
+
+    ``zero_division`` (the 0/0 rule of the relative map): ``"eps"`` (default and the released ``VGRefine()``):
+    ``s = a / (g + eps)``; a non-finite score is never knocked out, the others are thresholded as usual.
+    ``"notebook"`` (the ``huatuogpt-vision-7b-notebook`` preset, with ``eps=0``): ``s = a / g`` and
+    ``numpy.percentile`` over the raw scores, as ``eval_RAD.ipynb`` ran it; where question and generic
+    attention are both 0 the score is NaN, the threshold becomes NaN and **nothing** is knocked out.
+
+    ``attention_dtype``: ``"float32"`` (default) averages the captured probabilities in fp32; ``"model"``
+    (``faithful=True``) casts them to the model's dtype (bf16 on GPU) and averages the heads in that dtype, as
+    the released code reads eager attention (:func:`hf_vgrefine.vgrefine.triage.released_numerics`).
+
+    ``mask_box_end``: how a box derived from a mask ends. ``"exclusive"`` (default): the box covers the
+    extreme mask pixels (``w = x_max - x_min + 1``); ``"inclusive_max"`` (``faithful=True``): the released
+    preparation code's ``[x_min, y_min, x_max, y_max]`` read as box corners, i.e. one pixel narrower
+    (:func:`hf_vgrefine.geometry.mask_to_box`).
     """
 
     masked_layers: list = field(default_factory=list)
     sensitive_heads: list = field(default_factory=list)
     percentile: float | None = 80.0
     magnitude_threshold: float | None = None
+    zero_division: str = "eps"
+    attention_dtype: str = "float32"
+    mask_box_end: str = "exclusive"
     query: str = "last"
     generic_norm: str = "layer_mean"
     eps: float = 1e-10
@@ -100,8 +153,22 @@ class VGRefineConfig:
     version: str = __version__
 
     def __post_init__(self):
-        self.masked_layers = [int(x) for x in self.masked_layers]
-        self.sensitive_heads = [[int(l), int(h)] for l, h in self.sensitive_heads]
+        self.masked_layers = _int_list("masked_layers", self.masked_layers, "e.g. masked_layers=[16]")
+        self.sensitive_heads = _pair_list(self.sensitive_heads)
+        for name in ("percentile", "magnitude_threshold", "eps", "calibration_eps"):
+            value = getattr(self, name)
+            if value is None and name in ("percentile", "magnitude_threshold"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"VGRefineConfig.{name}={value!r} is a {type(value).__name__}; give a number "
+                                f"(e.g. {name}={_EXAMPLE[name]})")
+            if not math.isfinite(float(value)):
+                raise ValueError(f"VGRefineConfig.{name}={value!r}; give a finite number (e.g. {name}={_EXAMPLE[name]})")
+            setattr(self, name, float(value))
+        if self.eps < 0 or self.calibration_eps < 0:
+            raise ValueError(f"eps={self.eps}, calibration_eps={self.calibration_eps}: must be >= 0")
+        if self.magnitude_threshold is not None and not 0.0 <= self.magnitude_threshold <= 1.0:
+            raise ValueError(f"magnitude_threshold must be in [0, 1], got {self.magnitude_threshold}")
         if self.faithful:
             for k, v in _FAITHFUL.items():
                 setattr(self, k, v)

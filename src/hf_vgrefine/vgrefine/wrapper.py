@@ -130,9 +130,9 @@ class VGRefineWrapper:
     """
 
     def __init__(self, model, config=None, processor=None, cache_size: int = 512, cache_dir=None):
-        if config is None:
-            raise ValueError("VGRefineWrapper needs a config: VGRefineConfig(...), a preset name "
-                             "(e.g. 'huatuogpt-vision-7b') or a directory/hub id with vgrefine_config.json")
+        if config is None or processor is None:   # preset / depth default and the model's own processor
+            from .defaults import resolve
+            config, processor = resolve(model, config, processor)
         if not isinstance(config, VGRefineConfig):
             config = VGRefineConfig.from_pretrained(config)
         self.model = model

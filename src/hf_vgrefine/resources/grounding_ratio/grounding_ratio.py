@@ -76,16 +76,16 @@ class GroundingRatio(evaluate.Metric):
     def add_batch(self, *, predictions=None, references=None, **kwargs):
         """Add a batch of maps and masks (numpy, torch or nested lists; converted to float32 grids)."""
         return super().add_batch(
-            predictions=grounding_core.as_float32_grids(predictions),
-            references=grounding_core.as_float32_grids(references),
+            predictions=grounding_core.as_float32_grids(predictions, "predictions"),
+            references=grounding_core.as_float32_grids(references, "references"),
             **kwargs,
         )
 
     def add(self, *, prediction=None, reference=None, **kwargs):
         """Add one map and its mask (numpy, torch or nested lists; converted to a float32 grid)."""
         return super().add(
-            prediction=grounding_core.as_float32_grid(prediction),
-            reference=grounding_core.as_float32_grid(reference),
+            prediction=grounding_core.as_float32_grid(prediction, "prediction"),
+            reference=grounding_core.as_float32_grid(reference, "reference"),
             **kwargs,
         )
 
