@@ -293,25 +293,17 @@ def evaluate_tuned(model, processor, examples, config, batch_size: int = 16, pro
 
 def _run_tuning(model, processor, images, test, cfg, out, calibration_limit, batch_size, progress, timing):
     """Knockout search on the tuning split (written to ``out/search``) and the tuned config's test answers."""
-    from .outdir import make_stage, mark, replace_dir
+    from .outdir import StagedDir
     from .tuning import search_knockout
 
     t = time.perf_counter()
     calib = tuning_examples(images, test, limit=calibration_limit)
     _say(f"[demo] tuning VGRefine's knockout on {len(calib)} calibration questions (accuracy gain)", progress)
-    stage = make_stage(out, "search")           # written aside, renamed over a previous demo's search at the end
-    try:
-        mark(stage, "demo")
+    with StagedDir(out, "search", "demo") as stage:   # renamed over a previous demo's search at the end
         res = search_knockout(model, processor, calib, cfg, space=TUNE_SPACE, batch_size=max(batch_size, 48),
-                              output_dir=str(stage), progress=progress)
-        kept = replace_dir(stage, Path(out) / "search")
-    finally:
-        if stage.exists():
-            import shutil
-
-            shutil.rmtree(stage, ignore_errors=True)   # our own staging folder
-    if kept is not None:
-        _say(f"[demo] an existing {Path(out) / 'search'} not written by the demo was kept as {kept}", progress)
+                              output_dir=str(stage.path), progress=progress)
+    if stage.kept is not None:
+        _say(f"[demo] an existing {Path(out) / 'search'} not written by the demo was kept as {stage.kept}", progress)
     timing["tune_search_s"] = time.perf_counter() - t
     t = time.perf_counter()
     answers = evaluate_tuned(model, processor, test, res.config, batch_size=batch_size, progress=progress)
@@ -634,7 +626,7 @@ def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine
         threads = 1   # the reference model is tiny: one thread is as fast and immune to CPU oversubscription
     if threads:
         torch.set_num_threads(int(threads))
-    from .outdir import claim_output_dir, make_stage, mark, replace_dir
+    from .outdir import StagedDir, claim_output_dir
 
     model_id = str(model) if model else str(reference_model_dir())
     _say(f"[demo] loading model {model_id}", progress)
@@ -667,19 +659,11 @@ def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine
     k_eff = int(k) if k else min(20, max(2, (L * H) // 4))
     _say(f"[demo] calibrating (masked layer + top-{k_eff} heads) on {len(calib)} calibration examples", progress)
     t = time.perf_counter()
-    calib_stage = make_stage(out, "calibration")   # fresh (calibration output folders resume), renamed at the end
-    try:
-        mark(calib_stage, "demo")
+    with StagedDir(out, "calibration", "demo") as stage:   # fresh (calibration folders resume), renamed at the end
         cfg = calibrate(mdl, processor, calib, k=k_eff, split_group=None, percentile=percentile,
-                        batch_size=batch_size, output_dir=str(calib_stage), progress=progress)
-        kept = replace_dir(calib_stage, out / "calibration")
-    finally:
-        if calib_stage.exists():
-            import shutil
-
-            shutil.rmtree(calib_stage, ignore_errors=True)   # our own staging folder
-    if kept is not None:
-        _say(f"[demo] an existing {out / 'calibration'} not written by the demo was kept as {kept}", progress)
+                        batch_size=batch_size, output_dir=str(stage.path), progress=progress)
+    if stage.kept is not None:
+        _say(f"[demo] an existing {out / 'calibration'} not written by the demo was kept as {stage.kept}", progress)
     timing["calibrate_s"] = time.perf_counter() - t
 
     _say("[demo] baseline vs VGRefine on the test examples", progress)

@@ -167,11 +167,6 @@ def image_fingerprints(adapter, inputs: dict, b: int) -> dict:
     return {k: tensor_fingerprint(v) for k, v in sorted(adapter.image_content(inputs, b).items())}
 
 
-def image_fingerprint(adapter, inputs: dict, b: int) -> str:
-    """One string identifying sample ``b``'s image (cache keys)."""
-    return hashlib.sha1(repr(sorted(image_fingerprints(adapter, inputs, b).items())).encode()).hexdigest()
-
-
 def common_tail(q_layout: PromptLayout, g_layout: PromptLayout):
     """The generic prompt's ids after the image (host ``[t]``) if every sample's generic prompt is the
     question's prefix up to the image end followed by one common tail; else ``None``."""
@@ -286,11 +281,6 @@ def eager_if_compiled(model):
         logging.getLogger("hf_vgrefine").warning(
             "hf_vgrefine: the model's forward is compiled; VGRefine and attention capture run it eagerly")
     return torch.compiler.set_stance("force_eager")
-
-
-def layers_are_hooked(adapter) -> bool:
-    """True when accelerate hooks (``device_map``, offload) sit on the decoder layers."""
-    return any(hasattr(layer, "_hf_hook") for layer in adapter.decoder_layers)
 
 
 # --------------------------------------------------------------------------------------------- the pass

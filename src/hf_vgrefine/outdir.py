@@ -93,27 +93,52 @@ def replace_dir(staged: str | os.PathLike, target: str | os.PathLike) -> Path | 
     return kept
 
 
+class StagedDir:
+    """Context manager: a marked staging folder (:attr:`path`) that replaces ``parent/name`` when the block
+    succeeds (:func:`replace_dir`; an unmarked old folder is kept, :attr:`kept`); the staging folder, ours,
+    is removed in every case."""
+
+    def __init__(self, parent: str | os.PathLike, name: str, command: str):
+        self.parent, self.name, self.command = Path(parent), name, command
+        self.path: Path | None = None
+        self.kept: Path | None = None
+
+    def __enter__(self) -> "StagedDir":
+        self.path = make_stage(self.parent, self.name)
+        mark(self.path, self.command)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self.kept = replace_dir(self.path, self.parent / self.name)
+        finally:
+            if self.path.exists():
+                shutil.rmtree(self.path, ignore_errors=True)   # our own staging folder
+        return False
+
+
 # ----------------------------------------------------------------------------------------------- argparse types
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give an integer >= {lo}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{v} is not allowed; give an integer >= {lo}")
+        return v
+    return parse
+
+
 def positive_int(text: str) -> int:
     """``argparse`` type: an integer >= 1."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give an integer >= 1") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} is not allowed; give an integer >= 1")
-    return v
+    return _int_at_least(1)(text)
 
 
 def nonnegative_int(text: str) -> int:
     """``argparse`` type: an integer >= 0."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give an integer >= 0") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} is not allowed; give an integer >= 0")
-    return v
+    return _int_at_least(0)(text)
 
 
 def percentile_value(text: str) -> float:
