@@ -112,18 +112,21 @@ class PeakMemory:
 
 
 def interleaved(variants: dict, rounds: int = 30, warmup: int = 3, device: str = "cpu") -> dict:
-    """Run each variant round-robin; returns name -> list of wall times (s)."""
+    """Run each variant round-robin; returns name -> list of times (s): wall time, or with ``BENCH_CLOCK=thread``
+    on the CPU the calling thread's CPU time (steadier on a shared machine; with one torch thread the model
+    runs in the calling thread)."""
+    clock = time.thread_time if os.environ.get("BENCH_CLOCK") == "thread" and device == "cpu" else time.perf_counter
     times = {k: [] for k in variants}
     for i in range(warmup + rounds):
         for name, fn in variants.items():
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     return times
 
 

@@ -9,7 +9,9 @@ peak-memory ratio (fresh process per variant). The generic prompt carries the qu
 wrapper requires); warm and cold use separate wrappers, so a cold call never evicts the warm entry
 (the warm variant asserts a cache hit on every call, the cold one a miss).
 
-Targets (16 new tokens): cold <= 1.5, warm <= 1.3, peak memory <= 1.15.
+Targets (16 new tokens): cold <= 1.5, warm <= 1.3, peak memory <= 1.15; host-bound GPU proxy (--regime gpu-proxy),
+1 new token: cold <= 1.35, warm <= 1.2. On a shared machine, BENCH_CLOCK=thread times the calling thread's CPU
+time instead of wall time (steadier; the model runs in that thread with one torch thread).
 Run: python benchmarks/vgrefine.py [--rounds 20]
 GPU, 7B-shaped (HuatuoGPT-Vision-7B = CLIP ViT-L/14-336 + Qwen2-7B; the text model at that size, random
 weights, bf16; the vision tower stays tiny):
@@ -161,8 +163,10 @@ def main():
                 warm_wrapper.generate(**warm_inputs, generic_inputs=generic, **gen)
                 assert warm_wrapper.last_triage.generic_cache_hits == args.batch, "warm call missed the cache"
 
+            pool = iter([fresh_image() for _ in range(args.rounds + 8)])    # built before the clock runs
+
             def cold():   # a new image: question + generic triage passes + answer
-                q, g = fresh_image()
+                q, g = next(pool)
                 cold_wrapper._cache.clear()
                 cold_wrapper.generate(**q, generic_inputs=g, **gen)
                 assert cold_wrapper.last_triage.generic_cache_hits == 0
@@ -213,7 +217,8 @@ def main():
         return
     T = warm_inputs["input_ids"].shape[1]
     print(f"model: LLaVA text hidden {args.hidden}, {args.layers} layers, {args.heads} heads ({args.kv_heads} KV), "
-          f"{dtype}, device {args.device}; prompt {T} tokens (576 image); batch {args.batch}; "
+          f"{dtype}, device {args.device}; prompt {T} tokens ({int((warm_inputs['input_ids'][0] == 300).sum())} image); "
+          f"batch {args.batch}; "
           f"masked layer {cfg.masked_layers}, deepest sensitive layer {max(l for l, _ in cfg.sensitive_heads)}; "
           f"{torch.get_num_threads()} thread(s); {args.rounds} interleaved rounds")
     for n_new in args.new_tokens:
@@ -233,9 +238,10 @@ def main():
             print(f"  [{n_new:2d} new] {name:18s} median {median(times[name]) * 1e3:8.1f} ms  "
                   f"min {min(times[name]) * 1e3:8.1f} ms  ratio {median(times[name]) / base:.3f}")
         for suffix, label in (("", "default: share_prefix=True"), ("_noshare", "share_prefix=False")):
+            cold_t, warm_t = (1.35, 1.2) if (args.regime == "gpu-proxy" and n_new == 1) else (1.5, 1.3)
             print(f"RATIO {n_new} new tokens [{label}]: cold/plain = "
-                  f"{median(times['vgrefine_cold' + suffix]) / base:.3f} (target <= 1.5)  warm/plain = "
-                  f"{median(times['vgrefine_warm' + suffix]) / base:.3f} (target <= 1.3)")
+                  f"{median(times['vgrefine_cold' + suffix]) / base:.3f} (target <= {cold_t})  warm/plain = "
+                  f"{median(times['vgrefine_warm' + suffix]) / base:.3f} (target <= {warm_t})")
         if not args.skip_foil:
             print(f"RATIO {n_new} new tokens: three-pass-eager/plain = {median(times['three_pass_eager']) / base:.3f}")
         extra = ["--device", args.device, "--hidden", str(args.hidden), "--layers", str(args.layers), "--heads",

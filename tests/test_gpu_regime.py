@@ -139,6 +139,32 @@ def test_offloaded_model_equals_plain_model(share):
         torch.testing.assert_close(a.triage_map, b.triage_map, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefix_runs_the_vision_encoder_once(family):
+    """With the shared prefix the answer's prefill reuses the triage pass's vision-encoder output: the encoder
+    runs once per 1-token generate (twice without sharing), the tokens equal the unshared run's, and the
+    model's encoder module is the original one afterwards."""
+    tiny = build_tiny_model(family, num_hidden_layers=3)
+    model = tiny.model
+    parent, name = get_adapter(model).vision_encoder()
+    encoder = getattr(parent, name)
+    calls = []
+    handle = encoder.register_forward_hook(lambda *a: calls.append(1))
+    inputs = tiny_inputs(tiny, [3, 6], seed=4, grids=_grids(family, 2))
+    kw = dict(generic_inputs=_generic_like(inputs, model, [40, 41, 42]), max_new_tokens=1, do_sample=False)
+    try:
+        counts, outs = {}, {}
+        for share in (True, False):
+            calls.clear()
+            outs[share] = VGRefineWrapper(model, _cfg(masked_layers=[2], share_prefix=share)).generate(**inputs, **kw)
+            counts[share] = len(calls)
+    finally:
+        handle.remove()
+    assert counts == {True: 1, False: 3}      # unshared: question pass, generic pass, answer
+    assert torch.equal(outs[True], outs[False])
+    assert getattr(parent, name) is encoder
+
+
 # ------------------------------------------------------------------ host reads
 _READ_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero", "item", "unique",
              "_unique2", "repeat_interleave"}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -138,6 +139,7 @@ class _CapturePlan:
     kv: dict = field(default_factory=dict)
     _on: dict = field(default_factory=dict, repr=False)
     _rowmask: dict = field(default_factory=dict, repr=False)
+    one_row_per_group: bool = False      # every group is one row (weight 1): captured as is, no averaging
 
     def on(self, device, rep: int, groups: int):
         key = (str(device), rep, groups)
@@ -181,6 +183,7 @@ class _State:
     replace_mask: bool = False                     # reference semantics: fresh causal mask in blocked layers
     calls: dict = field(default_factory=dict)      # layer -> number of blocked calls (diagnostics)
     split: int | None = None                       # packed call: rows [0, split) attend keys [0, split) only
+    tail_keys_from: int | None = None              # packed call: tail rows see no key in [this, split)
     _masks: dict = field(default_factory=dict, repr=False)
 
     def biases_for(self, layer: int) -> list:
@@ -334,7 +337,7 @@ def _capture(module, query, key, attention_mask, scaling, plan: _CapturePlan, st
                    add_q, scaling, kw.get("softcap")).gather(-1, c.expand(B, h, r_q, n)),
             _probs(q_sel[:, :, r_q:].contiguous(), k_sel, ok[..., r_q:, :], None if add is None else add[..., r_q:, :],
                    scaling, kw.get("softcap")).gather(-1, c.expand(B, h, r - r_q, n))], 2)
-    if r == 1 and weights.shape[1] == 1:          # one row, one group ("last"): no averaging needed
+    if plan.one_row_per_group:                    # one row per group ("last", packed or not): no averaging needed
         plan.captured[module.layer_idx] = img.transpose(1, 2)
     else:
         plan.captured[module.layer_idx] = torch.einsum("bhrn,bgr->bghn", img, weights)   # [B, G, h, N]
@@ -381,22 +384,36 @@ def vgrefine_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if capture_here and plan.stop_after == layer:
         raise _EarlyExit
     if state.split is not None and q_len == kv and q_len > state.split:
-        return _split_sdpa(module, query, key, value, own_mask, attention_mask, state.split, dropout, scaling, kwargs)
+        return _split_sdpa(module, query, key, value, own_mask, attention_mask, state.split, state.tail_keys_from,
+                           dropout, scaling, kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
 
 
-def _split_sdpa(module, query, key, value, own_mask, composed, T: int, dropout, scaling, kwargs):
+def _split_sdpa(module, query, key, value, own_mask, composed, T: int, hidden_from: int | None, dropout, scaling,
+                kwargs):
     """Packed call: rows ``[0, T)`` run exactly as the unpacked prompt (keys ``[0, T)``, the layer's own mask),
-    rows ``[T, q)`` (the packed generic tail) with every key and the composed mask."""
+    rows ``[T, q)`` (the packed generic tail) with the composed mask over every key except ``[hidden_from, T)``
+    (the question's text after the image, which the composed mask hides from every tail row anyway)."""
     head_mask = None if own_mask is None else own_mask[..., :T, :T]
     out_q, _ = sdpa_attention_forward(module, query[:, :, :T], key[:, :, :T], value[:, :, :T], head_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
     tail_mask = composed
     if tail_mask is None:
         tail_mask = allowed_matrix(None, query.shape[2], key.shape[2], query.device)
-    out_t, _ = sdpa_attention_forward(module, query[:, :, T:], key, value, tail_mask[..., T:, :], dropout=dropout,
-                                      scaling=scaling, **kwargs)
+    tail_mask = tail_mask[..., T:, :]
+    if hidden_from is not None and hidden_from < T:     # drop the hidden key columns: less work per tail row
+        key = torch.cat([key[:, :, :hidden_from], key[:, :, T:]], 2)
+        value = torch.cat([value[:, :, :hidden_from], value[:, :, T:]], 2)
+        tail_mask = torch.cat([tail_mask[..., :hidden_from], tail_mask[..., T:]], -1)
+    if query.device.type == "cpu" and kwargs.get("position_bias") is None:
+        # CPU kernels take grouped KV heads as they are (no repeat_kv copies); CUDA's masked kernels do not
+        out_t = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, T:], key, value, attn_mask=tail_mask, dropout_p=dropout, scale=scaling,
+            enable_gqa=key.shape[1] != query.shape[1]).transpose(1, 2)
+    else:
+        out_t, _ = sdpa_attention_forward(module, query[:, :, T:], key, value, tail_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
     return torch.cat([out_q, out_t], 1), None
 
 
@@ -440,7 +457,7 @@ class AttentionProbe:
         register_attention()
         self._previous = self._text_impl()
         if self._previous != ATTN_NAME:
-            self.model.set_attn_implementation(self.adapter.text_attn_target(ATTN_NAME))
+            _switch_text_attention(self.model, self.adapter, self._previous, ATTN_NAME)
         self._token = _STATE.set(self.state)
         return self
 
@@ -449,8 +466,51 @@ class AttentionProbe:
             _STATE.reset(self._token)
             self._token = None
         if self._previous != ATTN_NAME and self._previous is not None:
-            self.model.set_attn_implementation(self.adapter.text_attn_target(self._previous))
+            _switch_text_attention(self.model, self.adapter, ATTN_NAME, self._previous)
         return False
+
+
+# one switch = the configs ``set_attn_implementation`` changed, with their values before and after
+_SWITCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _all_configs(model) -> list:
+    """Every config object of ``model`` (its sub-models' configs and their nested ``sub_configs``), once each."""
+    from transformers import PreTrainedModel
+
+    seen, out = set(), []
+    todo = [m.config for m in model.modules() if isinstance(m, PreTrainedModel)]
+    while todo:
+        cfg = todo.pop()
+        if id(cfg) in seen:
+            continue
+        seen.add(id(cfg))
+        out.append(cfg)
+        todo.extend(c for c in (getattr(cfg, k, None) for k in getattr(cfg, "sub_configs", {})) if c is not None)
+    return out
+
+
+def _switch_text_attention(model, adapter, current: str, target: str) -> None:
+    """Switch the text decoder's attention implementation from ``current`` to ``target``.
+
+    The first switch of a model goes through ``set_attn_implementation`` (its checks; a walk over every
+    sub-module, milliseconds of host time on a 7B model) and remembers which configs it changed; later
+    switches between the same two implementations set exactly those configs again (microseconds), as long as
+    every one of them still holds the value the remembered switch started from.
+    """
+    memo = _SWITCHES.setdefault(model, {})
+    plan = memo.get((current, target))
+    if plan is not None and all(c._attn_implementation_internal == before for c, before, _ in plan):
+        for cfg, _, after in plan:
+            cfg._attn_implementation_internal = after
+        return
+    configs = _all_configs(model)
+    before = [c._attn_implementation_internal for c in configs]
+    model.set_attn_implementation(adapter.text_attn_target(target))
+    plan = [(c, b, c._attn_implementation_internal) for c, b in zip(configs, before)
+            if c._attn_implementation_internal != b]
+    memo[(current, target)] = plan
+    memo[(target, current)] = [(c, a, b) for c, b, a in plan]
 
 
 # --------------------------------------------------------------------------------------------- capture API

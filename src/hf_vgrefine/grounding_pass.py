@@ -19,6 +19,7 @@ Shapes: maps are fp32 ``[n_layers, n_heads, N]`` per sample; positions index the
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass, field
 
@@ -192,6 +193,40 @@ class PrefixRecord:
     kv: dict
     hidden: torch.Tensor
     seq_len: int
+    vision: list = field(default_factory=list)    # [(argument signature, output)] of the vision encoder's calls
+
+
+def _signature(args, kwargs) -> tuple:
+    """Host-side description of a call's arguments (tensors by shape, dtype, device; plain values as they are;
+    anything else by type; ``use_cache``, which a plain forward passes and ``generate`` does not, left out): no
+    device read."""
+    def one(x):
+        if isinstance(x, torch.Tensor):
+            return tuple(x.shape), x.dtype, x.device
+        return x if isinstance(x, (bool, int, float, str, type(None))) else type(x).__name__
+    return tuple(one(a) for a in args), tuple(sorted((k, one(v)) for k, v in kwargs.items() if k != "use_cache"))
+
+
+class _ReplayVision(torch.nn.Module):
+    """Stands in for the vision encoder during one prefill: a call with the recorded arguments' shapes returns
+    the recorded output (the replayed layers ignore the embeddings it feeds); any other call runs the encoder."""
+
+    def __init__(self, inner, calls: list):
+        super().__init__()
+        self.inner = inner
+        self._calls = list(calls)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def forward(self, *args, **kwargs):
+        if self._calls and self._calls[0][0] == _signature(args, kwargs):
+            return copy.copy(self._calls.pop(0)[1])
+        self._calls = []
+        return self.inner(*args, **kwargs)
 
 
 class _ReplayLayer(torch.nn.Module):
@@ -238,8 +273,10 @@ class PrefixReplay:
 
     def __init__(self, adapter, record: PrefixRecord):
         self.layers = adapter.decoder_layers
+        self.vision = adapter.vision_encoder() if record.vision else None
         self.record = record
         self._orig = []
+        self._orig_vision = None
 
     def __enter__(self):
         n = self.record.n_layers
@@ -247,12 +284,20 @@ class PrefixReplay:
         for i in range(n):
             hidden = self.record.hidden if i == n - 1 else None
             self.layers[i] = _ReplayLayer(self._orig[i], i, self.record.kv[i], hidden, self.record.seq_len)
+        if self.vision is not None:
+            parent, name = self.vision
+            self._orig_vision = getattr(parent, name)
+            setattr(parent, name, _ReplayVision(self._orig_vision, self.record.vision))
         return self
 
     def __exit__(self, *exc):
         for i, layer in enumerate(self._orig):
             self.layers[i] = layer
         self._orig = []
+        if self._orig_vision is not None:
+            parent, name = self.vision
+            setattr(parent, name, self._orig_vision)
+            self._orig_vision = None
         return False
 
     def all_used(self) -> bool:
@@ -371,18 +416,26 @@ class GroundingPass:
         plan = _CapturePlan(layers=frozenset(layers) | ({stop} if record_prefix else frozenset()),
                             heads=torch.tensor(heads), rows=rows, weights=w, cols=cols,
                             stop_after=stop if (early_exit or record_prefix) else None,
-                            record_kv_below=record_prefix, split=(T, r_q) if t else None)
+                            record_kv_below=record_prefix, split=(T, r_q) if t else None,
+                            one_row_per_group=rows.shape[1] == groups)   # a one-row group's weight is 1
         kwargs["use_cache"] = False
         if not (early_exit or record_prefix):
             kwargs["logits_to_keep"] = 1
         hidden = {}
-        hook = None
+        hooks = []
+        vision_calls = []
         if record_prefix:
-            hook = adapter.decoder_layers[record_prefix - 1].register_forward_hook(
-                lambda mod, args, out: hidden.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+            hooks.append(adapter.decoder_layers[record_prefix - 1].register_forward_hook(
+                lambda mod, args, out: hidden.__setitem__("h", out[0] if isinstance(out, tuple) else out)))
+            encoder = adapter.vision_encoder()
+            if encoder is not None:
+                hooks.append(getattr(*encoder).register_forward_hook(
+                    lambda mod, args, kw, out: vision_calls.append((_signature(args, kw), copy.copy(out))),
+                    with_kwargs=True))   # a copy: callers reassign fields of the output object
         probe = AttentionProbe(self.model, biases=blocks, batch_size=B, adapter=adapter)
         probe.state.capture = plan
         probe.state.split = T if t else None
+        probe.state.tail_keys_from = max(s.end for s in layout.main) if t else None
         try:
             with torch.no_grad(), probe, eager_if_compiled(self.model):
                 try:
@@ -390,8 +443,8 @@ class GroundingPass:
                 except _EarlyExit:
                     pass
         finally:
-            if hook is not None:
-                hook.remove()
+            for h in hooks:
+                h.remove()
         missing = [l for l in layers if l not in plan.captured]
         if missing:
             raise RuntimeError(f"layers {missing} were not captured: the model's text attention did not go through the "
@@ -410,7 +463,8 @@ class GroundingPass:
         record = None
         if record_prefix:
             kv = {l: (k[:, :, :T], v[:, :, :T]) for l, (k, v) in plan.kv.items()}
-            record = PrefixRecord(n_layers=record_prefix, kv=kv, hidden=hidden["h"][:, :T], seq_len=T)
+            record = PrefixRecord(n_layers=record_prefix, kv=kv, hidden=hidden["h"][:, :T], seq_len=T,
+                                  vision=vision_calls)
         return PassResult(question=question, generic=generic, record=record)
 
     # ------------------------------------------------------------------ question + generic maps

@@ -107,6 +107,18 @@ class FamilyAdapter:
         """Argument for ``set_attn_implementation`` that switches only the text decoder to ``name``."""
         return {"text_config": name}
 
+    def vision_encoder(self):
+        """``(parent, attribute)`` of the vision encoder module the image tokens are computed from (its output is
+        reused by a prefix replay), or ``None`` where there is none to find."""
+        for path in ("model.vision_tower", "model.visual", "model.vision_model", "vision_tower", "visual"):
+            *parents, name = path.split(".")
+            parent = self.model
+            for part in parents:
+                parent = getattr(parent, part, None)
+            if isinstance(getattr(parent, name, None), torch.nn.Module):
+                return parent, name
+        return None
+
     # ----------------------------------------------------------------- image tokens
     def image_runs(self, input_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
         """Per sample, the ``[start, end)`` runs of consecutive image-placeholder ids."""
