@@ -240,3 +240,31 @@ def test_from_pretrained_local_dir_with_registered_attention(tmp_path, impl):
     for b in range(2):
         torch.testing.assert_close(cap.sample(b), ref[b], atol=1e-5, rtol=0)
     assert model.config.get_text_config()._attn_implementation == "vgrefine"
+
+
+def test_probe_switch_is_remembered_and_restores_every_config(monkeypatch):
+    """The probe switches only the text decoder to "vgrefine" and restores every config's value on exit (also
+    after an exception, and after the user changed the implementation in between); a repeated switch between
+    the same implementations does not call set_attn_implementation again (no walk over the modules)."""
+    from hf_vgrefine.attention import ATTN_NAME, AttentionProbe, _all_configs
+    from hf_vgrefine.testing import build_tiny_model
+
+    model = build_tiny_model("llava", num_hidden_layers=2).model
+    text = model.config.get_text_config(decoder=True)
+    configs = _all_configs(model)
+    before = [c._attn_implementation_internal for c in configs]
+    calls = []
+    real = model.set_attn_implementation
+    monkeypatch.setattr(model, "set_attn_implementation", lambda *a, **k: (calls.append(a), real(*a, **k))[1])
+    for _ in range(3):
+        with AttentionProbe(model):
+            assert text._attn_implementation == ATTN_NAME
+            assert model.config.vision_config._attn_implementation == before[configs.index(model.config.vision_config)]
+        assert [c._attn_implementation_internal for c in configs] == before
+    assert len(calls) == 1           # the first switch; the way back and later switches reuse its configs
+    real({"text_config": "eager"})
+    with pytest.raises(RuntimeError, match="boom"):
+        with AttentionProbe(model):
+            assert text._attn_implementation == ATTN_NAME
+            raise RuntimeError("boom")
+    assert text._attn_implementation == "eager"
