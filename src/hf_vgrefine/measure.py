@@ -53,6 +53,9 @@ __all__ = ["GroundingResults", "MeasureSettings", "measure_grounding", "load_gro
            "load_model_and_processor", "parse_layers", "processor_settings", "GT_MODES", "MAP_KINDS"]
 
 GT_MODES = ("box", "mask_cells", "soft_mask")
+_SETTING_CHOICES = {"gt": GT_MODES, "query": ("last", "post_image"), "head_norm": ("per_head", "layer_mean"),
+                    "on_error": ("raise", "skip"), "box_mapping": ("processor", "pad", "stretch"),
+                    "mask_box_end": ("exclusive", "inclusive_max")}
 
 
 @dataclasses.dataclass
@@ -84,40 +87,35 @@ class MeasureSettings:
             the released stretch mapping and inclusive-max mask boxes).
     """
 
+    # what is scored
     layers: Any = "all"
     per_head: bool = False
     relative: bool = True
-    batch_size: int = 4
-    query: str = "last"
-    gt: str = "box"
-    eps: float = 1e-10
-    instruction: str | None = INSTRUCTION
-    generic_question: str = GENERIC_QUESTION
     head_norm: str = "per_head"
     scores: Iterable[str] | None = None
     metric_options: dict | None = None
-    min_cells_per_box: int = 1
+    query: str = "last"
+    eps: float = 1e-10
+    # the two prompts
+    instruction: str | None = INSTRUCTION
+    generic_question: str = GENERIC_QUESTION
     chat_template: str | None = None
-    generic_cache_size: int = 1024
-    on_error: str = "raise"
+    # the ground-truth region on the token grid
+    gt: str = "box"
+    min_cells_per_box: int = 1
     box_mapping: str = "processor"
     mask_box_end: str = "exclusive"
+    # how the run goes
+    batch_size: int = 4
+    generic_cache_size: int = 1024
+    on_error: str = "raise"
 
     def __post_init__(self):
-        if self.gt not in GT_MODES:
-            raise ValueError(f"gt must be one of {GT_MODES}, got {self.gt!r}")
-        if self.query not in ("last", "post_image"):
-            raise ValueError(f"query must be 'last' or 'post_image', got {self.query!r}")
-        if self.head_norm not in ("per_head", "layer_mean"):
-            raise ValueError(f"head_norm must be 'per_head' or 'layer_mean', got {self.head_norm!r}")
+        for name, allowed in _SETTING_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if int(self.batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
-        if self.box_mapping not in ("processor", "pad", "stretch") or \
-                self.mask_box_end not in ("exclusive", "inclusive_max"):
-            raise ValueError(f"box_mapping={self.box_mapping!r} (processor | stretch), "
-                             f"mask_box_end={self.mask_box_end!r} (exclusive | inclusive_max)")
 
     @property
     def score_names(self) -> list[str]:

@@ -65,10 +65,10 @@ def report_markdown(result: SearchResult, top: int = 25) -> str:
 def plot_gain_vs_percentile(result: SearchResult, path: str | None = None):
     """Calibration gain (with paired 95 % CI) vs triage percentile, one line per masked-layer set, at the
     stage-1 settings (base ``k``, normalisation and knockout heads)."""
-    from .viz import _new_figure, save_figure
+    from .viz import new_figure, save_figure
 
     base = next(r for r in result.table if r["is_base"])
-    fig = _new_figure((7.0, 4.2))
+    fig = new_figure((7.0, 4.2))
     ax = fig.add_subplot(1, 1, 1)
     sets = []
     for r in result.table:

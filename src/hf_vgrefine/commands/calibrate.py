@@ -5,8 +5,20 @@ from __future__ import annotations
 import os
 
 from ..calibrate import HEATMAP_PNG, RANK_RULES, calibrate
-from ..outdir import percentile_value, positive_int
+from .argtypes import percentile_value, positive_int
 from .common import add_command, add_common_arguments, load_from_args
+
+
+HELP = "choose VGRefine's masked layer and sensitive heads from grounding scores"
+DESCRIPTION = """\
+Measure per-layer and per-head relative attention grounding on a calibration set and choose
+VGRefine's masked layer (argmax of the mean layer-level criterion, ties -> lower layer) and the top-k
+sensitive (layer, head) pairs (--rank-by; per-head generic normalisation).
+
+Writes into --out: vgrefine_config.json (loadable with VGRefineConfig.from_pretrained; the scores
+behind the choice are in its 'calibration' field), calibration_heads.png (layer x head heat-map),
+measurement/ (resumable per-sample scores, summary.json, layers.png)."""
+EPILOG = "example: hf-vgrefine calibrate --model ./tiny-llava --dataset ./vgmed --config atlas --k 20 --out cal/"
 
 
 def run(args) -> int:
@@ -39,16 +51,7 @@ def int_list(text: str) -> list[int]:
 
 def add_cli(subparsers) -> None:
     """Register ``hf-vgrefine calibrate``."""
-    p = add_command(
-        subparsers, "calibrate", help="choose VGRefine's masked layer and sensitive heads from grounding scores",
-        description=(
-            "Measure per-layer and per-head relative attention grounding on a calibration set and choose\n"
-            "VGRefine's masked layer (argmax of the mean layer-level criterion, ties -> lower layer) and the top-k\n"
-            "sensitive (layer, head) pairs (--rank-by; per-head generic normalisation).\n\n"
-            "Writes into --out: vgrefine_config.json (loadable with VGRefineConfig.from_pretrained; the scores\n"
-            "behind the choice are in its 'calibration' field), calibration_heads.png (layer x head heat-map),\n"
-            "measurement/ (resumable per-sample scores, summary.json, layers.png)."),
-        epilog="example: hf-vgrefine calibrate --model ./tiny-llava --dataset ./vgmed --config atlas --k 20 --out cal/")
+    p = add_command(subparsers, "calibrate", HELP, DESCRIPTION, run, EPILOG)
     add_common_arguments(p)
     p.add_argument("--split-group", default="calibration", choices=["all", "calibration", "test"],
                    help="use only rows of this VGMED split_group (default calibration, disjoint from test images)")
@@ -68,4 +71,3 @@ def add_cli(subparsers) -> None:
                         "the same rows (closed questions with answers) by accuracy gain; writes search/ (report, table, "
                         "figure) and the tuned vgrefine_config.json")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.set_defaults(func=run)

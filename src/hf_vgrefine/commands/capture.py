@@ -20,7 +20,7 @@ TINY_NOTICE = ("no --model given: using a tiny random-weight LLaVA built offline
 
 def add_cli(subparsers):
     """Register ``hf-vgrefine capture``."""
-    from ..outdir import model_id_or_path, torch_device
+    from .argtypes import model_id_or_path, torch_device
 
     p = subparsers.add_parser("capture", help=__doc__.splitlines()[0], description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)

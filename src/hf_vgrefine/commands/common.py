@@ -14,10 +14,12 @@ from ..results import GroundingResults
 __all__ = ["add_command", "add_common_arguments", "load_from_args", "parse_key_value", "print_layer_table"]
 
 
-def add_command(subparsers, name: str, help: str, description: str, epilog: str | None = None):
-    """A sub-parser whose description keeps its line breaks."""
-    return subparsers.add_parser(name, help=help, description=description, epilog=epilog,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_command(subparsers, name: str, help: str, description: str, run, epilog: str | None = None):
+    """A sub-parser whose description keeps its line breaks and whose ``func`` is ``run``."""
+    p = subparsers.add_parser(name, help=help, description=description, epilog=epilog,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=run)
+    return p
 
 
 def parse_key_value(text: str):
@@ -34,7 +36,7 @@ def parse_key_value(text: str):
 
 def add_common_arguments(p) -> None:
     """Options shared by ``measure`` and ``calibrate``."""
-    from ..outdir import model_id_or_path, positive_int
+    from .argtypes import model_id_or_path, positive_int
 
     g = p.add_argument_group("model and data")
     g.add_argument("--model", required=True, metavar="ID_OR_PATH", type=model_id_or_path,

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from ..demo import run_demo
-from ..outdir import model_id_or_path, percentile_value, positive_int
+from .argtypes import model_id_or_path, percentile_value, positive_int
 from .common import add_command
+
+
+HELP = "offline end-to-end run on the embedded default (build, measure, calibrate, refine, report)"
+DESCRIPTION = """\
+Offline end-to-end run: build/load VGMED atlas, measure where the model looks (per layer, relative
+attention vs the named structure), calibrate VGRefine's masked layer and heads, compare baseline and
+VGRefine on held-out yes/no questions, and write report.md/report.html with figures and results.json.
+Default model: the package's small reference VLM trained on the atlas grounding task (CPU, about 30-40 s
+on 2 cores). Output goes to --out (default ./hf_vgrefine_demo); a folder holding files the demo did not
+write is refused unless --overwrite (other files are then kept)."""
 
 
 def run(args) -> int:
@@ -20,16 +30,7 @@ def run(args) -> int:
 
 def add_cli(subparsers) -> None:
     """Register ``hf-vgrefine demo``."""
-    p = add_command(
-        subparsers, "demo", help="offline end-to-end run on the embedded default (build, measure, calibrate, refine, report)",
-        description=(
-            "Offline end-to-end run: build/load VGMED atlas, measure where the model looks (per layer, relative\n"
-            "attention vs the named structure), calibrate VGRefine's masked layer and heads, compare baseline and\n"
-            "VGRefine on held-out yes/no questions, and write report.md/report.html with figures and results.json.\n"
-            "Default model: the package's small reference VLM trained on the atlas grounding task (CPU, about 30-40 s\n"
-            "on 2 cores). Output goes to --out (default ./hf_vgrefine_demo); a folder holding files the demo did not\n"
-            "write is refused unless --overwrite (other files are then kept)."),
-    )
+    p = add_command(subparsers, "demo", HELP, DESCRIPTION, run)
     p.add_argument("--model", default=None, metavar="ID_OR_PATH", type=model_id_or_path,
                    help="hub id or local folder (AutoModelForImageTextToText + AutoProcessor); default: the shipped "
                         "reference VLM")
@@ -52,4 +53,3 @@ def add_cli(subparsers) -> None:
     p.add_argument("--no-tune", action="store_true",
                    help="skip the knockout search (VGRefine tuned on a calibration split, hf_vgrefine.tuning)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
-    p.set_defaults(func=run)

@@ -21,7 +21,7 @@ HELP = "Med-VQA closed-ended evaluation, baseline vs VGRefine"
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..outdir import existing_dir, model_id_or_path, nonnegative_int, positive_int
+    from .argtypes import existing_dir, model_id_or_path, nonnegative_int, positive_int
     from ..medvqa.loaders import BENCHMARKS
     from ..medvqa.runner import DECODING_PRESETS
 
