@@ -7,7 +7,7 @@ import pytest
 
 from hf_vgrefine.atomic import atomic_output, atomic_write
 from hf_vgrefine.vgrefine import VGRefineConfig
-from hf_vgrefine.viz import _new_figure, save_figure
+from hf_vgrefine.viz import new_figure, save_figure
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def _mode(path):
 
 def test_new_files_get_umask_permissions(tmp_path, umask022):
     assert _mode(atomic_write(tmp_path / "a.json", "{}\n")) == 0o644
-    fig = _new_figure((2, 2))
+    fig = new_figure((2, 2))
     fig.add_subplot(1, 1, 1).plot([0, 1], [1, 0])
     assert _mode(save_figure(fig, tmp_path / "f.png")) == 0o644
     cfg = VGRefineConfig(masked_layers=[1], sensitive_heads=[[0, 1]])

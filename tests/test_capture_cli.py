@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import torch
 
-from hf_vgrefine.capture_cli import _image, capture_summary
+from hf_vgrefine.commands.capture import load_image
+from hf_vgrefine.layer_summary import capture_summary
 from hf_vgrefine.prompts import build_inputs
 from hf_vgrefine.testing import build_tiny_model, tiny_processor
 
@@ -15,7 +16,7 @@ from hf_vgrefine.testing import build_tiny_model, tiny_processor
 def test_summary_matches_eager_attention():
     model = build_tiny_model("llava", num_hidden_layers=3).model
     proc = tiny_processor("llava")
-    img = _image(None)
+    img = load_image(None)
     rows = capture_summary(model, proc, img, "Is there an abnormality ?", generic=False)
     inputs = build_inputs(proc, [img], ["Is there an abnormality ?"])
     model.set_attn_implementation({"text_config": "eager"})

@@ -15,9 +15,11 @@ from hf_vgrefine import demo
 def run(tmp_path_factory):
     import argparse
 
+    from hf_vgrefine.commands import demo as demo_command
+
     out = tmp_path_factory.mktemp("demo")
     parser = argparse.ArgumentParser(prog="hf-vgrefine")
-    demo.add_cli(parser.add_subparsers(dest="command"))      # the contract of hf_vgrefine.cli
+    demo_command.add_cli(parser.add_subparsers(dest="command"))      # the contract of hf_vgrefine.cli
     args = parser.parse_args(["demo", "--out", str(out), "--limit", "24", "--calibration-limit", "12",
                               "--no-progress", "--batch-size", "24"])
     assert args.func(args) == 0

@@ -253,7 +253,7 @@ def test_cli_help_lists_options():
 
 def test_data_parallel_shards_merge(llava, ds, tmp_path):
     """Two simulated accelerate processes: rank r measures rows i % 2 == r; the main process merges."""
-    import hf_vgrefine.measure as measure
+    import hf_vgrefine.sharding as sharding
 
     model, proc = llava
 
@@ -266,13 +266,13 @@ def test_data_parallel_shards_merge(llava, ds, tmp_path):
             pass
 
     out = str(tmp_path / "dp")
-    with mock.patch.object(measure, "_dist", lambda: (1, 2, _State(1))):
+    with mock.patch.object(sharding, "partial_state", lambda: _State(1)):
         assert measure_grounding(model, proc, ds, output_dir=out, progress=False, plot=False, n_boot=50) is None
     shards = sorted(os.listdir(os.path.join(out, "shards")))
     assert shards and all(s.startswith("rank001-") for s in shards)
     assert set(GroundingResults.concat([GroundingResults.from_parquet(os.path.join(out, "shards", s))
                                         for s in shards]).meta["index"]) == {1, 3, 5}
-    with mock.patch.object(measure, "_dist", lambda: (0, 2, _State(0))):
+    with mock.patch.object(sharding, "partial_state", lambda: _State(0)):
         merged = measure_grounding(model, proc, ds, output_dir=out, progress=False, plot=False, n_boot=50)
     assert merged.ids == list(ds["id"]) and merged.info["last_run"]["measured"] == 4
     single = measure_grounding(model, proc, ds, progress=False)

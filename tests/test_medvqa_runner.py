@@ -21,7 +21,7 @@ from hf_vgrefine.medvqa import (
     Method,
     build_mcq_prompt,
     compare,
-    evaluate,
+    evaluate_medvqa as evaluate,
     load_benchmark,
     prepare_items,
     read_records,

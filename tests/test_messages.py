@@ -124,7 +124,7 @@ def test_evaluate_missing_data_dir_is_a_usage_error(capsys):
 
 
 def test_evaluate_vgrefine_without_config(tmp_path, capsys):
-    from hf_vgrefine.medvqa.cli import default_vgrefine_config
+    from hf_vgrefine.commands.evaluate import default_vgrefine_config
 
     err = _usage_error(["evaluate", "--model", str(tmp_path), "--out", str(tmp_path / "o")], capsys)
     assert "--methods includes vgrefine but no --vgrefine-config was given" in err
@@ -213,7 +213,7 @@ def test_one_dimensional_map_to_the_metric():
 
 
 def test_capture_device_and_tiny_model_notice(capsys):
-    from hf_vgrefine.capture_cli import TINY_NOTICE
+    from hf_vgrefine.commands.capture import TINY_NOTICE
 
     err = _usage_error(["capture", "--device", "cuda:99"], capsys)
     assert "argument --device: 'cuda:99': no such CUDA device on this machine" in err

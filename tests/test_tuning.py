@@ -1,4 +1,5 @@
-"""Knockout search (hf_vgrefine.tuning): vectorised triage = the per-sample functions, a planted setting is found,
+"""Knockout search (hf_vgrefine.tuning): batched triage with the search's knobs = the per-sample functions with a
+VGRefineConfig, a planted setting is found,
 a candidate's accuracy equals the wrapper run with that config, and the test split is never read."""
 
 import json
@@ -8,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_vgrefine.tuning import (Candidate, SearchSpace, knockout_masks_batch, paired_bootstrap, search_knockout,
-                                triage_scores_batch)
+from hf_vgrefine.tuning import Candidate, SearchSpace, TriageKnobs, paired_bootstrap, search_knockout
 from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 from hf_vgrefine.vgrefine.triage import knockout_set, triage_scores
 
@@ -24,11 +24,11 @@ def test_vectorised_triage_equals_per_sample_functions(norm):
     q[1, :, :, 3] = 0.0                     # ties
     gen[2, 0, 0, 5] = 0.0                   # huge ratio
     heads = [[2, 1], [0, 3], [2, 0]]
-    s_vec = triage_scores_batch(q, gen, heads, norm, 1e-10)
+    s_vec = triage_scores(q, gen, [0, 1, 2], TriageKnobs(tuple(map(tuple, heads)), norm, 1e-10))
     for P, M in [(80.0, None), (0.0, None), (100.0, None), (37.5, None), (None, 0.2), (None, 0.0)]:
         cfg = VGRefineConfig(masked_layers=[1], sensitive_heads=heads, percentile=P, magnitude_threshold=M,
                              generic_norm=norm)
-        K_vec = knockout_masks_batch(s_vec, P, M)
+        K_vec = knockout_set(s_vec, TriageKnobs(tuple(map(tuple, heads)), norm, 1e-10, P, M))[0]
         for b in range(B):
             ref = triage_scores(q[b], gen[b], [0, 1, 2], cfg)
             assert torch.equal(s_vec[b], ref)
@@ -41,7 +41,7 @@ def test_vectorised_knockout_non_finite_and_constant():
                       [float("nan")] * 5])
     for P, M in [(50.0, None), (90.0, None), (None, 0.5)]:
         cfg = VGRefineConfig(masked_layers=[0], sensitive_heads=[[0, 0]], percentile=P, magnitude_threshold=M)
-        K = knockout_masks_batch(s, P, M)
+        K = knockout_set(s, TriageKnobs(((0, 0),), "layer_mean", 1e-10, P, M))[0]
         for b in range(3):
             assert torch.equal(K[b], knockout_set(s[b], cfg)[0]), (P, M, b)
 

@@ -17,6 +17,6 @@ if __name__ == "__main__":
 
         (Path(__file__).resolve().parent / "README.md").write_text(render_card(), encoding="utf-8")
         sys.exit(0)
-    from hf_vgrefine.data.cli import main
+    from hf_vgrefine.commands.build_vgmed import main
 
     sys.exit(main())

@@ -38,7 +38,7 @@ _STATE: contextvars.ContextVar = contextvars.ContextVar("hf_vgrefine_attention_s
 _REGISTERED = False
 
 
-class _EarlyExit(Exception):
+class EarlyExit(Exception):
     """Raised by the attention function after the last layer a capture needs (caught by the caller)."""
 
 
@@ -121,7 +121,7 @@ class KeyBlock:
 
 # --------------------------------------------------------------------------------------------- state
 @dataclass
-class _CapturePlan:
+class CapturePlan:
     """What one forward captures. ``rows`` ``[B, r]`` absolute query positions; ``weights`` ``[B, G, r]``
     (``G`` groups of rows, each averaged: the packed generic prompt is group 1); ``cols`` ``[B, N]`` absolute
     key positions (padding columns point at any valid key); ``heads`` ``[h]`` query heads."""
@@ -177,7 +177,7 @@ class _CapturePlan:
 
 @dataclass
 class _State:
-    capture: _CapturePlan | None = None
+    capture: CapturePlan | None = None
     biases: list = field(default_factory=list)    # KeyBias and KeyBlock objects
     batch_size: int | None = None
     replace_mask: bool = False                     # reference semantics: fresh causal mask in blocked layers
@@ -307,7 +307,7 @@ def _compose(attention_mask, biases, query, kv: int, state: _State):
 
 
 # --------------------------------------------------------------------------------------------- capture
-def _capture(module, query, key, attention_mask, scaling, plan: _CapturePlan, state: _State, kw):
+def _capture(module, query, key, attention_mask, scaling, plan: CapturePlan, state: _State, kw):
     """Store ``[B, G, h, N]`` fp32 probabilities of the plan's rows (averaged per group) at its columns."""
     B, H, q, d = query.shape
     kv = key.shape[2]
@@ -382,7 +382,7 @@ def vgrefine_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if capture_here and plan.after_bias:
         _capture(module, query, key, attention_mask, scaling, plan, state, kwargs)
     if capture_here and plan.stop_after == layer:
-        raise _EarlyExit
+        raise EarlyExit
     if state.split is not None and q_len == kv and q_len > state.split:
         return _split_sdpa(module, query, key, value, own_mask, attention_mask, state.split, state.tail_keys_from,
                            dropout, scaling, kwargs)
@@ -539,7 +539,8 @@ class CapturedAttention:
         return self.maps.mean(2)
 
 
-def _check_indices(name, values, limit):
+def check_indices(name, values, limit):
+    """``ValueError`` naming the ``values`` outside ``[0, limit)`` (``name``: layers or heads)."""
     bad = [v for v in values if not 0 <= v < limit]
     if bad:
         raise ValueError(f"{name} {bad} out of range: the model has {limit} (valid 0..{limit - 1})")

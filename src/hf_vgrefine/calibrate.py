@@ -35,11 +35,13 @@ from typing import Sequence
 
 import numpy as np
 
-from .measure import (GroundingResults, _filter_dataset, _json_safe, _load_from_args, add_common_arguments,
-                      measure_grounding, processor_settings)
+from .jsonio import json_safe
+from .loading import processor_settings, select_rows
+from .measure import measure_grounding
+from .results import GroundingResults
 from .prompts import INSTRUCTION
 
-__all__ = ["calibrate", "rank_heads", "choose_layer", "RANK_RULES", "add_cli"]
+__all__ = ["calibrate", "rank_heads", "choose_layer", "RANK_RULES", "HEATMAP_PNG"]
 
 # rank_by -> (score, statistic, descending)
 RANK_RULES = {
@@ -112,7 +114,7 @@ def _select_split_group(dataset, split_group):
     cols = getattr(dataset, "column_names", None)
     if split_group is None or cols is None or "split_group" not in cols:
         return dataset, None
-    return _filter_dataset(dataset, split_group, None), split_group
+    return select_rows(dataset, split_group, None), split_group
 
 
 def calibrate(model, processor, dataset, k: int = 20, criterion: str = "attention_ratio", rank_by: str = "ar_mean",
@@ -223,7 +225,7 @@ def calibrate(model, processor, dataset, k: int = 20, criterion: str = "attentio
         query=results.info.get("query", "last"), calibration_eps=float(results.info.get("eps", eps)),
         instruction=results.info.get("instruction", instruction),
         model_id=str(getattr(model.config, "_name_or_path", "") or "") or None,
-        processor_settings=proc_settings, calibration=_json_safe(calibration),
+        processor_settings=proc_settings, calibration=json_safe(calibration),
         notes=f"calibrated by hf_vgrefine.calibrate on {len(results)} samples ({rank_by}, criterion {criterion})")
     cfg.check_model(adapter.num_layers, adapter.num_heads)
     if output_dir is not None:
@@ -246,72 +248,6 @@ def calibrate(model, processor, dataset, k: int = 20, criterion: str = "attentio
         if output_dir is not None:
             cfg.save_pretrained(output_dir)
     return cfg
-
-
-# ============================================================================================ CLI
-def _run_calibrate(args) -> int:
-    model, processor, ds = _load_from_args(args, strict_group=False)
-    cfg = calibrate(model, processor, ds, k=args.k, criterion=args.criterion, rank_by=args.rank_by,
-                    exclude_layers=args.exclude_layers, output_dir=args.out, batch_size=args.batch_size,
-                    split_group=None, gt=args.gt, eps=args.eps, query=args.query,
-                    instruction=None if args.no_instruction else args.instruction, percentile=args.percentile,
-                    progress=not args.no_progress, search=True if args.search else None,
-                    on_error=args.on_error)
-    if cfg is None:
-        return 0
-    cal = cfg.calibration
-    print(f"masked layer: {cfg.masked_layers}  (criterion {cal['criterion']}, {cal['n_samples']} samples)")
-    print(f"sensitive heads (top-{cal['k_effective']} by {cal['rank_by']}): {cfg.sensitive_heads}")
-    print(f"wrote {os.path.join(args.out, 'vgrefine_config.json')} and {os.path.join(args.out, HEATMAP_PNG)}")
-    if args.search:
-        s = cal["search"]
-        print(f"knockout search: {s['chosen']} (calibration gain {s['gain']:+.4f}, 95% CI [{s['gain_ci'][0]:+.4f}, "
-              f"{s['gain_ci'][1]:+.4f}]; {s['n_candidates']} candidates on {s['n_calibration']} questions); report "
-              f"{os.path.join(args.out, 'search', s['report'])}")
-    return 0
-
-
-def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()] if text else []
-
-
-def add_cli(subparsers) -> None:
-    """Register ``hf-vgrefine calibrate``."""
-    import argparse
-
-    p = subparsers.add_parser(
-        "calibrate", help="choose VGRefine's masked layer and sensitive heads from grounding scores",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(
-            "Measure per-layer and per-head relative attention grounding on a calibration set and choose\n"
-            "VGRefine's masked layer (argmax of the mean layer-level criterion, ties -> lower layer) and the top-k\n"
-            "sensitive (layer, head) pairs (--rank-by; per-head generic normalisation).\n\n"
-            "Writes into --out: vgrefine_config.json (loadable with VGRefineConfig.from_pretrained; the scores\n"
-            "behind the choice are in its 'calibration' field), calibration_heads.png (layer x head heat-map),\n"
-            "measurement/ (resumable per-sample scores, summary.json, layers.png)."),
-        epilog="example: hf-vgrefine calibrate --model ./tiny-llava --dataset ./vgmed --config atlas --k 20 --out cal/")
-    add_common_arguments(p)
-    p.add_argument("--split-group", default="calibration", choices=["all", "calibration", "test"],
-                   help="use only rows of this VGMED split_group (default calibration, disjoint from test images)")
-    from .outdir import percentile_value, positive_int
-
-    p.add_argument("--k", type=positive_int, default=20, help="number of sensitive heads (default 20)")
-    p.add_argument("--criterion", default="attention_ratio",
-                   help="layer-choice score: attention_ratio (default), kl_gt_attention, js_divergence, "
-                        "energy_pointing_game, ... (KL/JS: lower is better)")
-    p.add_argument("--rank-by", default="ar_mean", choices=sorted(RANK_RULES),
-                   help="head ranking: ar_mean (default), ar_median, ar_frac_above_1 (descending), js_mean, kl_mean "
-                        "(ascending)")
-    p.add_argument("--exclude-layers", type=_int_list, default=[], metavar="L1,L2",
-                   help="layers never chosen (neither as masked layer nor for heads), e.g. 0,1")
-    p.add_argument("--percentile", type=percentile_value, default=80.0,
-                   help="triage percentile stored in the config (default 80, the released value)")
-    p.add_argument("--search", action="store_true",
-                   help="then tune the knockout settings (layers, heads, threshold, normalisation, knockout heads) on "
-                        "the same rows (closed questions with answers) by accuracy gain; writes search/ (report, table, "
-                        "figure) and the tuned vgrefine_config.json")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.set_defaults(func=_run_calibrate)
 
 
 # ``hf_vgrefine.calibrate`` is both this module and the function: importing the submodule makes Python bind

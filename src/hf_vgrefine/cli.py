@@ -1,9 +1,8 @@
 """Command-line entry point ``hf-vgrefine``.
 
-Each sub-command lives in the module that implements it; that module exposes
-``add_cli(subparsers)`` which registers its parser and sets ``func`` (a callable taking the parsed
-``argparse.Namespace`` and returning an exit code). Modules are imported only when their command
-runs, so ``hf-vgrefine --help`` stays fast.
+Each sub-command is a module of :mod:`hf_vgrefine.commands` exposing ``add_cli(subparsers)``, which
+registers its parser and sets ``func`` (a callable taking the parsed ``argparse.Namespace`` and returning
+an exit code). Modules are imported only when their command runs, so ``hf-vgrefine --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -15,14 +14,14 @@ import sys
 
 # (command name, implementing module, one-line help). Order = order in --help.
 COMMANDS: list[tuple[str, str, str]] = [
-    ("setup", "hf_vgrefine.setup_cmd", "post-install: put the grounding_ratio metric and VGMED atlas into the HF cache"),
-    ("demo", "hf_vgrefine.demo", "offline end-to-end run on the embedded default (build, measure, calibrate, refine, report)"),
-    ("capture", "hf_vgrefine.capture_cli", "per-layer last-token attention of a model to an image (where does it look?)"),
-    ("build-vgmed", "hf_vgrefine.data.cli", "build a VGMED configuration as parquet + dataset card"),
-    ("measure", "hf_vgrefine.measure", "measure attention-vs-region grounding per layer (and head)"),
-    ("calibrate", "hf_vgrefine.calibrate", "choose VGRefine's masked layer and sensitive heads from grounding scores"),
-    ("install-metric", "hf_vgrefine.metrics_module", "install the grounding_ratio evaluate module so evaluate.load('grounding_ratio') works offline"),
-    ("evaluate", "hf_vgrefine.medvqa.cli", "Med-VQA closed-ended evaluation, baseline vs VGRefine"),
+    ("setup", "hf_vgrefine.commands.setup", "post-install: put the grounding_ratio metric and VGMED atlas into the HF cache"),
+    ("demo", "hf_vgrefine.commands.demo", "offline end-to-end run on the embedded default (build, measure, calibrate, refine, report)"),
+    ("capture", "hf_vgrefine.commands.capture", "per-layer last-token attention of a model to an image (where does it look?)"),
+    ("build-vgmed", "hf_vgrefine.commands.build_vgmed", "build a VGMED configuration as parquet + dataset card"),
+    ("measure", "hf_vgrefine.commands.measure", "measure attention-vs-region grounding per layer (and head)"),
+    ("calibrate", "hf_vgrefine.commands.calibrate", "choose VGRefine's masked layer and sensitive heads from grounding scores"),
+    ("install-metric", "hf_vgrefine.commands.install_metric", "install the grounding_ratio evaluate module so evaluate.load('grounding_ratio') works offline"),
+    ("evaluate", "hf_vgrefine.commands.evaluate", "Med-VQA closed-ended evaluation, baseline vs VGRefine"),
 ]
 
 

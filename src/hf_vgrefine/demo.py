@@ -27,7 +27,6 @@ hub id or local folder that ``AutoModelForImageTextToText`` / ``AutoProcessor`` 
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -38,16 +37,12 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["run_demo", "reference_model_dir", "add_cli", "REPORT_MD", "REPORT_HTML", "RESULTS_JSON", "FIGURES"]
+from .demo_report import (FIGURES, LAYER_HEADER, REPORT_HTML, REPORT_MD, RESULTS_JSON, TABLE_HEADER, TABLE_METHODS,
+                          render_html, render_markdown, summary_lines)
 
-REPORT_MD = "report.md"
-REPORT_HTML = "report.html"
-RESULTS_JSON = "results.json"
-FIGURES = {
-    "grounding_curve": "grounding_per_layer.png",
-    "overlays": "overlays_before_after.png",
-    "calibration_heads": "calibration/calibration_heads.png",
-}
+__all__ = ["run_demo", "reference_model_dir", "REPORT_MD", "REPORT_HTML", "RESULTS_JSON", "FIGURES", "TABLE_METHODS",
+           "TABLE_HEADER", "LAYER_HEADER"]
+
 SCORES = ("attention_ratio", "energy_pointing_game", "kl_gt_attention", "js_divergence", "pointing_game")
 
 
@@ -117,6 +112,16 @@ def _layer_mean(cap, b: int) -> np.ndarray:
     return cap.sample(b).mean(1).detach().float().cpu().numpy()   # [n_layers, N]
 
 
+def _batches(model, processor, examples, batch_size: int, instruction):
+    """``(start index, examples, model inputs)`` of consecutive batches of ``batch_size`` question prompts."""
+    from .prompts import build_inputs, to_model_inputs
+
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        yield start, batch, to_model_inputs(build_inputs(processor, [e["image"] for e in batch], [e["question"] for e in batch],
+                                                  instruction=instruction), model)
+
+
 def evaluate_refinement(model, processor, examples, config, batch_size: int = 16, progress: bool = True,
                         keep_maps_for: Sequence[int] = ()) -> dict:
     """Baseline vs VGRefine on ``examples`` (yes/no): per-example predictions, and the last-token
@@ -130,7 +135,7 @@ def evaluate_refinement(model, processor, examples, config, batch_size: int = 16
     from .adapters import get_adapter
     from .attention import capture_image_attention
     from .metrics import attention_ratio, energy_pointing_game
-    from .prompts import build_inputs, generic_inputs, to_model_inputs
+    from .prompts import generic_inputs, to_model_inputs
     from .vgrefine import VGRefineWrapper
 
     adapter = get_adapter(model)
@@ -143,10 +148,7 @@ def evaluate_refinement(model, processor, examples, config, batch_size: int = 16
     rows, maps = [], {}
     bar = _bar(len(examples), "baseline vs VGRefine", progress)
     try:
-        for start in range(0, len(examples), batch_size):
-            batch = examples[start:start + batch_size]
-            inputs = to_model_inputs(build_inputs(processor, [e["image"] for e in batch], [e["question"] for e in batch],
-                                                  instruction=config.instruction), model)
+        for start, batch, inputs in _batches(model, processor, examples, batch_size, config.instruction):
             gt_pairs = [_gt_token_mask(adapter, processor, e, config) for e in batch]
             gts = [g for _, g in gt_pairs]
             grids_rc = [(gr.rows, gr.cols) for gr, _ in gt_pairs]
@@ -270,7 +272,6 @@ def evaluate_tuned(model, processor, examples, config, batch_size: int = 16, pro
     """Yes/no answers of :class:`~hf_vgrefine.vgrefine.VGRefineWrapper` with ``config`` (larger logit)."""
     import torch
 
-    from .prompts import build_inputs, to_model_inputs
     from .vgrefine import VGRefineWrapper
 
     yes, no = _answer_token_ids(processor)
@@ -278,10 +279,7 @@ def evaluate_tuned(model, processor, examples, config, batch_size: int = 16, pro
     out = []
     bar = _bar(len(examples), "tuned VGRefine", progress)
     try:
-        for start in range(0, len(examples), batch_size):
-            batch = examples[start:start + batch_size]
-            inputs = to_model_inputs(build_inputs(processor, [e["image"] for e in batch], [e["question"] for e in batch],
-                                                  instruction=config.instruction), model)
+        for _, batch, inputs in _batches(model, processor, examples, batch_size, config.instruction):
             with torch.no_grad():
                 logits = wrapper(**inputs).logits[:, -1].float()
             out += ["yes" if float(logits[i, yes]) > float(logits[i, no]) else "no" for i in range(len(batch))]
@@ -334,55 +332,14 @@ def _tuning_block(res, accuracy) -> dict:
             "search_s": res.info["total_s"], "figure": res.files.get("figure"), "report": "search/" + res.files["report"]}
 
 
-def _tuned_lines(r: dict) -> list[str]:
-    t, acc = r.get("tuning"), r["accuracy"]
-    if not t:
-        return []
-    a = acc["vgrefine_tuned"]
-    reached = t["target_reached"]
-    return [
-        "## 3b. VGRefine tuned on the calibration split (knockout search)",
-        "",
-        f"`hf_vgrefine.tuning.search_knockout` searched {t['n_candidates']} knockout settings (masked layer(s), "
-        f"number of sensitive heads, percentile / magnitude threshold, generic normalisation, knockout heads) on "
-        f"{t['n_calibration']} calibration questions from the {t['n_slices']} calibration slices (fresh lesions, "
-        f"seeds {t['seeds']}; disjoint from the test slices and from the model's training slices), objective: "
-        f"accuracy gain over the baseline. Chosen (rule: {t['rule']}): **{t['chosen']}**, calibration gain "
-        f"{_fmt(t['calibration_gain'])} (95% CI [{_fmt(t['calibration_gain_ci'][0])}, "
-        f"{_fmt(t['calibration_gain_ci'][1])}]); the best calibration candidate was {t['best']} "
-        f"({_fmt(t['best_gain'])}). Report: `search/search_report.md`; config: `search/vgrefine_config.json`.",
-        "",
-        "| method | accuracy | n | difference vs baseline | 95% paired CI |",
-        "|---|---|---|---|---|",
-        f"| baseline | {_fmt(acc['baseline']['accuracy'])} | {acc['baseline']['n']} | | |",
-        f"| VGRefine (grounding calibration) | {_fmt(acc['vgrefine']['accuracy'])} | {acc['vgrefine']['n']} | "
-        f"{_fmt(acc['difference'])} | [{_fmt(acc['difference_ci'][0])}, {_fmt(acc['difference_ci'][1])}] |",
-        f"| VGRefine (tuned on the calibration split) | {_fmt(a['accuracy'])} | {a['n']} | "
-        f"{_fmt(acc['tuned_difference'])} | [{_fmt(acc['tuned_difference_ci'][0])}, "
-        f"{_fmt(acc['tuned_difference_ci'][1])}] |",
-        f"| oracle knockout (upper bound) | {_fmt(acc['oracle']['accuracy'])} | {acc['oracle']['n']} | "
-        f"{_fmt(acc['oracle_difference'])} | [{_fmt(acc['oracle_difference_ci'][0])}, "
-        f"{_fmt(acc['oracle_difference_ci'][1])}] |",
-        "",
-        f"Target (CI excludes 0 and gain >= half the oracle's, {_fmt(t['target_gain'])}): "
-        + ("**reached**." if reached else "**not reached** on this model: see the search report for what was tried and "
-           f"the diagnostics (the chosen setting keeps {_fmt(t['kept_fraction'])} of the image tokens, "
-           f"{_fmt(t['kept_in_region'])} of the region's and {_fmt(t['kept_distractor'])} of the distractor "
-           "lesions' tokens on the calibration split; the oracle keeps the region only)."),
-        "",
-        f"![gain vs percentile](search/{t['figure']})",
-        "",
-    ]
-
-
 # ============================================================================================ figures
 def _overlay_figure(examples, maps, adapter, processor, layer: int, path: str) -> str:
-    from .viz import _new_figure, plot_attention_overlay, plot_triage_overlay, save_figure
+    from .viz import new_figure, plot_attention_overlay, plot_triage_overlay, save_figure
 
     idx = sorted(maps)
     cols = ["image, named structure (green), lesions (red)", f"before: relative attention, layer {layer}",
             "VGRefine triage map (white: kept)", f"after knockout: relative attention, layer {layer}"]
-    fig = _new_figure((3.3 * len(cols), 3.6 * len(idx) + 0.3))
+    fig = new_figure((3.3 * len(cols), 3.6 * len(idx) + 0.3))
     for r, i in enumerate(idx):
         e = examples[i]
         grid = adapter.token_grid(processor, e["image"].size)
@@ -416,175 +373,6 @@ def _overlay_figure(examples, maps, adapter, processor, layer: int, path: str) -
     fig.tight_layout()
     save_figure(fig, path, bbox_inches=None)
     return path
-
-
-# ============================================================================================ report
-def _table_rows(results: dict) -> list[list]:
-    rows = []
-    for label, key in TABLE_METHODS:
-        a, g = results["accuracy"][key], results["masked_layer_grounding"][key]
-        rows.append([label, a["accuracy"], a["recall_yes"], a["recall_no"], g["attention_ratio"], g["region_mass"],
-                     a["n"]])
-    return rows
-
-
-TABLE_METHODS = (("baseline", "baseline"), ("VGRefine", "vgrefine"), ("oracle knockout", "oracle"))
-
-
-TABLE_HEADER = ["method", "accuracy", "recall yes", "recall no", "AR (masked layer, raw)",
-                "attention mass in region", "n"]
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, (bool, np.bool_)):
-        return str(bool(v))
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
-
-
-def _md_table(header, rows) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(v) for v in r) + " |")
-    return "\n".join(lines)
-
-
-def _layer_rows(results: dict) -> list[list]:
-    g = results["grounding"]
-    rows = []
-    for i, layer in enumerate(g["layers"]):
-        rows.append([layer, g["relative"]["attention_ratio"]["mean"][i], g["relative"]["attention_ratio"]["ci_low"][i],
-                     g["relative"]["attention_ratio"]["ci_high"][i], g["raw"]["attention_ratio"]["mean"][i],
-                     g["relative"]["energy_pointing_game"]["mean"][i], g["chance"]["energy_pointing_game"]])
-    return rows
-
-
-LAYER_HEADER = ["layer", "AR relative (mean)", "95% CI low", "95% CI high", "AR raw (mean)",
-                "attention mass in region (relative map)", "chance mass (= mean f)"]
-
-
-def _render_markdown(results: dict) -> str:
-    r = results
-    g, cal, t = r["grounding"], r["calibration"], r["timing"]
-    acc = r["accuracy"]
-    lines = [
-        "# hf-vgrefine demo report",
-        "",
-        f"Model: `{r['model']['name']}` ({r['model']['architecture']}, {r['model']['num_layers']} layers x "
-        f"{r['model']['num_heads']} heads, image grid {r['model']['grid'][0]}x{r['model']['grid'][1]} tokens). "
-        f"Data: VGMED `atlas` ({r['data']['n_slices_test']} test slices, {r['data']['n_slices_calibration']} "
-        "calibration slices), reference task *\"Is there an abnormality in the {structure}?\"* with synthetic "
-        f"hypointense lesions: {r['data']['n_test']} test examples (balanced yes/no), {r['data']['n_calibration']} "
-        "calibration examples. Every number below is read from "
-        f"`{RESULTS_JSON}` written by this run (`{r['command']}`, {t['total_s']:.1f} s on {r['environment']['threads']} "
-        f"CPU thread(s), torch {r['environment']['torch']}, transformers {r['environment']['transformers']}).",
-        "",
-        "## 1. Where does the model look? Grounding per layer",
-        "",
-        "Attention of the last prompt token to the image tokens, relative to the generic prompt "
-        "(\"Write a general description of the image.\"), scored against the tokens of the **named** structure's "
-        "box. Attention ratio (AR) = mean attention inside the region / mean over the image; chance = 1.",
-        "",
-        f"![grounding per layer]({FIGURES['grounding_curve']})",
-        "",
-        _md_table(LAYER_HEADER, _layer_rows(r)),
-        "",
-        f"Best layer: **{g['best_layer']}** (relative AR {_fmt(g['best_layer_ar'])}; chance 1.0000).",
-        "",
-        f"Control (box -> token geometry): at masked layer {cal['masked_layers'][0]} the triage map scores relative AR "
-        f"{_fmt(r['masked_layer_grounding']['vgrefine']['triage_attention_ratio'])} against the named structure's "
-        f"tokens and {_fmt(r['masked_layer_grounding']['control_transposed_mask']['triage_attention_ratio'])} against "
-        "the same token mask transposed (rows <-> cols); the raw last-token attention: "
-        f"{_fmt(r['masked_layer_grounding']['baseline']['attention_ratio'])} vs "
-        f"{_fmt(r['masked_layer_grounding']['control_transposed_mask']['attention_ratio'])}.",
-        "",
-        "## 2. Calibration (masked layer and sensitive heads)",
-        "",
-        f"On the {cal['n_samples']} calibration examples: masked layer **{cal['masked_layers']}**, "
-        f"top-{len(cal['sensitive_heads'])} heads {cal['sensitive_heads']} (rule: {cal['rule']}); "
-        f"triage percentile {cal['percentile']}. Config: `calibration/vgrefine_config.json`.",
-        "",
-        f"![calibration heads]({FIGURES['calibration_heads']})",
-        "",
-        "## 3. Baseline vs VGRefine (closed-ended yes/no, test slices)",
-        "",
-        _md_table(TABLE_HEADER, _table_rows(r)),
-        "",
-        f"Accuracy change VGRefine - baseline: {_fmt(acc['difference'])} (95% paired bootstrap CI "
-        f"[{_fmt(acc['difference_ci'][0])}, {_fmt(acc['difference_ci'][1])}]); answers flipped: "
-        f"{acc['n_flipped']}. Attention columns: last-token attention at masked layer "
-        f"{cal['masked_layers'][0]} (mean over heads, raw probabilities) before/after the knockout; "
-        f"VGRefine kept {_fmt(r['masked_layer_grounding']['vgrefine']['kept_fraction'])} of the image tokens and "
-        f"{_fmt(r['masked_layer_grounding']['vgrefine']['kept_in_region'])} of the region's tokens. "
-        "*Oracle knockout* is the method's upper bound, not a usable method: it needs the answer's region and "
-        "keeps exactly the named structure's box tokens "
-        f"({_fmt(r['masked_layer_grounding']['oracle']['kept_fraction'])} of the image); accuracy change vs baseline "
-        f"{_fmt(acc['oracle_difference'])} (95% CI [{_fmt(acc['oracle_difference_ci'][0])}, "
-        f"{_fmt(acc['oracle_difference_ci'][1])}]).",
-        "",
-        *_tuned_lines(r),
-        "## 4. Heat-maps before / after VGRefine",
-        "",
-        f"Left: the image with the named structure (green contour) and the lesions (red circles). Then the relative "
-        f"attention of the last prompt token at layer {cal['masked_layers'][0]} (question / generic prompt, mean over "
-        "heads) before VGRefine, VGRefine's triage map (white outline: kept tokens) and the same attention with the "
-        "knockout active (knocked-out tokens receive none).",
-        "",
-        f"![overlays]({FIGURES['overlays']})",
-        "",
-        "## Timing",
-        "",
-        _md_table(["stage", "seconds"], [[k.removesuffix("_s"), f"{v:.2f}"] for k, v in t.items()]),
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _render_html(results: dict, markdown: str) -> str:
-    """A self-contained HTML rendering of the same content (tables and images, no external assets)."""
-    out = ["<!doctype html><html><head><meta charset='utf-8'><title>hf-vgrefine demo report</title>",
-           "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-           "td,th{border:1px solid #999;padding:3px 8px;text-align:right}img{max-width:100%}</style></head><body>"]
-    in_table = False
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if all(set(c) <= {"-"} for c in cells):
-                continue
-            if not in_table:
-                out.append("<table>")
-                in_table = True
-                out.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
-            else:
-                out.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            out.append("</table>")
-            in_table = False
-        if line.startswith("!["):
-            alt, src = line[2:].split("](", 1)
-            out.append(f"<p><img alt='{html.escape(alt)}' src='{html.escape(src.rstrip(')'))}'></p>")
-        elif line.startswith("## "):
-            out.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("# "):
-            out.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif line.strip():
-            text = html.escape(line)
-            import re
-
-            text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-            text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
-            text = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<i>\1</i>", text)
-            out.append(f"<p>{text}</p>")
-    if in_table:
-        out.append("</table>")
-    out.append("</body></html>")
-    return "\n".join(out)
 
 
 # ============================================================================================ main entry
@@ -761,85 +549,17 @@ def run_demo(model: str | None = None, out_dir: str | os.PathLike = "hf_vgrefine
         "timing": timing,
     }
     from .atomic import atomic_write
-    from .measure import _atomic_write_json
+    from .jsonio import write_json
 
-    _atomic_write_json(str(out / RESULTS_JSON), results)
+    write_json(str(out / RESULTS_JSON), results)
     atomic_write(out / "per_example.jsonl", "".join(
         json.dumps({k_: (v if not isinstance(v, float) or math.isfinite(v) else None) for k_, v in r.items()}) + "\n"
         for r in rows))
-    md = _render_markdown(json.loads((out / RESULTS_JSON).read_text()))
+    md = render_markdown(json.loads((out / RESULTS_JSON).read_text()))
     atomic_write(out / REPORT_MD, md)
     if html_report:
-        atomic_write(out / REPORT_HTML, _render_html(results, md))
-    _say(_summary_lines(results, out), progress)
+        atomic_write(out / REPORT_HTML, render_html(results, md))
+    _say(summary_lines(results, out), progress)
     return results
 
 
-def _summary_lines(r: dict, out: Path) -> str:
-    a, g = r["accuracy"], r["grounding"]
-    return "\n".join([
-        f"[demo] grounding: best layer {g['best_layer']} with relative attention ratio {_fmt(g['best_layer_ar'])} "
-        f"(chance 1.0) on {g['n']} held-out examples",
-        f"[demo] calibration: masked layer {r['calibration']['masked_layers']}, {len(r['calibration']['sensitive_heads'])} heads",
-        f"[demo] accuracy: baseline {_fmt(a['baseline']['accuracy'])} -> VGRefine {_fmt(a['vgrefine']['accuracy'])} "
-        f"(n={a['baseline']['n']}, difference {_fmt(a['difference'])}, 95% CI [{_fmt(a['difference_ci'][0])}, "
-        f"{_fmt(a['difference_ci'][1])}])",
-        f"[demo] oracle knockout (upper bound, keeps only the named region): {_fmt(a['oracle']['accuracy'])}",
-        *([f"[demo] VGRefine tuned on the calibration split ({r['tuning']['chosen']}): "
-           f"{_fmt(a['vgrefine_tuned']['accuracy'])} (difference {_fmt(a['tuned_difference'])}, 95% CI "
-           f"[{_fmt(a['tuned_difference_ci'][0])}, {_fmt(a['tuned_difference_ci'][1])}])"] if "tuning" in r else []),
-        f"[demo] total {r['timing']['total_s']:.1f} s; report: {out / REPORT_MD}",
-    ])
-
-
-# ============================================================================================ CLI
-def _run(args) -> int:
-    argv = ["hf-vgrefine", "demo"] + ([f"--model {args.model}"] if args.model else []) + \
-           ([f"--limit {args.limit}"] if args.limit is not None else [])
-    run_demo(model=args.model, out_dir=args.out, limit=args.limit, calibration_limit=args.calibration_limit,
-             k=args.k, percentile=args.percentile, batch_size=args.batch_size, seed=args.seed,
-             html_report=not args.no_html, progress=not args.no_progress, dtype=args.dtype, device=args.device,
-             threads=args.threads, command=" ".join(argv), tune=not args.no_tune, overwrite=args.overwrite)
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Register ``hf-vgrefine demo``."""
-    import argparse
-
-    from .outdir import model_id_or_path, percentile_value, positive_int
-
-    p = subparsers.add_parser(
-        "demo", help="offline end-to-end run on the embedded default (build, measure, calibrate, refine, report)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(
-            "Offline end-to-end run: build/load VGMED atlas, measure where the model looks (per layer, relative\n"
-            "attention vs the named structure), calibrate VGRefine's masked layer and heads, compare baseline and\n"
-            "VGRefine on held-out yes/no questions, and write report.md/report.html with figures and results.json.\n"
-            "Default model: the package's small reference VLM trained on the atlas grounding task (CPU, about 30-40 s\n"
-            "on 2 cores). Output goes to --out (default ./hf_vgrefine_demo); a folder holding files the demo did not\n"
-            "write is refused unless --overwrite (other files are then kept)."),
-    )
-    p.add_argument("--model", default=None, metavar="ID_OR_PATH", type=model_id_or_path,
-                   help="hub id or local folder (AutoModelForImageTextToText + AutoProcessor); default: the shipped "
-                        "reference VLM")
-    p.add_argument("--out", default="hf_vgrefine_demo", metavar="DIR", help="report folder (default ./hf_vgrefine_demo)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into an existing --out folder that holds files the demo did not write (they are kept)")
-    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
-                   help="use only the first N test targets (2 examples each; default all 226)")
-    p.add_argument("--calibration-limit", type=positive_int, default=None, metavar="N",
-                   help="use only the first N calibration targets (default all 48)")
-    p.add_argument("--k", type=positive_int, default=None, help="sensitive heads to calibrate (default min(20, layers*heads/4))")
-    p.add_argument("--percentile", type=percentile_value, default=80.0, help="VGRefine triage percentile (default 80)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward pass (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out lesion placement (default 0)")
-    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None, help="device (default cpu, or the accelerate device)")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: 1 for the reference model, else torch's choice)")
-    p.add_argument("--no-html", action="store_true", help="write report.md only")
-    p.add_argument("--no-tune", action="store_true",
-                   help="skip the knockout search (VGRefine tuned on a calibration split, hf_vgrefine.tuning)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
-    p.set_defaults(func=_run)

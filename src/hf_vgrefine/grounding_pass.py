@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attention import AttentionProbe, CapturedAttention, KeyBlock, _CapturePlan, _EarlyExit, _check_indices
+from .attention import AttentionProbe, CapturedAttention, KeyBlock, CapturePlan, EarlyExit, check_indices
 
 _LAYOUT_KEYS = ("input_ids", "attention_mask", "image_grid_thw", "image_sizes")
 
@@ -367,8 +367,8 @@ class GroundingPass:
         L, H = adapter.num_layers, adapter.num_heads
         layers = list(range(L)) if layers is None else sorted({int(x) for x in layers})
         heads = list(range(H)) if heads is None else [int(h) for h in heads]
-        _check_indices("layers", layers, L)
-        _check_indices("heads", heads, H)
+        check_indices("layers", layers, L)
+        check_indices("heads", heads, H)
         if not layers:
             raise ValueError("layers is empty")
         if record_prefix and record_prefix >= L:
@@ -413,7 +413,7 @@ class GroundingPass:
         else:
             w = w[:, None, :]
         stop = max(layers + [record_prefix]) if record_prefix else max(layers)
-        plan = _CapturePlan(layers=frozenset(layers) | ({stop} if record_prefix else frozenset()),
+        plan = CapturePlan(layers=frozenset(layers) | ({stop} if record_prefix else frozenset()),
                             heads=torch.tensor(heads), rows=rows, weights=w, cols=cols,
                             stop_after=stop if (early_exit or record_prefix) else None,
                             record_kv_below=record_prefix, split=(T, r_q) if t else None,
@@ -440,7 +440,7 @@ class GroundingPass:
             with torch.no_grad(), probe, eager_if_compiled(self.model):
                 try:
                     self.model(**kwargs)
-                except _EarlyExit:
+                except EarlyExit:
                     pass
         finally:
             for h in hooks:

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from .vgrefine.config import GENERIC_QUESTION, INSTRUCTION
 
 __all__ = ["INSTRUCTION", "GENERIC_QUESTION", "format_question", "build_messages", "render_prompts", "build_inputs",
-           "generic_inputs", "to_model_inputs"]
+           "chat_inputs", "generic_inputs", "to_model_inputs"]
 
 
 def format_question(question: str, instruction: str | None = INSTRUCTION) -> str:
@@ -27,9 +27,9 @@ def format_question(question: str, instruction: str | None = INSTRUCTION) -> str
     return f"{question} {instruction.strip()}"
 
 
-def build_messages(text: str) -> list[dict]:
-    """One user turn in the transformers chat format: an image placeholder, then ``text``."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+def build_messages(text: str, n_images: int = 1) -> list[dict]:
+    """One user turn in the transformers chat format: ``n_images`` image placeholders, then ``text``."""
+    return [{"role": "user", "content": [*({"type": "image"} for _ in range(n_images)), {"type": "text", "text": text}]}]
 
 
 def _tokenizer(processor):
@@ -49,15 +49,16 @@ def _padding_side(processor, side: str):
             tok.padding_side = old
 
 
-def render_prompts(processor, texts: Sequence[str], chat_template: str | None = None) -> list[str]:
-    """Chat-template strings (generation prompt appended) for user texts that follow one image each."""
+def render_prompts(processor, texts: Sequence[str], chat_template: str | None = None,
+                   n_images: int | Sequence[int] = 1) -> list[str]:
+    """Chat-template strings (generation prompt appended) for user texts that follow ``n_images`` images
+    each (one count for all texts, or one per text)."""
     if getattr(processor, "chat_template", None) is None and chat_template is None:
         raise ValueError(f"{type(processor).__name__} has no chat template; pass chat_template= (a Jinja string)")
-    out = []
-    for t in texts:
-        kw = {"chat_template": chat_template} if chat_template is not None else {}
-        out.append(processor.apply_chat_template(build_messages(t), tokenize=False, add_generation_prompt=True, **kw))
-    return out
+    counts = [n_images] * len(texts) if isinstance(n_images, int) else list(n_images)
+    kw = {"chat_template": chat_template} if chat_template is not None else {}
+    return [processor.apply_chat_template(build_messages(t, n), tokenize=False, add_generation_prompt=True, **kw)
+            for t, n in zip(texts, counts)]
 
 
 def _as_images(images) -> list:
@@ -92,11 +93,25 @@ def build_inputs(processor, images, questions, instruction: str | None = INSTRUC
     questions = list(questions)
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions: give one image per question")
+    return chat_inputs(processor, [format_question(q, instruction) for q in questions], [[im] for im in images],
+                       padding_side=padding_side, chat_template=chat_template, return_tensors=return_tensors,
+                       **processor_kwargs)
+
+
+def chat_inputs(processor, texts: Sequence[str], images: Sequence[Sequence[Any]], padding_side: str = "left",
+                chat_template: str | None = None, return_tensors: str = "pt", **processor_kwargs):
+    """Model inputs for ``B`` prompts, each its own list of images (possibly empty) followed by its text.
+
+    ``texts``: ``B`` user texts, used as given; ``images``: ``B`` lists of PIL images. One user turn per
+    prompt through the chat template, generation prompt appended, batched with ``padding_side`` padding.
+    Returns the processor's ``BatchFeature`` (``input_ids [B, T]``, ``attention_mask [B, T]``, pixel inputs)."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    texts = render_prompts(processor, [format_question(q, instruction) for q in questions], chat_template)
+    rendered = render_prompts(processor, texts, chat_template, n_images=[len(ims) for ims in images])
+    flat = [im for ims in images for im in ims]
+    kw = {"images": flat} if flat else {}
     with _padding_side(processor, padding_side):
-        return processor(images=images, text=texts, padding=True, return_tensors=return_tensors, **processor_kwargs)
+        return processor(**kw, text=rendered, padding=True, return_tensors=return_tensors, **processor_kwargs)
 
 
 def generic_inputs(processor, images, instruction: str | None = INSTRUCTION, generic_question: str = GENERIC_QUESTION,

@@ -137,24 +137,20 @@ def build_tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdp
         if family == "qwen2_vl":
             vc = dict(depth=1, embed_dim=32, hidden_size=tc["hidden_size"], num_heads=2, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
-            cfg = tf.Qwen2VLConfig(text_config=tc, vision_config=vc, **ids)
-            model = tf.Qwen2VLForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
-            patch = 14
+            classes, patch = (tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration), 14
         elif family == "qwen2_5_vl":
             vc = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=tc["hidden_size"],
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                       fullatt_block_indexes=[1])
-            cfg = tf.Qwen2_5_VLConfig(text_config=tc, vision_config=vc, **ids)
-            model = tf.Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
-            patch = 14
+            classes, patch = (tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration), 14
         else:
             tc.setdefault("head_dim", tc["hidden_size"] // tc["num_attention_heads"])
             vc = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=tc["hidden_size"],
                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
                       deepstack_visual_indexes=[0])
-            cfg = tf.Qwen3VLConfig(text_config=tc, vision_config=vc, **ids)
-            model = tf.Qwen3VLForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
-            patch = 16
+            classes, patch = (tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration), 16
+        cfg = classes[0](text_config=tc, vision_config=vc, **ids)
+        model = classes[1]._from_config(cfg, attn_implementation=attn_implementation)
         return TinyVLM(family, model.eval(), image_size=0, patch_size=patch)
     if family == "gemma3":
         over = dict(head_dim=16, sliding_window=512, query_pre_attn_scalar=16)

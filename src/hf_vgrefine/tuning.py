@@ -12,9 +12,9 @@ labelled closed questions? It searches
 * the knockout heads (``all`` heads of the masked layers as released, or only the ``sensitive`` ones).
 
 Cost. Per calibration batch the question- and generic-prompt attention maps of **all** layers and heads are
-captured once; every candidate's knockout set is derived from them with vectorised equivalents of
-:func:`hf_vgrefine.vgrefine.triage.triage_scores` / :func:`~hf_vgrefine.vgrefine.triage.knockout_set` (tested
-equal). The knockout only changes the rows after the image, so the keys/values of every position before the
+captured once; every candidate's knockout set is derived from them, for the whole batch at once, by
+:func:`hf_vgrefine.vgrefine.triage.triage_scores` and :func:`~hf_vgrefine.vgrefine.triage.knockout_set` (the
+functions VGRefine itself runs). The knockout only changes the rows after the image, so the keys/values of every position before the
 image end are the same for all candidates: they are computed once per batch (one prefix pass, vision tower
 included) and each candidate runs only the text after the image on that cache — one short forward per
 (candidate, unit), a unit being the samples of a batch whose image ends at the same position. A self-check
@@ -31,23 +31,18 @@ masked layers, fewer heads, and the higher gain.
 
 from __future__ import annotations
 
-import itertools
-import json
-import math
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
 
-__all__ = ["SearchSpace", "Candidate", "SearchResult", "search_knockout", "triage_scores_batch", "knockout_masks_batch",
-           "distractor_mask", "paired_bootstrap", "head_ranking_from_config"]
+from .knockout_passes import answer_ids, knockout_logits, normalise_answer, prefix_units, rows_inputs
+from .search_report import FIGURE_PNG, REPORT_MD, RESULTS_JSON, plot_gain_vs_percentile, report_markdown, write_report
 
-REPORT_MD = "search_report.md"
-RESULTS_JSON = "search_results.json"
-FIGURE_PNG = "search_gain_vs_percentile.png"
+__all__ = ["SearchSpace", "Candidate", "SearchResult", "search_knockout", "distractor_mask", "paired_bootstrap",
+           "head_ranking_from_config", "TriageKnobs", "FIGURE_PNG", "REPORT_MD", "RESULTS_JSON",
+           "plot_gain_vs_percentile", "report_markdown", "write_report"]
 
 
 # ============================================================================================ search space
@@ -147,62 +142,20 @@ class SearchSpace:
         return [(float(p), None) for p in self.percentiles] + [(None, float(t)) for t in self.magnitude_thresholds]
 
 
-# ============================================================================================ triage (vectorised)
-def triage_scores_batch(question, generic, heads: Sequence, generic_norm: str, eps: float):
-    """Triage scores ``[B, N]`` (fp32) of a batch: vectorised :func:`~hf_vgrefine.vgrefine.triage.triage_scores`
-    (``triage_source="heads"``). ``question``/``generic``: ``[B, L, H, N]`` maps of all layers and heads
-    (``generic`` may be None for ``generic_norm="none"``); ``heads``: ``(layer, head)`` pairs."""
-    import torch
+@dataclass(frozen=True)
+class TriageKnobs:
+    """The settings :func:`~hf_vgrefine.vgrefine.triage.triage_scores` and
+    :func:`~hf_vgrefine.vgrefine.triage.knockout_set` read, for one candidate: triage by ``sensitive_heads``
+    in fp32, ``eps`` zero-division rule."""
 
-    if not heads:
-        raise ValueError("no sensitive heads")
-    q = question.float()
-    ls = torch.tensor([int(l) for l, _ in heads])
-    hs = torch.tensor([int(h) for _, h in heads])
-    a = q[:, ls, hs]                                    # [B, k, N]
-    if generic_norm != "none":
-        if generic is None:
-            raise ValueError("generic-prompt maps are required unless generic_norm='none'")
-        g = generic.float()
-        if generic_norm == "layer_mean":
-            a = a / (g.mean(2)[:, ls] + eps)
-        elif generic_norm == "per_head":
-            a = a / (g[:, ls, hs] + eps)
-        else:
-            raise ValueError(f"unknown generic_norm {generic_norm!r}")
-    return a.mean(1)
-
-
-def knockout_masks_batch(scores, percentile: float | None, magnitude_threshold: float | None):
-    """Bool ``[B, N]`` knock-out masks (True = blocked): vectorised
-    :func:`~hf_vgrefine.vgrefine.triage.knockout_set` (same arithmetic in float64; non-finite scores count as
-    ``+inf``; a constant map knocks out nothing in magnitude mode)."""
-    import torch
-
-    s = scores.double()
-    finite = torch.isfinite(s)
-    s = torch.where(finite, s, torch.full_like(s, float("inf")))
-    N = s.shape[-1]
-    if percentile is not None:
-        v, _ = torch.sort(s, dim=-1)
-        pos = float(percentile) / 100.0 * (N - 1)
-        lo = int(pos // 1)
-        hi = min(lo + 1, N - 1)
-        frac = pos - lo
-        vlo, vhi = v[:, lo], v[:, hi]
-        if frac == 0:
-            tau = vlo
-        else:
-            tau = torch.where(vhi == vlo, vlo, vlo + (vhi - vlo) * frac)
-        return s < tau[:, None]
-    fmin = torch.where(finite, s, torch.full_like(s, float("inf"))).min(-1).values
-    fmax = torch.where(finite, s, torch.full_like(s, float("-inf"))).max(-1).values
-    none_finite = ~finite.any(-1)
-    fmin = torch.where(none_finite, torch.zeros_like(fmin), fmin)
-    fmax = torch.where(none_finite, torch.zeros_like(fmax), fmax)
-    const = fmax == fmin
-    norm = (s - fmin[:, None]) / torch.where(const, torch.ones_like(fmax), fmax - fmin)[:, None]
-    return (norm < float(magnitude_threshold)) & ~const[:, None]
+    sensitive_heads: tuple
+    generic_norm: str
+    eps: float
+    percentile: float | None = None
+    magnitude_threshold: float | None = None
+    triage_source: str = "heads"
+    attention_dtype: str = "float32"
+    zero_division: str = "eps"
 
 
 # ============================================================================================ diagnostics
@@ -225,7 +178,7 @@ def distractor_mask(example) -> np.ndarray | None:
     return out & lm
 
 
-def _token_masks(adapter, processor, example):
+def token_masks(adapter, processor, example):
     """(region token mask or None, distractor-only token mask or None) of one example, bool ``[N]``."""
     from .geometry import boxes_to_token_mask, mask_to_token_mask
 
@@ -263,118 +216,6 @@ def paired_bootstrap(diffs: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tu
 
 
 # ============================================================================================ model passes
-def _answer_ids(processor, choices: Sequence[str]) -> list[int]:
-    tok = getattr(processor, "tokenizer", processor)
-    ids = []
-    for c in choices:
-        enc = tok(str(c), add_special_tokens=False)["input_ids"]
-        if not enc:
-            raise ValueError(f"the tokenizer cannot encode the answer choice {c!r}")
-        ids.append(int(enc[0]))
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"answer choices {list(choices)} do not start with distinct tokens; the search scores a closed "
-                         "question by the first-token logits of its choices")
-    return ids
-
-
-def _norm(s) -> str:
-    return str(s).strip().lower()
-
-
-@dataclass
-class _Unit:
-    rows: list              # indices into the batch
-    start: int              # first position run per candidate (= image end of every row)
-    kv: list                # [(k, v)] per layer, positions < start
-    tail: dict              # model inputs of the tail
-    spans: list             # per row: the image span (absolute positions)
-    T: int
-
-
-def _prefix_units(model, adapter, inputs: dict, spans: list) -> list[_Unit]:
-    """Split a batch into units of rows with the same image end and compute each unit's prefix cache."""
-    import torch
-
-    ends = [int(sp[0].end) for sp in spans]
-    T = inputs["input_ids"].shape[1]
-    explicit = adapter.explicit_position_ids
-    pos = adapter.position_ids(inputs) if not explicit else None
-    units = []
-    for s in sorted(set(ends)):
-        rows = [b for b, e in enumerate(ends) if e == s]
-        sub = {"input_ids": inputs["input_ids"][rows, :s]}
-        mask = inputs.get("attention_mask")
-        if mask is not None:
-            sub["attention_mask"] = mask[rows, :s]
-        sub.update(adapter.select_images(inputs, rows))
-        sub.update(adapter.id_derived(sub["input_ids"], inputs))
-        if pos is not None:
-            sub["position_ids"] = pos[..., rows, :s]
-        with torch.no_grad():
-            out = model(**sub, use_cache=True, logits_to_keep=1)
-        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
-        tail = {"input_ids": inputs["input_ids"][rows, s:]}
-        if mask is not None:
-            tail["attention_mask"] = mask[rows]
-        tail.update(adapter.id_derived(tail["input_ids"], inputs))
-        if pos is not None:
-            tail["position_ids"] = pos[..., rows, s:]
-        units.append(_Unit(rows=rows, start=s, kv=kv, tail=tail, spans=[spans[b][0] for b in rows], T=T))
-    return units
-
-
-def _knockout_logits(model, adapter, unit: _Unit, knocked_out, masked_layers, heads=None, full_inputs=None):
-    """Last-position logits ``[B_unit, V]`` with a knockout: for each row ``b`` of the unit, the rows after its
-    image do not attend to the image tokens ``knocked_out[b]`` (bool ``[N]``) in ``masked_layers`` (all heads,
-    or ``heads[layer]`` = tuple of query heads). This is the only place the package's attention machinery
-    applies a candidate (as :meth:`VGRefineWrapper.__call__` does). ``full_inputs``: run the whole prompt
-    instead of the unit's tail on its cached prefix (self-check and fallback)."""
-    import torch
-    from transformers import DynamicCache
-
-    from .attention import AttentionProbe, KeyBias
-
-    biases = []
-    for i, span in enumerate(unit.spans):
-        if knocked_out is None:
-            break
-        cols = span.positions[torch.as_tensor(knocked_out[i]).nonzero().flatten().to(span.positions.device)]
-        if heads is None:
-            biases.append(KeyBias(layers=tuple(masked_layers), batch_index=i, row_start=span.end, row_stop=unit.T,
-                                  cols=cols))
-        else:
-            for l in masked_layers:
-                hs = tuple(heads.get(l, ()))
-                if hs:
-                    biases.append(KeyBias(layers=(l,), batch_index=i, row_start=span.end, row_stop=unit.T, cols=cols,
-                                          heads=hs))
-    probe = AttentionProbe(model, biases=biases, batch_size=len(unit.rows), adapter=adapter)
-    with torch.no_grad(), probe:
-        if full_inputs is not None:
-            return model(**full_inputs, logits_to_keep=1).logits[:, -1].float()
-        cache = DynamicCache()
-        for layer, (k, v) in enumerate(unit.kv):
-            cache.update(k, v, layer)
-        kw = {_cache_kwarg(model): cache}
-        return model(**unit.tail, **kw, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-
-
-def _cache_kwarg(model) -> str:
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _rows_inputs(adapter, inputs: dict, rows: list) -> dict:
-    out = {"input_ids": inputs["input_ids"][rows]}
-    if "attention_mask" in inputs:
-        out["attention_mask"] = inputs["attention_mask"][rows]
-    out.update(adapter.select_images(inputs, rows))
-    out.update(adapter.id_derived(out["input_ids"], inputs))
-    return out
-
-
 # ============================================================================================ the search
 @dataclass
 class SearchResult:
@@ -451,11 +292,13 @@ def search_knockout(model, processor, dataset, base_config, space=None, head_ran
     from .adapters import get_adapter
     from .attention import AttentionProbe, capture_image_attention
     from .prompts import build_inputs, generic_inputs, to_model_inputs
+    from .vgrefine.triage import knockout_set, triage_scores
 
     t_all = time.perf_counter()
     space = SearchSpace.coerce(space)
     adapter = get_adapter(model)
     L, H = adapter.num_layers, adapter.num_heads
+    all_layers = list(range(L))                   # the capture below keeps every layer
     base = base_config
     base.check_model(L, H)
     if base.query != "last":
@@ -502,15 +345,15 @@ def search_knockout(model, processor, dataset, base_config, space=None, head_ran
     q_len = [len(tok(format_question(e["question"], base.instruction), add_special_tokens=False)["input_ids"])
              for e in examples]
     order = sorted(range(n), key=lambda i: (q_len[i], i))
-    answers = [_norm(e["answer"]) for e in examples]
+    answers = [normalise_answer(e["answer"]) for e in examples]
     row_choices = [list(e["choices"]) if e.get("choices") is not None else global_choices for e in examples]
     for i, (a, ch) in enumerate(zip(answers, row_choices)):
-        if a not in {_norm(c) for c in ch}:
+        if a not in {normalise_answer(c) for c in ch}:
             raise ValueError(f"calibration row {i}: answer {examples[i]['answer']!r} is not one of its choices {ch}")
     choice_ids = {}
     diag_region, diag_distr = [], []
     for e in examples:
-        r, d = _token_masks(adapter, processor, e)
+        r, d = token_masks(adapter, processor, e)
         diag_region.append(r)
         diag_distr.append(d)
 
@@ -519,9 +362,9 @@ def search_knockout(model, processor, dataset, base_config, space=None, head_ran
         for j, i in enumerate(rows_global):
             ch = tuple(row_choices[i])
             if ch not in choice_ids:
-                choice_ids[ch] = _answer_ids(processor, ch)
+                choice_ids[ch] = answer_ids(processor, ch)
             ids = choice_ids[ch]
-            out.append(_norm(ch[int(torch.argmax(logits[j, ids]))]) == answers[i])
+            out.append(normalise_answer(ch[int(torch.argmax(logits[j, ids]))]) == answers[i])
         return out
 
     bar = None
@@ -592,25 +435,28 @@ def search_knockout(model, processor, dataset, base_config, space=None, head_ran
         n_forwards = 0
         for bt in batches:
             t0 = time.perf_counter()
-            units = _prefix_units(model, adapter, bt["inputs"], bt["spans"])
+            units = prefix_units(model, adapter, bt["inputs"], bt["spans"])
             timings["prefix_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             glob = bt["idx"]
             for u in units:
                 rows_g = [glob[r] for r in u.rows]
                 if bt.get("baseline_done") is None:
-                    logits = _knockout_logits(model, adapter, u, None, (), None)
+                    logits = knockout_logits(model, adapter, u, None, (), None)
                     baseline[rows_g] = predict(logits, rows_g)
             bt["baseline_done"] = True
             score_memo, mask_memo, fwd_memo = {}, {}, {}
             for c in todo:
                 heads_sel = [tuple(x) for x in ranking[:c.k]]
                 key_s = (tuple(heads_sel), c.generic_norm)
+                knobs = TriageKnobs(tuple(heads_sel), c.generic_norm, base.eps, c.percentile, c.magnitude_threshold)
                 if key_s not in score_memo:
-                    score_memo[key_s] = triage_scores_batch(bt["q"], bt["g"], heads_sel, c.generic_norm, base.eps)
+                    if not heads_sel:
+                        raise ValueError("no sensitive heads")
+                    score_memo[key_s] = triage_scores(bt["q"], bt["g"], all_layers, knobs)
                 key_m = key_s + (c.percentile, c.magnitude_threshold)
                 if key_m not in mask_memo:
-                    mask_memo[key_m] = knockout_masks_batch(score_memo[key_s], c.percentile, c.magnitude_threshold)
+                    mask_memo[key_m] = knockout_set(score_memo[key_s], knobs)[0]
                 K = mask_memo[key_m]                                    # [B, N]
                 kn = K.cpu().numpy()
                 for b, i in enumerate(glob):
@@ -643,13 +489,13 @@ def search_knockout(model, processor, dataset, base_config, space=None, head_ran
                         ko = K[u.rows]
                         hm = None if heads_map is None else {l: tuple(v) for l, v in heads_map.items()}
                         if check["fallback"]:
-                            logits = _knockout_logits(model, adapter, u, ko, c.masked_layers, hm,
-                                                      full_inputs=_rows_inputs(adapter, bt["inputs"], u.rows))
+                            logits = knockout_logits(model, adapter, u, ko, c.masked_layers, hm,
+                                                      full_inputs=rows_inputs(adapter, bt["inputs"], u.rows))
                         else:
-                            logits = _knockout_logits(model, adapter, u, ko, c.masked_layers, hm)
+                            logits = knockout_logits(model, adapter, u, ko, c.masked_layers, hm)
                             if self_check and not check["done"]:
-                                full = _knockout_logits(model, adapter, u, ko, c.masked_layers, hm,
-                                                        full_inputs=_rows_inputs(adapter, bt["inputs"], u.rows))
+                                full = knockout_logits(model, adapter, u, ko, c.masked_layers, hm,
+                                                        full_inputs=rows_inputs(adapter, bt["inputs"], u.rows))
                                 diff = float((full - logits).abs().max())
                                 scale = float(full.abs().max()) or 1.0
                                 check.update(done=True, max_abs_diff=diff)
@@ -763,99 +609,3 @@ def _complexity(c: Candidate, base: Candidate) -> tuple:
     return (changed, len(c.masked_layers), c.k)
 
 
-# ============================================================================================ report
-def _fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, bool):
-        return "yes" if v else ""
-    if isinstance(v, float):
-        return f"{v:.3f}" if math.isfinite(v) else "n/a"
-    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, float) for x in v):
-        return f"[{v[0]:+.3f}, {v[1]:+.3f}]"
-    return str(v)
-
-
-def report_markdown(result: SearchResult, top: int = 25) -> str:
-    info, ch = result.info, result.chosen
-    rows = sorted(result.table, key=lambda r: -r["gain"])
-    keep = rows[:top] + [r for r in rows[top:] if r["is_base"] or r["is_chosen"]]
-    head = ["candidate", "stage", "accuracy", "gain", "gain 95% CI", "within noise of best", "knobs changed",
-            "kept", "kept in region", "kept distractor", "note"]
-    lines = ["# VGRefine knockout search (calibration split)", "",
-             f"Calibration split: **{info['n_calibration']} questions** (split_group={info['split_group']!r}), "
-             f"**{info['n_candidates']} candidates** ({info['strategy']} search; "
-             f"{info['n_per_candidate_ratio']} questions per candidate). Baseline accuracy "
-             f"{result.baseline['accuracy']:.3f}. Standard error of one candidate's gain ≈ "
-             f"{_fmt(info['se_of_a_gain'])}: with this many candidates the best calibration gain is biased upwards; "
-             "judge a setting by its gain on held-out test data.", "",
-             f"Chosen: **{ch['label']}** — gain {ch['gain']:+.3f} (95% CI {_fmt(ch['gain_ci'])}); "
-             f"best: {info['best']['label']} ({info['best']['gain']:+.3f}); base config {info['base']['label']} "
-             f"({info['base']['gain']:+.3f}).", "", f"Rule: {info['rule']}.", "",
-             "Diagnostics: *kept* = fraction of image tokens kept by the triage; *kept in region* = fraction of the "
-             "named region's tokens kept; *kept distractor* = fraction of the tokens of lesions outside the named "
-             f"region kept ({info['n_with_region']} questions with a region, {info['n_with_distractors']} with "
-             "distractors).", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in keep:
-        note = ", ".join(x for x, f in (("chosen", r["is_chosen"]), ("best", r["is_best"]), ("base", r["is_base"])) if f)
-        vals = [r["label"], r["stage"], r["accuracy"], f"{r['gain']:+.3f}", _fmt(r["gain_ci"]),
-                r["within_noise_of_best"], r["changes_from_base"], r["kept_fraction"], r["kept_in_region"],
-                r["kept_distractor"], note]
-        lines.append("| " + " | ".join(_fmt(v) for v in vals) + " |")
-    lines += ["", f"All {len(result.table)} candidates: `{RESULTS_JSON}`. Figure: `{FIGURE_PNG}` (gain vs percentile "
-              "per masked layer set, stage 1 settings).", ""]
-    return "\n".join(lines)
-
-
-def plot_gain_vs_percentile(result: SearchResult, path: str | None = None):
-    """Calibration gain (with paired 95 % CI) vs triage percentile, one line per masked-layer set, at the
-    stage-1 settings (base ``k``, normalisation and knockout heads)."""
-    from .viz import _new_figure, save_figure
-
-    base = next(r for r in result.table if r["is_base"])
-    fig = _new_figure((7.0, 4.2))
-    ax = fig.add_subplot(1, 1, 1)
-    sets = []
-    for r in result.table:
-        if r["percentile"] is not None and r["k"] == base["k"] and r["generic_norm"] == base["generic_norm"] \
-                and r["knockout_heads"] == base["knockout_heads"] and r["masked_layers"] not in sets:
-            sets.append(r["masked_layers"])
-    for layers in sets:
-        rs = sorted((r for r in result.table if r["masked_layers"] == layers and r["percentile"] is not None
-                     and r["k"] == base["k"] and r["generic_norm"] == base["generic_norm"]
-                     and r["knockout_heads"] == base["knockout_heads"]), key=lambda r: r["percentile"])
-        x = [r["percentile"] for r in rs]
-        y = [r["gain"] for r in rs]
-        line, = ax.plot(x, y, marker="o", label="layer " + "+".join(map(str, layers)))
-        ax.fill_between(x, [r["gain_ci"][0] for r in rs], [r["gain_ci"][1] for r in rs], color=line.get_color(),
-                        alpha=0.12)
-    ch = result.chosen
-    if ch["percentile"] is not None:
-        ax.scatter([ch["percentile"]], [ch["gain"]], s=120, facecolors="none", edgecolors="k", zorder=5,
-                   label=f"chosen ({ch['label']})")
-    ax.axhline(0.0, color="gray", lw=1, ls="--")
-    ax.set_xlabel("triage percentile (tokens below it are knocked out)")
-    ax.set_ylabel("accuracy gain over baseline")
-    ax.set_title(f"Knockout search on {result.info['n_calibration']} calibration questions (k={base['k']}, "
-                 f"{base['generic_norm']}, ko:{base['knockout_heads']})", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    if path is not None:
-        save_figure(fig, path)
-    return fig
-
-
-def write_report(result: SearchResult, output_dir: str) -> dict:
-    """Write the chosen config, the report, the full table and the figure into ``output_dir`` (atomically)."""
-    from .atomic import atomic_write
-
-    os.makedirs(output_dir, exist_ok=True)
-    files = {"config": os.path.join(output_dir, "vgrefine_config.json"),
-             "report": os.path.join(output_dir, REPORT_MD), "results": os.path.join(output_dir, RESULTS_JSON),
-             "figure": os.path.join(output_dir, FIGURE_PNG)}
-    result.config.save_pretrained(output_dir)
-    plot_gain_vs_percentile(result, files["figure"])
-    atomic_write(files["report"], report_markdown(result))
-    atomic_write(files["results"], json.dumps(result.to_dict(), indent=1, default=float) + "\n")
-    return {k: os.path.basename(v) for k, v in files.items()}

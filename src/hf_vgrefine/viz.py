@@ -25,7 +25,8 @@ __all__ = ["token_map_to_pixels", "plot_attention_overlay", "plot_triage_overlay
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _new_figure(figsize):
+def new_figure(figsize):
+    """A matplotlib ``Figure`` of ``figsize`` inches on the Agg canvas (no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -42,7 +43,8 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 100, bbox_inches: str |
     return path
 
 
-def _image_array(image) -> np.ndarray:
+def image_array(image) -> np.ndarray:
+    """An image (PIL or array) as a ``[H, W]`` or ``[H, W, C]`` array for ``imshow``."""
     a = np.asarray(image)
     if a.ndim not in (2, 3):
         raise ValueError(f"image must be a PIL image or an [H, W] / [H, W, C] array, got shape {a.shape}")
@@ -115,7 +117,7 @@ def plot_attention_overlay(image, token_map, grid, boxes=None, mask=None, ax=Non
         vmin, vmax: colour range (default: the map's finite min/max).
     Returns the matplotlib ``Figure``.
     """
-    img = _image_array(image)
+    img = image_array(image)
     h0, w0 = img.shape[:2]
     if (w0, h0) != tuple(grid.image_size):
         raise ValueError(f"image size (W, H) = ({w0}, {h0}) differs from grid.image_size {grid.image_size}: "
@@ -125,7 +127,7 @@ def plot_attention_overlay(image, token_map, grid, boxes=None, mask=None, ax=Non
     lo = float(finite.min()) if vmin is None and finite.size else vmin
     hi = float(finite.max()) if vmax is None and finite.size else vmax
     if ax is None:
-        fig = _new_figure((4.0, 4.0 * h0 / max(w0, 1) + 0.4))
+        fig = new_figure((4.0, 4.0 * h0 / max(w0, 1) + 0.4))
         ax = fig.add_subplot(1, 1, 1)
     else:
         fig = ax.figure
@@ -204,10 +206,10 @@ def plot_layer_grid(image, maps, grid, layers: Sequence | None = None, boxes=Non
             vmin, vmax = float(vals.min()), float(vals.max())
     ncols = max(1, min(int(ncols), len(arrs)))
     nrows = math.ceil(len(arrs) / ncols)
-    img = _image_array(image)
+    img = image_array(image)
     h0, w0 = img.shape[:2]
     cell_h = 2.6 * h0 / max(w0, 1) + 0.4
-    fig = _new_figure((2.8 * ncols, cell_h * nrows + (0.4 if title else 0)))
+    fig = new_figure((2.8 * ncols, cell_h * nrows + (0.4 if title else 0)))
     for i, (lab, a) in enumerate(zip(labels, arrs)):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         plot_attention_overlay(img, a, grid, boxes=boxes, mask=mask, ax=ax, vmin=vmin, vmax=vmax,
@@ -252,7 +254,7 @@ def plot_layer_curves(summary, path=None, scores: Sequence[str] | None = None, k
         raise ValueError("summary has no scores to plot")
     ncols = max(1, min(ncols, len(scores)))
     nrows = math.ceil(len(scores) / ncols)
-    fig = _new_figure((4.2 * ncols, 3.0 * nrows + (0.4 if title else 0)))
+    fig = new_figure((4.2 * ncols, 3.0 * nrows + (0.4 if title else 0)))
     styles = {"relative": dict(color="C0", linestyle="-"), "raw": dict(color="C1", linestyle=":")}
     for i, s in enumerate(scores):
         ax = fig.add_subplot(nrows, ncols, i + 1)
@@ -300,7 +302,7 @@ def plot_head_heatmap(matrix, path=None, selected: Sequence[Sequence[int]] = (),
     L, H = m.shape
     layers = list(range(L)) if layers is None else list(layers)
     heads = list(range(H)) if heads is None else list(heads)
-    fig = _new_figure((max(4.0, 0.28 * H + 2.2), max(3.0, 0.24 * L + 1.4)))
+    fig = new_figure((max(4.0, 0.28 * H + 2.2), max(3.0, 0.24 * L + 1.4)))
     ax = fig.add_subplot(1, 1, 1)
     import matplotlib
 

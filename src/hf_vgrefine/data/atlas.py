@@ -99,26 +99,11 @@ def _axial(volume: np.ndarray, k: int) -> np.ndarray:
 def _sample(image_key, image_png, width, height, mask_full, box, label, obj, location, modality_raw, source,
             license_, attribute_templates):
     stem = f"{image_key}/{label}"
-    return {
-        "image_key": image_key,
-        "image": image_png,
-        "mask": schema.encode_png(mask_full),
-        "width": width,
-        "height": height,
-        "boxes": [box],
-        "area_ratio": float(mask_full.mean()),
-        "label": label,
-        "location": location,
-        "modality_raw": modality_raw,
-        "source": source,
-        "license": license_,
-        "questions": {
-            "localization": (schema.pick_template(schema.LOCALIZATION_TEMPLATES, stem).format(obj=obj), "yes", "derived"),
-            "attribute": (schema.pick_template(attribute_templates, stem).format(obj=obj), "", "none"),
-        },
-        "gt_tokens_ref": [],
-        "gt_tokens_ref_grid": [],
-    }
+    return schema.sample_record(
+        image_key=image_key, image=image_png, width=width, height=height, mask=mask_full, boxes=[box], label=label,
+        obj=obj, location=location, modality_raw=modality_raw, source=source, license_=license_,
+        loc_question=schema.pick_template(schema.LOCALIZATION_TEMPLATES, stem).format(obj=obj),
+        att_question=schema.pick_template(attribute_templates, stem).format(obj=obj))
 
 
 def atlas_slice_samples(data_dir=None, slices=ATLAS_SLICES, min_pixels=MIN_PIXELS) -> Iterator[dict]:

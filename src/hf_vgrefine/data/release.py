@@ -244,38 +244,27 @@ def _union_mask(masks: Iterable[np.ndarray], boxes, width, height) -> np.ndarray
     return union
 
 
-def _sample(*, image_key, image, width, height, mask, boxes, label, obj, location, modality_raw, source,
-            license_, loc_question, att_question, gt_tokens=None, grid=None):
-    if mask is not None:
-        area = float(mask.mean())
-        mask_value = schema.encode_png(mask)
-    else:
-        area = schema.boxes_area_ratio(boxes, width, height)
-        mask_value = None
-    tokens = []
-    for t in gt_tokens or []:
-        if isinstance(t, (list, tuple)) and len(t) == 2:
-            tokens.append([int(t[0]), int(t[1])])
-    return {
-        "image_key": image_key,
-        "image": image,
-        "mask": mask_value,
-        "width": width,
-        "height": height,
-        "boxes": boxes,
-        "area_ratio": area,
-        "label": label,
-        "location": location,
-        "modality_raw": modality_raw,
-        "source": source,
-        "license": license_,
-        "questions": {
-            "localization": (loc_question, "yes", "derived"),
-            "attribute": (att_question, "", "none"),
-        },
-        "gt_tokens_ref": tokens,
-        "gt_tokens_ref_grid": list(grid) if tokens and grid else [],
-    }
+def _released_pairs(data_dir, files, key_fn, *, download: bool, keep=None, empty: str | None = None):
+    """``(localization file, [(localization row, attribute row or None)])`` of a released question-file pair.
+
+    ``keep``: rows of both files to use; ``empty``: the error when no localization row is left."""
+    loc_path, att_path = _question_files(data_dir, files, download=download)
+    loc_rows = _read_jsonl(loc_path, RELEASE_HINT)
+    att_rows = _read_jsonl(att_path, RELEASE_HINT) if att_path else None
+    if keep is not None:
+        loc_rows = [r for r in loc_rows if keep(r)]
+        att_rows = [r for r in att_rows if keep(r)] if att_rows is not None else None
+    if empty is not None and not loc_rows:
+        raise CorruptSourceError(loc_path, empty, RELEASE_HINT)
+    return loc_path, list(zip(loc_rows, _pair_rows(loc_rows, att_rows, loc_path, att_path, key_fn)))
+
+
+def _progress_checked(loc_path, pairs, name: str):
+    """``pairs`` with a progress bar; a localization row without ``image`` or ``label`` is a corrupt file."""
+    for row, att in _progress(pairs, len(pairs), name):
+        if "image" not in row or "label" not in row:
+            raise CorruptSourceError(loc_path, f"row {row!r:.120} lacks 'image' or 'label'", RELEASE_HINT)
+        yield row, att
 
 
 def _pair_rows(loc_rows, att_rows, loc_path, att_path, key_fn):
@@ -362,22 +351,14 @@ def _detection_boxes(store: FileStore, rel: str, label: str) -> list[list[float]
 
 
 def slake_samples(data_dir=None, *, download: bool = True) -> Iterator[dict]:
-    loc_path, att_path = _question_files(data_dir, SLAKE_QUESTION_FILES, download=download)
-    loc_rows = _read_jsonl(loc_path, RELEASE_HINT)
-    att_rows = _read_jsonl(att_path, RELEASE_HINT) if att_path else None
     keep = lambda r: "/" not in str(r.get("image", "")) or str(r.get("image", "")).startswith("Slake")  # noqa: E731
-    loc_rows = [r for r in loc_rows if keep(r)]
-    att_rows = [r for r in att_rows if keep(r)] if att_rows is not None else None
-    if not loc_rows:
-        raise CorruptSourceError(loc_path, "contains no SLAKE rows", RELEASE_HINT)
-    key_fn = lambda r: (_slake_key(r.get("image", "")), r.get("label"))  # noqa: E731
-    att_for = _pair_rows(loc_rows, att_rows, loc_path, att_path, key_fn)
+    loc_path, pairs = _released_pairs(data_dir, SLAKE_QUESTION_FILES,
+                                      lambda r: (_slake_key(r.get("image", "")), r.get("label")), download=download,
+                                      keep=keep, empty="contains no SLAKE rows")
     store, prefix = _slake_store(data_dir, download=download)
     counter: Counter = Counter()
-    for row, att in _progress(zip(loc_rows, att_for), len(loc_rows), "slake"):
+    for row, att in _progress_checked(loc_path, pairs, "slake"):
         where = f"{loc_path}: image {row.get('image')!r} label {row.get('label')!r}"
-        if "image" not in row or "label" not in row:
-            raise CorruptSourceError(loc_path, f"row {row!r:.120} lacks 'image' or 'label'", RELEASE_HINT)
         key = _slake_key(row["image"])
         label = str(row["label"])
         image, (width, height) = _image_record(store.read(f"{prefix}{key}/source.jpg"), f"{key}.jpg",
@@ -393,7 +374,7 @@ def slake_samples(data_dir=None, *, download: bool = True) -> Iterator[dict]:
             raise CorruptSourceError(loc_path, f"{where}: no box inside the image", RELEASE_HINT)
         obj = label.lower()
         stem = f"slake/{key}/{label}"
-        yield _sample(
+        yield schema.sample_record(
             image_key=key, image=image, width=width, height=height, mask=None, boxes=boxes, label=label, obj=obj,
             location=str(row.get("location", "")), modality_raw=str(row.get("modality", "")), source="slake",
             license_=schema.LICENSES["slake"], loc_question=str(row.get("question") or
@@ -442,17 +423,12 @@ def full_samples(data_dir=None, *, download: bool = True) -> Iterator[dict]:
     if not data_dir:
         raise MissingSourceError("<data_dir>", FULL_IMAGES_HINT, problem="no --data-dir given")
     root = Path(data_dir)
-    loc_path, att_path = _question_files(root, FULL_QUESTION_FILES, download=download)
-    loc_rows = _read_jsonl(loc_path, RELEASE_HINT)
-    att_rows = _read_jsonl(att_path, RELEASE_HINT) if att_path else None
-    key_fn = lambda r: (r.get("image"), r.get("label"))  # noqa: E731
-    att_for = _pair_rows(loc_rows, att_rows, loc_path, att_path, key_fn)
+    loc_path, pairs = _released_pairs(root, FULL_QUESTION_FILES, lambda r: (r.get("image"), r.get("label")),
+                                      download=download)
     store = FileStore(root=root, hint=FULL_IMAGES_HINT)
     mask_index = _load_mask_index(root)
     counter: Counter = Counter()
-    for row, att in _progress(zip(loc_rows, att_for), len(loc_rows), "full"):
-        if "image" not in row or "label" not in row:
-            raise CorruptSourceError(loc_path, f"row {row!r:.120} lacks 'image' or 'label'", RELEASE_HINT)
+    for row, att in _progress_checked(loc_path, pairs, "full"):
         rel = str(row["image"])
         label = str(row["label"])
         where = f"{loc_path}: image {rel!r} label {label!r}"
@@ -481,7 +457,7 @@ def full_samples(data_dir=None, *, download: bool = True) -> Iterator[dict]:
         image_key = _slake_key(rel) if source == "slake" else str(PurePosixPath(rel).with_suffix(""))
         stem = f"{source}/{image_key}/{label}"
         modality_raw = str(row.get("modality", ""))
-        yield _sample(
+        yield schema.sample_record(
             image_key=image_key, image=image, width=width, height=height, mask=mask, boxes=boxes, label=label,
             obj=obj, location=str(row.get("location", "")), modality_raw=modality_raw, source=source,
             license_=schema.LICENSES.get(source, "LicenseRef-unknown"),
@@ -550,18 +526,13 @@ def coco_samples(data_dir=None, *, download: bool = True) -> Iterator[dict]:
     if not data_dir:
         raise MissingSourceError("<data_dir>/val2014", COCO_HINT, problem="no --data-dir given")
     root = Path(data_dir)
-    loc_path, att_path = _question_files(root, COCO_QUESTION_FILES, download=download)
-    loc_rows = _read_jsonl(loc_path, RELEASE_HINT)
-    att_rows = _read_jsonl(att_path, RELEASE_HINT) if att_path else None
-    key_fn = lambda r: (_coco_image_name(r.get("image"))[1], r.get("label"))  # noqa: E731
-    att_for = _pair_rows(loc_rows, att_rows, loc_path, att_path, key_fn)
+    loc_path, pairs = _released_pairs(root, COCO_QUESTION_FILES,
+                                      lambda r: (_coco_image_name(r.get("image"))[1], r.get("label")), download=download)
     image_dir = root / "val2014" if (root / "val2014").is_dir() else root
     store = FileStore(root=image_dir, hint=COCO_HINT)
     anns = _coco_annotations(root)
     counter: Counter = Counter()
-    for row, att in _progress(zip(loc_rows, att_for), len(loc_rows), "coco"):
-        if "image" not in row or "label" not in row:
-            raise CorruptSourceError(loc_path, f"row {row!r:.120} lacks 'image' or 'label'", RELEASE_HINT)
+    for row, att in _progress_checked(loc_path, pairs, "coco"):
         image_id, name = _coco_image_name(row["image"])
         label = str(row["label"])
         where = f"{loc_path}: image {row['image']!r} label {label!r}"
@@ -587,7 +558,7 @@ def coco_samples(data_dir=None, *, download: bool = True) -> Iterator[dict]:
         obj = label.lower()
         image_key = PurePosixPath(name).stem
         stem = f"coco_val2014/{image_key}/{label}"
-        yield _sample(
+        yield schema.sample_record(
             image_key=image_key, image=image, width=width, height=height, mask=mask, boxes=boxes, label=label,
             obj=obj, location="", modality_raw="natural", source="coco_val2014",
             license_=schema.LICENSES["coco_val2014"],

@@ -335,3 +335,41 @@ def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
 def window_to_uint8(array: np.ndarray, lo: float, hi: float) -> np.ndarray:
     a = (np.asarray(array, dtype=np.float32) - lo) / max(hi - lo, 1e-6)
     return (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def sample_record(*, image_key, image, width, height, mask, boxes, label, obj, location, modality_raw, source,
+                  license_, loc_question, att_question, gt_tokens=None, grid=None) -> dict:
+    """One target of a VGMED source before it becomes rows: ``image`` (encoded), ``mask`` (bool ``[H, W]`` or
+    None; stored as PNG), ``boxes`` (``[x, y, w, h]`` pixels), the localization and attribute questions,
+    the released reference tokens (``[row, col]`` pairs on ``grid``). ``area_ratio``: mask (else box) area
+    over the image area."""
+    if mask is not None:
+        area = float(mask.mean())
+        mask_value = encode_png(mask)
+    else:
+        area = boxes_area_ratio(boxes, width, height)
+        mask_value = None
+    tokens = []
+    for t in gt_tokens or []:
+        if isinstance(t, (list, tuple)) and len(t) == 2:
+            tokens.append([int(t[0]), int(t[1])])
+    return {
+        "image_key": image_key,
+        "image": image,
+        "mask": mask_value,
+        "width": width,
+        "height": height,
+        "boxes": boxes,
+        "area_ratio": area,
+        "label": label,
+        "location": location,
+        "modality_raw": modality_raw,
+        "source": source,
+        "license": license_,
+        "questions": {
+            "localization": (loc_question, "yes", "derived"),
+            "attribute": (att_question, "", "none"),
+        },
+        "gt_tokens_ref": tokens,
+        "gt_tokens_ref_grid": list(grid) if tokens and grid else [],
+    }

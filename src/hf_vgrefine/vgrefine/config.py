@@ -10,6 +10,18 @@ package default deliberately differs from the released code to the released beha
 * ``calibration_eps=0.0`` — plain division in the calibration metrics.
 Triage semantics (layer-mean generic normalisation, ``eps=1e-10``, percentile 80 with strict ``<``,
 all-heads knockout on the masked layers, prefill only) are the released ones in both modes.
+
+Precedence: **explicit arguments win over** ``faithful=True``. ``faithful`` only chooses the value of the
+switches above that are not given (``None`` = not given), so ``VGRefineConfig(faithful=True,
+share_prefix=True)`` is the released setting except for the shared prefix. In ``from_pretrained`` /
+``from_preset`` the keyword overrides are the explicit arguments: ``from_pretrained(path, faithful=True)``
+turns a saved default config into the faithful one.
+
+Loading (``from_dict`` / ``from_pretrained``): unknown keys (fields added by a newer release) are ignored
+with a warning, as peft does; a config whose ``version`` is of a newer major release than the installed
+package loads with a warning to upgrade (:func:`check_version`). Fields are grouped: the method, the
+calibration geometry, performance switches, the reproduction switch and provenance (``model_id``,
+``processor_settings``, ``calibration``, ``notes``, ``version``; recorded, never read by the method).
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ import json
 import math
 import numbers
 import os
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 from .._version import __version__
@@ -56,11 +69,48 @@ _CHOICES = {
     "attention_dtype": ("float32", "model"),
     "mask_box_end": ("exclusive", "inclusive_max"),
 }
-_FAITHFUL = dict(compose_with_model_mask=False, cache_generic=False, early_exit=False, share_prefix=False, huatuo_box_mapping="stretch",
-                 min_cells_per_box=0, calibration_eps=0.0, attention_dtype="model", mask_box_end="inclusive_max")
+# The switches whose package default differs from the released code: package default, released value.
+_PACKAGE_DEFAULTS = dict(compose_with_model_mask=True, cache_generic=True, early_exit=True, share_prefix=True,
+                         huatuo_box_mapping="pad", min_cells_per_box=1, calibration_eps=1e-10, attention_dtype="float32",
+                         mask_box_end="exclusive")
+_FAITHFUL = dict(compose_with_model_mask=False, cache_generic=False, early_exit=False, share_prefix=False,
+                 huatuo_box_mapping="stretch", min_cells_per_box=0, calibration_eps=0.0, attention_dtype="model",
+                 mask_box_end="inclusive_max")
 
 
 _EXAMPLE = {"percentile": 80, "magnitude_threshold": 0.5, "eps": 1e-10, "calibration_eps": 1e-10}
+
+
+def _major(version) -> int | None:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return None
+
+
+def check_version(saved: str) -> None:
+    """Warn when a config was saved by a newer major release of hf_vgrefine than this one (its fields may mean
+    something else here), or when its version cannot be read. Older and same-major versions load silently."""
+    have, got = _major(__version__), _major(saved)
+    if got is None:
+        warnings.warn(f"VGRefineConfig: unreadable version {saved!r} in the saved config; loading it as hf_vgrefine "
+                      f"{__version__}", UserWarning, stacklevel=3)
+    elif have is not None and got > have:
+        warnings.warn(f"VGRefineConfig: saved by hf_vgrefine {saved}, a newer major version than this {__version__}; "
+                      "its settings may be read differently here: upgrade hf_vgrefine "
+                      "(pip install -U hf_vgrefine) or check the config", UserWarning, stacklevel=3)
+
+
+def _with_overrides(d: dict, overrides: dict) -> dict:
+    """``d`` updated with ``overrides``; with ``faithful=True`` among the overrides, the faithful switches that
+    ``d`` holds (a saved config has them all) are dropped unless overridden too, so that faithful sets them."""
+    d = dict(d)
+    if overrides.get("faithful"):
+        for k in _FAITHFUL:
+            if k not in overrides:
+                d.pop(k, None)
+    d.update(overrides)
+    return d
 
 
 def _as_int(name: str, value, hint: str) -> int:
@@ -121,17 +171,16 @@ class VGRefineConfig:
     (:func:`hf_vgrefine.geometry.mask_to_box`).
     """
 
+    # ---- the method: what VGRefine computes (triage, knockout set, knockout)
     masked_layers: list = field(default_factory=list)
     sensitive_heads: list = field(default_factory=list)
     percentile: float | None = 80.0
     magnitude_threshold: float | None = None
     zero_division: str = "eps"
-    attention_dtype: str = "float32"
-    mask_box_end: str = "exclusive"
+    attention_dtype: str | None = None             # None: "float32" ("model" with faithful=True)
     query: str = "last"
     generic_norm: str = "layer_mean"
     eps: float = 1e-10
-    calibration_eps: float = 1e-10
     instruction: str | None = INSTRUCTION
     generic_prompt: str = GENERIC_QUESTION
     knockout_heads: str = "all"
@@ -139,13 +188,19 @@ class VGRefineConfig:
     knockout_set: str = "triage"
     triage_source: str = "heads"
     att_map_layer: int | None = None
-    compose_with_model_mask: bool = True
-    cache_generic: bool = True
-    early_exit: bool = True
-    share_prefix: bool = True
-    huatuo_box_mapping: str = "pad"
-    min_cells_per_box: int = 1
+    compose_with_model_mask: bool | None = None    # None: True (False with faithful=True)
+    # ---- calibration geometry: how boxes and masks become token regions when calibrating
+    calibration_eps: float | None = None           # None: 1e-10 (0.0 with faithful=True)
+    huatuo_box_mapping: str | None = None          # None: "pad" ("stretch" with faithful=True)
+    min_cells_per_box: int | None = None           # None: 1 (0 with faithful=True)
+    mask_box_end: str | None = None                # None: "exclusive" ("inclusive_max" with faithful=True)
+    # ---- performance switches: same answers, less work (all off with faithful=True)
+    cache_generic: bool | None = None              # None: True
+    early_exit: bool | None = None                 # None: True
+    share_prefix: bool | None = None               # None: True
+    # ---- reproduction switch: the released code's value for every switch above left unset
     faithful: bool = False
+    # ---- provenance: where the settings come from (not read by the method)
     model_id: str | None = None
     processor_settings: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
@@ -153,6 +208,9 @@ class VGRefineConfig:
     version: str = __version__
 
     def __post_init__(self):
+        for k, released in _FAITHFUL.items():             # explicit values win; unset ones follow `faithful`
+            if getattr(self, k) is None:
+                setattr(self, k, released if self.faithful else _PACKAGE_DEFAULTS[k])
         self.masked_layers = _int_list("masked_layers", self.masked_layers, "e.g. masked_layers=[16]")
         self.sensitive_heads = _pair_list(self.sensitive_heads)
         for name in ("percentile", "magnitude_threshold", "eps", "calibration_eps"):
@@ -169,9 +227,6 @@ class VGRefineConfig:
             raise ValueError(f"eps={self.eps}, calibration_eps={self.calibration_eps}: must be >= 0")
         if self.magnitude_threshold is not None and not 0.0 <= self.magnitude_threshold <= 1.0:
             raise ValueError(f"magnitude_threshold must be in [0, 1], got {self.magnitude_threshold}")
-        if self.faithful:
-            for k, v in _FAITHFUL.items():
-                setattr(self, k, v)
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -215,17 +270,18 @@ class VGRefineConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "VGRefineConfig":
+        """Config from a dict (e.g. a saved ``vgrefine_config.json``).
+
+        Unknown keys (fields of a newer version) are ignored with a warning; a ``version`` of a newer major
+        release than this package warns that settings may be read differently (:func:`check_version`)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown VGRefineConfig fields {unknown}; known: {sorted(known)}")
-        d = dict(d)
-        faithful = d.pop("faithful", False)
-        obj = cls(**d)
-        if faithful:
-            obj.faithful = True
-            obj.__post_init__()
-        return obj
+            warnings.warn(f"VGRefineConfig: ignoring unknown fields {unknown} (saved by another version of hf_vgrefine?); "
+                          f"known fields: {sorted(known)}", UserWarning, stacklevel=2)
+        if "version" in d:
+            check_version(d["version"])
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -255,14 +311,11 @@ class VGRefineConfig:
                     f"preset ({', '.join(PRESETS)}), and the hub lookup failed ({type(e).__name__})") from e
         with open(p) as f:
             d = json.load(f)
-        d.update(overrides)
-        return cls.from_dict(d)
+        return cls.from_dict(_with_overrides(d, overrides))
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "VGRefineConfig":
         """Published settings: ``"huatuogpt-vision-7b"`` (percentile 80) or ``"huatuogpt-vision-7b-notebook"`` (50)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
-        d = copy.deepcopy(PRESETS[name])
-        d.update(overrides)
-        return cls.from_dict(d)
+        return cls.from_dict(_with_overrides(copy.deepcopy(PRESETS[name]), overrides))

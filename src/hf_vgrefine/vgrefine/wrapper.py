@@ -395,7 +395,7 @@ class VGRefineWrapper:
         settings for this image size (``adapter.token_grid``). ``boxes`` (xywh) / ``mask``: a region to
         outline. ``path``: also write a PNG. Returns the matplotlib ``Figure``.
         """
-        from ..viz import _image_array, plot_triage_overlay
+        from ..viz import image_array, plot_triage_overlay
 
         triage = triage or self.last_triage
         if triage is None:
@@ -405,7 +405,7 @@ class VGRefineWrapper:
         if self.processor is None:
             raise ValueError("plot_triage maps tokens to pixels with the processor's settings: "
                              "VGRefineWrapper(model, config, processor=processor)")
-        img = _image_array(image)
+        img = image_array(image)
         grid = self.adapter.token_grid(self.processor, (img.shape[1], img.shape[0]))
         t = triage[index]
         if (grid.rows, grid.cols) != tuple(t.grid):

@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..layer_summary import capture_summary
+
 
 TINY_NOTICE = ("no --model given: using a tiny random-weight LLaVA built offline (a smoke test of the pipeline; "
                "the numbers have no meaning). Pass --model ID_OR_PATH for a real model.")
 
 
 def add_cli(subparsers):
-    from .outdir import model_id_or_path, torch_device
+    """Register ``hf-vgrefine capture``."""
+    from .argtypes import model_id_or_path, torch_device
 
     p = subparsers.add_parser("capture", help=__doc__.splitlines()[0], description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,18 +38,20 @@ def add_cli(subparsers):
     return p
 
 
-def _load(model_id, device):
+def load_model(model_id, device):
+    """Model + processor of ``model_id``, or (``None``) the tiny random-weight LLaVA built offline."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if model_id is None:
-        from .testing import build_tiny_model, tiny_processor
+        from ..testing import build_tiny_model, tiny_processor
 
         return build_tiny_model("llava", num_hidden_layers=4).model.to(device).eval(), tiny_processor("llava")
     model = AutoModelForImageTextToText.from_pretrained(model_id).to(device).eval()
     return model, AutoProcessor.from_pretrained(model_id)
 
 
-def _image(path):
+def load_image(path):
+    """RGB image from ``path``, or (``None``) a synthetic 96x64 test image with one bright blob."""
     import numpy as np
     from PIL import Image
 
@@ -57,45 +62,11 @@ def _image(path):
     return Image.fromarray(np.stack([arr] * 3, -1))
 
 
-def capture_summary(model, processor, image, question, box=None, generic=True) -> list[dict]:
-    """Per-layer rows: ``layer, image_mass, peak_cell (row, col), attention_ratio`` (AR only with ``box``)."""
-    import torch
-
-    from .adapters import get_adapter
-    from .attention import capture_image_attention
-    from .geometry import boxes_to_token_mask
-    from .metrics import attention_ratio, relative_attention
-    from .prompts import build_inputs, generic_inputs, to_model_inputs
-
-    adapter = get_adapter(model)
-    inputs = to_model_inputs(build_inputs(processor, [image], [question]), model)
-    cap = capture_image_attention(model, inputs)
-    q = cap.sample(0).mean(1).double()                                   # [L, N]
-    rel = q
-    if generic:
-        g_in = to_model_inputs(generic_inputs(processor, [image]), model)
-        g = capture_image_attention(model, g_in).sample(0).mean(1).double()
-        rel = torch.as_tensor(relative_attention(q.numpy(), g.numpy()))
-    span = cap.spans[0][0]
-    region = None
-    if box is not None:
-        grid = adapter.token_grid(processor, image.size, span=span, inputs=inputs)
-        region = boxes_to_token_mask([box], grid)
-    rows = []
-    for i, layer in enumerate(cap.layers):
-        k = int(torch.argmax(rel[i]))
-        row = {"layer": layer, "image_mass": float(q[i].sum()), "peak_cell": [k // span.cols, k % span.cols]}
-        if region is not None:
-            row["attention_ratio"] = float(attention_ratio(rel[i].numpy(), region))
-        rows.append(row)
-    return rows
-
-
 def run(args) -> int:
     if args.model is None:
         print(TINY_NOTICE)
-    model, processor = _load(args.model, args.device)
-    rows = capture_summary(model, processor, _image(args.image), args.question, box=args.box,
+    model, processor = load_model(args.model, args.device)
+    rows = capture_summary(model, processor, load_image(args.image), args.question, box=args.box,
                            generic=not args.no_generic)
     kind = "relative" if not args.no_generic else "raw"
     print(f"last-token attention to the image, per layer ({kind} map for peak/AR):")

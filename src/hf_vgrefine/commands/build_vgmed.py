@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .schema import CONFIG_DESCRIPTIONS, CONFIG_NAMES, DEFAULT_CONFIG
+from ..data.schema import CONFIG_DESCRIPTIONS, CONFIG_NAMES, DEFAULT_CONFIG
 
 _EPILOG = """\
 configurations:
@@ -93,8 +93,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .build import build_vgmed, cached_path
-    from .sources import VGMEDSourceError
+    from ..data.build import build_vgmed, cached_path
+    from ..data.sources import VGMEDSourceError
 
     try:
         root = build_vgmed(
