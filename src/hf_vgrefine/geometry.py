@@ -73,6 +73,8 @@ class TokenGrid:
         scale: ``(sx, sy)``; ``canvas_x = x·sx + ox``, ``canvas_y = y·sy + oy``.
         offset: ``(ox, oy)`` in canvas pixels.
         canvas_size: ``(Wc, Hc)`` canvas pixels covered by the token grid.
+        approximate: ``True`` when the map is not derived from the processor's exact transform (the generic
+            adapter's stretch grid for a plain square resize); exact family grids are ``False``.
     """
 
     rows: int
@@ -81,6 +83,7 @@ class TokenGrid:
     scale: tuple[float, float]
     offset: tuple[float, float]
     canvas_size: tuple[float, float]
+    approximate: bool = False
 
     def __post_init__(self) -> None:
         for name in ("rows", "cols"):
@@ -104,13 +107,14 @@ class TokenGrid:
         if not (math.isfinite(wc) and math.isfinite(hc) and wc > 0 and hc > 0):
             raise ValueError(f"TokenGrid.canvas_size must be finite and positive, got {self.canvas_size!r}")
         object.__setattr__(self, "canvas_size", (wc, hc))
+        object.__setattr__(self, "approximate", bool(self.approximate))
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def stretch(cls, image_size: Sequence[int], rows: int, cols: int) -> "TokenGrid":
+    def stretch(cls, image_size: Sequence[int], rows: int, cols: int, approximate: bool = False) -> "TokenGrid":
         """Grid for an image stretched onto ``rows × cols`` tokens (canvas = the image itself)."""
         w0, h0 = _pair(image_size, "image_size", float)
-        return cls(rows, cols, (int(w0), int(h0)), (1.0, 1.0), (0.0, 0.0), (w0, h0))
+        return cls(rows, cols, (int(w0), int(h0)), (1.0, 1.0), (0.0, 0.0), (w0, h0), approximate)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -167,8 +171,8 @@ class TokenGrid:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (lists instead of tuples)."""
-        return {
+        """JSON-friendly dict (lists instead of tuples); ``approximate`` only when True."""
+        d = {
             "rows": self.rows,
             "cols": self.cols,
             "image_size": list(self.image_size),
@@ -176,6 +180,9 @@ class TokenGrid:
             "offset": list(self.offset),
             "canvas_size": list(self.canvas_size),
         }
+        if self.approximate:
+            d["approximate"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TokenGrid":
@@ -184,7 +191,8 @@ class TokenGrid:
         missing = [k for k in keys if k not in d]
         if missing:
             raise ValueError(f"TokenGrid.from_dict: missing keys {missing}")
-        return cls(**{k: (d[k] if k in ("rows", "cols") else tuple(d[k])) for k in keys})
+        return cls(**{k: (d[k] if k in ("rows", "cols") else tuple(d[k])) for k in keys},
+                   approximate=bool(d.get("approximate", False)))
 
 
 # ---------------------------------------------------------------------- validation helpers

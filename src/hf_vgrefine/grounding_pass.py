@@ -365,10 +365,14 @@ class GroundingPass:
         """
         adapter = self.adapter
         L, H = adapter.num_layers, adapter.num_heads
-        layers = list(range(L)) if layers is None else sorted({int(x) for x in layers})
+        layers = list(adapter.attention_layers) if layers is None else sorted({int(x) for x in layers})
         heads = list(range(H)) if heads is None else [int(h) for h in heads]
         check_indices("layers", layers, L)
         check_indices("heads", heads, H)
+        no_attn = [l for l in layers if l not in adapter.attention_layers]
+        if no_attn:
+            raise ValueError(f"layers {no_attn} have no softmax attention to capture (linear-attention / recurrent layers "
+                             f"of a hybrid model); attention layers: {adapter.attention_layers}")
         if not layers:
             raise ValueError("layers is empty")
         if record_prefix and record_prefix >= L:

@@ -1,13 +1,16 @@
-"""Registry of family adapters keyed by ``config.model_type``.
+"""Registry of family adapters keyed by ``config.model_type``, with the generic adapter as fallback.
 
 Adding a family: subclass :class:`FamilyAdapter` (see ``docs/adding_a_family.md``), implement
-``image_spans`` and ``token_grid``, and call :func:`register_adapter`.
+``image_spans`` and ``token_grid``, and call :func:`register_adapter`. A model type without a family
+adapter gets :class:`~hf_vgrefine.adapters.generic.GenericAdapter` (token level) when its image enters
+the decoder as placeholder tokens, else :class:`UnsupportedModelError` with the reason.
 """
 
 from __future__ import annotations
 
 from .base import FamilyAdapter, ImageSpan, UnsupportedModelError
 from .gemma3 import Gemma3Adapter
+from .generic import GenericAdapter, GeometryUnavailableError, token_level_support
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter, llava_next_highres_shape
 from .qwen_vl import QwenVLAdapter
@@ -33,16 +36,34 @@ def supported_model_types() -> list[str]:
 
 
 def get_adapter(model) -> FamilyAdapter:
-    """The adapter for ``model`` (any ``PreTrainedModel`` whose ``config.model_type`` is registered)."""
+    """The adapter for ``model``: its family adapter when ``config.model_type`` is registered (exact geometry),
+    else the :class:`GenericAdapter` (token level). Raises :class:`UnsupportedModelError` naming the reason when
+    the model's image does not enter its decoder as tokens."""
     config = getattr(model, "config", None)
     mt = getattr(config, "model_type", None)
-    if mt not in _REGISTRY:
+    if config is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no .config: pass a transformers PreTrainedModel")
+    if mt in _REGISTRY:
+        return _REGISTRY[mt](model)
+    try:
+        return GenericAdapter(model)
+    except UnsupportedModelError as e:
         raise UnsupportedModelError(
-            f"model_type {mt!r} ({type(model).__name__}) has no hf_vgrefine adapter. Supported model types: "
-            f"{', '.join(supported_model_types())}. To add a family, subclass hf_vgrefine.adapters.FamilyAdapter "
-            "and register it (docs/adding_a_family.md).")
-    return _REGISTRY[mt](model)
+            f"model_type {mt!r}: {e} Model types with an exact adapter: {', '.join(supported_model_types())}; "
+            "any other model whose image enters the decoder as placeholder tokens gets the generic adapter. To add "
+            "a family, subclass hf_vgrefine.adapters.FamilyAdapter and register it (docs/adding_a_family.md).") from None
 
 
-__all__ = ["FamilyAdapter", "ImageSpan", "UnsupportedModelError", "get_adapter", "register_adapter",
-           "supported_model_types", "llava_next_highres_shape"]
+def support_level(model) -> tuple[str, str]:
+    """``("exact", "")``, ``("generic", "")`` or ``("unsupported", reason)`` for ``model`` (a meta-device model is
+    enough: only the config and the module structure are read)."""
+    mt = getattr(model.config, "model_type", None)
+    if mt in _REGISTRY:
+        return "exact", ""
+    reason = token_level_support(model)
+    return ("generic", "") if reason is None else ("unsupported", reason)
+
+
+__all__ = ["FamilyAdapter", "GenericAdapter", "GeometryUnavailableError", "ImageSpan", "UnsupportedModelError",
+           "get_adapter", "register_adapter", "support_level", "supported_model_types", "token_level_support",
+           "llava_next_highres_shape"]

@@ -40,7 +40,8 @@ class ImageSpan:
 
 
 class UnsupportedModelError(ValueError):
-    """Raised for a model whose ``model_type`` has no registered adapter."""
+    """Raised for a model the package cannot work with: its image does not enter the decoder's self-attention as
+    placeholder tokens (cross-attention, encoder-decoder, no image token), with the reason."""
 
 
 class FamilyAdapter:
@@ -51,6 +52,9 @@ class FamilyAdapter:
     # True: generate's prefill passes 1-D ``position_ids`` (cumsum of the mask) that a plain forward must
     # receive explicitly to be identical; False: the model derives positions itself (Qwen M-RoPE).
     explicit_position_ids: bool = True
+    # True: token_grid reproduces the processor's exact transform; False: the generic adapter (token level; at
+    # most an approximate stretch grid).
+    exact_geometry: bool = True
 
     def __init__(self, model):
         self.model = model
@@ -72,6 +76,18 @@ class FamilyAdapter:
             if isinstance(obj, torch.nn.ModuleList):
                 return obj
         raise AttributeError(f"cannot find the text decoder layers of {type(self.model).__name__}")
+
+    @property
+    def attention_layers(self) -> list[int]:
+        """Indices of the decoder layers whose softmax attention goes through the attention registry (every layer,
+        except in hybrid models whose linear-attention / recurrent layers have no attention map to read or block)."""
+        cached = getattr(self, "_attention_layers", None)
+        if cached is None:
+            from .generic import layer_attention
+
+            cached = self._attention_layers = [i for i, layer in enumerate(self.decoder_layers)
+                                               if layer_attention(layer) is not None]
+        return cached
 
     @property
     def num_layers(self) -> int:

@@ -1,0 +1,310 @@
+"""Generic adapter: any decoder-only VLM whose image enters the decoder's self-attention as placeholder tokens.
+
+Used by :func:`hf_vgrefine.adapters.get_adapter` when no family adapter is registered for ``config.model_type``.
+Triage, knockout and attention capture only need the image tokens' positions and the decoder's layers and
+heads, which the generic adapter reads from the model:
+
+* **image tokens**: the runs of ``config.image_token_id`` (alias ``image_token_index``) in ``input_ids``; one
+  contiguous run per image, or, where the config names image start/end marker tokens (``boi``/``eoi``,
+  ``image_start``/``image_end``, ``vision_start``/``vision_end``), every image-token run between one start
+  marker and the next end marker (tiled images whose tiles are separated by text tokens);
+* **decoder**: the layer list of the text model (searched), layers/heads/KV heads from the text config; the
+  layers whose attention goes through ``transformers``' attention registry (hybrid models: the softmax
+  attention layers only, see :attr:`FamilyAdapter.attention_layers`);
+* **position ids**: generate's 1-D positions, or, for models that derive multi-axis (M-RoPE) positions
+  themselves, the positions the model hands its language model (read by running it up to the decoder).
+
+Pixel geometry needs the processor's exact transform. The generic adapter offers it only where the processor
+plainly stretches the image to a fixed square and the image block is a perfect square of tokens: a stretch
+:class:`~hf_vgrefine.geometry.TokenGrid` flagged ``approximate=True``. Otherwise :meth:`GenericAdapter.token_grid`
+raises :class:`GeometryUnavailableError` naming what is missing (results stay token level).
+
+Models whose image does not reach the decoder as tokens get :class:`~hf_vgrefine.adapters.UnsupportedModelError`
+with the reason (:func:`token_level_support`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+
+import torch
+
+from .base import FamilyAdapter, ImageSpan, UnsupportedModelError
+
+_IMAGE_TOKEN_ATTRS = ("image_token_id", "image_token_index")
+_START_ATTRS = ("boi_token_id", "boi_token_index", "image_start_token_id", "vision_start_token_id")
+_END_ATTRS = ("eoi_token_id", "eoi_token_index", "image_end_token_id", "vision_end_token_id")
+_LAYER_PATHS = ("model.language_model.layers", "language_model.model.layers", "model.layers",
+                "language_model.layers", "model.language_model.model.layers",
+                "language_model.model.decoder.layers", "model.language_model.decoder.layers", "model.decoder.layers")
+_TOWER_NAMES = re.compile(r"(^|\.)(vision|visual|vision_tower|vision_model|image_encoder|audio|audio_tower|vq|vqmodel|"
+                          r"qformer|perceiver|resampler|connector|multi_modal_projector|mm_projector|protein)", re.I)
+_CROSS_NAMES = re.compile(r"cross_?attn|cross_?attention|crossattention|encoder_attn", re.I)
+
+
+class GeometryUnavailableError(ValueError):
+    """Pixel ↔ token geometry was asked of a model whose adapter cannot provide it (token-level results only)."""
+
+
+def _first_attr(config, names):
+    for name in names:
+        val = getattr(config, name, None)
+        if isinstance(val, int) and not isinstance(val, bool):
+            return int(val)
+    return None
+
+
+def config_image_token_id(config) -> int | None:
+    """The image placeholder id of ``config`` (``image_token_id`` or ``image_token_index``), or ``None``."""
+    return _first_attr(config, _IMAGE_TOKEN_ATTRS)
+
+
+_REGISTRY_USE: dict = {}
+
+
+def _uses_attention_registry(attn_module) -> bool:
+    """True when the module's forward dispatches through ``transformers``' attention registry (memoised per class)."""
+    cls = type(attn_module)
+    if cls not in _REGISTRY_USE:
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            src = ""
+        _REGISTRY_USE[cls] = "ALL_ATTENTION_FUNCTIONS" in src or "attention_interface" in src
+    return _REGISTRY_USE[cls]
+
+
+def find_decoder_layers(model):
+    """``(path, ModuleList)`` of the text decoder's layers: the known v5/v4 paths first, else the one module list
+    outside the vision/audio towers whose length is the text config's ``num_hidden_layers``; ``(None, None)``."""
+    for path in _LAYER_PATHS:
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, torch.nn.ModuleList) and len(obj):
+            return path, obj
+    try:
+        n = int(model.config.get_text_config(decoder=True).num_hidden_layers)
+    except (AttributeError, TypeError, ValueError):
+        return None, None
+    found = [(name, mod) for name, mod in model.named_modules()
+             if isinstance(mod, torch.nn.ModuleList) and len(mod) == n and not _TOWER_NAMES.search(name)]
+    if len(found) == 1:
+        return found[0]
+    return None, None
+
+
+def layer_attention(layer):
+    """The self-attention module of one decoder layer (a submodule with ``layer_idx`` that dispatches through the
+    attention registry), or ``None`` (linear-attention / recurrent / convolution layers of hybrid models)."""
+    for name, mod in layer.named_modules():
+        if not name or _CROSS_NAMES.search(name):
+            continue
+        if getattr(mod, "layer_idx", None) is not None and _uses_attention_registry(mod):
+            return mod
+    return None
+
+
+def token_level_support(model) -> str | None:
+    """``None`` when ``model``'s image enters its decoder's self-attention as placeholder tokens of ``input_ids``
+    (the generic adapter works); otherwise the reason it does not, as one sentence ("... because ...")."""
+    config = model.config
+    mt = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return (f"{mt} is an encoder-decoder model: the image is encoded by a separate encoder and reaches the text "
+                "decoder through cross-attention, not as tokens of the decoder's self-attention")
+    text = config.get_text_config(decoder=True)
+    if getattr(text, "cross_attention_layers", None) is not None or getattr(text, "add_cross_attention", False):
+        return (f"{mt} feeds the image to its decoder through cross-attention layers (text config "
+                "cross_attention_layers), not as tokens of the decoder's self-attention")
+    _, layers = find_decoder_layers(model)
+    if layers is None:
+        return f"{mt}: cannot locate the text decoder's layer list (no decoder-only language model found)"
+    for name, _ in model.named_modules():
+        if _CROSS_NAMES.search(name) and not _TOWER_NAMES.search(name):
+            return (f"{mt} feeds the image to its decoder through cross-attention layers ({name.split('.')[-1]}), "
+                    "not as tokens of the decoder's self-attention")
+    if config_image_token_id(config) is None:
+        return (f"{mt}: the config names no image placeholder token (image_token_id / image_token_index), so the "
+                "image does not enter the decoder as placeholder tokens of input_ids")
+    if not any(layer_attention(layer) is not None for layer in layers):
+        return (f"{mt}: the decoder's attention does not go through transformers' attention registry "
+                "(ALL_ATTENTION_FUNCTIONS with module.layer_idx), which the package's capture and knockout use")
+    return None
+
+
+class GenericAdapter(FamilyAdapter):
+    """Token-level adapter for an unregistered ``model_type`` (see the module docstring)."""
+
+    model_types = ()
+    family = "generic"
+    exact_geometry = False
+
+    def __init__(self, model):
+        reason = token_level_support(model)
+        if reason is not None:
+            raise UnsupportedModelError(f"{type(model).__name__} is not supported, because {reason}.")
+        super().__init__(model)
+        self._layers_path, self._layers = find_decoder_layers(model)
+        self._start_id = _first_attr(self.config, _START_ATTRS)
+        self._end_id = _first_attr(self.config, _END_ATTRS)
+        inner = getattr(model, "model", model)
+        rope = getattr(self.text_config, "rope_parameters", None) or getattr(self.text_config, "rope_scaling", None)
+        self.derives_positions = hasattr(inner, "get_rope_index") or (
+            isinstance(rope, dict) and any("mrope" in str(k) for k in rope))
+        self.explicit_position_ids = not self.derives_positions
+
+    # ----------------------------------------------------------------- decoder structure
+    @property
+    def decoder_layers(self):
+        return self._layers
+
+    @property
+    def num_heads(self) -> int:
+        for name in ("num_attention_heads", "n_head", "num_heads"):
+            val = getattr(self.text_config, name, None)
+            if val:
+                return int(val)
+        raise UnsupportedModelError(f"{type(self.text_config).__name__} names no attention-head count")
+
+    def text_attn_target(self, name: str):
+        """The text sub-config's key (``{"text_config": name}``), or ``name`` when the config is the text config."""
+        for key in getattr(self.config, "sub_configs", {}) or {}:
+            if getattr(self.config, key, None) is self.text_config:
+                return {key: name}
+        return name
+
+    def position_ids(self, inputs: dict) -> torch.Tensor:
+        """Generate's 1-D positions; for models that derive (multi-axis) positions themselves, the positions the
+        model passes to its language model for these inputs (the model runs up to its language model's input)."""
+        if not self.derives_positions:
+            return super().position_ids(inputs)
+        got = {}
+
+        class _Stop(Exception):
+            pass
+
+        def hook(module, args, kwargs):
+            got["pos"] = kwargs.get("position_ids")
+            raise _Stop
+
+        owner = self.model
+        for part in (self._layers_path or "").split(".")[:-1]:
+            owner = getattr(owner, part)
+        # the language model's input positions (decoder layers may see only the text axis of M-RoPE positions)
+        handle = owner.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                self.model(**{k: v for k, v in inputs.items() if k != "position_ids"}, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        pos = got.get("pos")
+        return super().position_ids(inputs) if pos is None else pos
+
+    # ----------------------------------------------------------------- image tokens
+    def image_spans(self, inputs):
+        ids = inputs["input_ids"]
+        runs = self.image_runs(ids)
+        self._require_images(runs)
+        out = []
+        for b, sample in enumerate(runs):
+            groups = self._group_runs(ids[b], sample)
+            spans = []
+            for i, group in enumerate(groups):
+                pos = torch.cat([torch.arange(s, e) for s, e in group])
+                n = int(pos.numel())
+                side = math.isqrt(n)
+                rows, cols = (side, side) if side * side == n else (1, n)
+                spans.append(ImageSpan(group[0][0], group[-1][1], rows, cols, pos, image_index=i))
+            out.append(spans)
+        return out
+
+    def _group_runs(self, row: torch.Tensor, runs: list) -> list:
+        """Runs that lie between the same start and end marker form one image (tiles); else one run per image."""
+        if self._start_id is None or self._end_id is None or len(runs) < 2:
+            return [[r] for r in runs]
+        starts = (row == self._start_id).nonzero().flatten().tolist()
+        ends = (row == self._end_id).nonzero().flatten().tolist()
+        if not starts or not ends:
+            return [[r] for r in runs]
+        groups, key_of = {}, []
+        for s, e in runs:
+            before = [p for p in starts if p < s]
+            after = [p for p in ends if p >= e]
+            if not before or not after or any(before[-1] < p < s for p in ends):
+                key = ("run", s)
+            else:
+                key = ("block", before[-1])
+            groups.setdefault(key, []).append((s, e))
+            key_of.append(key)
+        return [groups[k] for k in dict.fromkeys(key_of)]
+
+    # ----------------------------------------------------------------- geometry
+    def token_grid(self, processor, image_size, span=None, inputs=None):
+        """Approximate stretch grid where the processor plainly resizes to a fixed square and the image block is a
+        perfect square of tokens; otherwise :class:`GeometryUnavailableError`."""
+        from ..geometry import TokenGrid
+
+        mt = self.config.model_type
+        ip = getattr(processor, "image_processor", processor)
+        if ip is None:
+            raise GeometryUnavailableError(f"{mt}: no image processor given; token_grid needs the model's processor")
+        missing = plain_square_resize_problem(ip)
+        n = span.n_tokens if span is not None else self._square_tokens_from_config()
+        if missing is None and n is None:
+            missing = ("the number of image tokens per image is unknown: pass span= (from adapter.image_spans) so "
+                       "that the grid size can be read from the prompt")
+        if missing is None:
+            side = math.isqrt(n)
+            if side * side != n:
+                missing = f"the image block has {n} tokens, not a perfect square"
+        if missing is not None:
+            raise GeometryUnavailableError(
+                f"model_type {mt!r} has no exact hf_vgrefine adapter and no plain square token grid ({missing}); "
+                "its results are token level only (triage, knockout, attention capture work), pixel geometry "
+                "(metrics against boxes/masks, overlays, oracle knockout) needs a family adapter for the "
+                "processor's exact transform (docs/adding_a_family.md)")
+        w0, h0 = (int(v) for v in (image_size.size if hasattr(image_size, "mode") else image_size))
+        return TokenGrid(side, side, (w0, h0), (1.0, 1.0), (0.0, 0.0), (float(w0), float(h0)), approximate=True)
+
+    def _square_tokens_from_config(self):
+        for name in ("mm_tokens_per_image", "image_seq_length", "num_image_tokens"):
+            val = getattr(self.config, name, None)
+            if isinstance(val, int) and val > 0:
+                return val
+        return None
+
+
+_DYNAMIC_FLAGS = ("do_pan_and_scan", "do_image_splitting", "crop_to_patches", "do_convert_rgb_tiles",
+                  "image_grid_pinpoints", "min_pixels", "max_pixels", "max_soft_tokens", "max_image_tiles",
+                  "dynamic_hd", "max_num_patches", "max_patches")
+
+
+def plain_square_resize_problem(ip) -> str | None:
+    """``None`` when the image processor stretches every image to one fixed square (``size`` height == width, no
+    crop, no tiling or dynamic resolution); otherwise what prevents a plain square grid."""
+    for flag in _DYNAMIC_FLAGS:
+        val = getattr(ip, flag, None)
+        if val not in (None, False, 0, [], ()):
+            if flag in ("min_pixels", "max_pixels", "max_soft_tokens", "max_num_patches", "max_patches"):
+                return f"{type(ip).__name__} resizes to a dynamic resolution ({flag}={val!r})"
+            return f"{type(ip).__name__} tiles or crops the image ({flag}={val!r})"
+    if getattr(ip, "do_center_crop", False):
+        return f"{type(ip).__name__} centre-crops the image (do_center_crop=True)"
+    if getattr(ip, "do_pad", False):
+        return f"{type(ip).__name__} pads the image (do_pad=True)"
+    if not getattr(ip, "do_resize", True):
+        return f"{type(ip).__name__} does not resize (do_resize=False): the grid depends on the image size"
+    size = getattr(ip, "size", None)
+    h = size.get("height") if isinstance(size, dict) else getattr(size, "height", None)
+    w = size.get("width") if isinstance(size, dict) else getattr(size, "width", None)
+    if not h or not w or h != w:
+        return f"{type(ip).__name__} does not stretch to a fixed square (size={size!r})"
+    return None

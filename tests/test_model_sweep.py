@@ -1,0 +1,206 @@
+"""Sweep over every image-text-to-text model type of the installed transformers.
+
+Each type is either
+
+* **exact** — a family adapter (its capture / VGRefine equivalence is tested per family in test_attention.py and
+  test_vgrefine.py, its geometry in test_processor_geometry.py);
+* **generic** — built tiny from its default config offline (``hf_vgrefine.testing_any``): attention capture equals
+  eager ``output_attentions`` on a left-padded batch (<= 1e-5) and ``VGRefineWrapper.generate`` equals an
+  eager reference of triage + knockout written here;
+* **unsupported** — ``get_adapter`` raises ``UnsupportedModelError`` saying why;
+* or listed in ``NOT_TINY`` with the reason its tiny model or hand-built inputs cannot be made offline here (a
+  limit of this harness, not a claim about the package); the partition test keeps the lists complete.
+"""
+
+import functools
+import re
+
+import numpy as np
+import pytest
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import eager_mask
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as MAPPING
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from hf_vgrefine.adapters import UnsupportedModelError, get_adapter, support_level, supported_model_types
+from hf_vgrefine.attention import capture_image_attention
+from hf_vgrefine.testing_any import build_tiny, tiny_any_inputs
+from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
+
+# built tiny and swept through the generic adapter
+GENERIC_SWEPT = ("aya_vision", "cohere2_vision", "cosmos3_omni", "exaone4_5", "hyperclovax_vision_v2", "idefics3",
+                 "internvl", "lfm3_vl", "lighton_ocr", "mistral3", "ovis2", "paligemma", "qianfan_ocr",
+                 "qwen3_vl_moe", "video_llava")
+# unsupported: the image does not enter the decoder's self-attention as placeholder tokens
+UNSUPPORTED = ("blip", "blip-2", "evolla", "florence2", "git", "idefics", "instructblip", "instructblipvideo",
+               "kosmos-2", "kosmos-2.5", "minicpm_ocr", "minicpmv4_6", "minicpmv4_7", "mistral4", "mllama",
+               "nemotron_h_omni", "pi0", "pix2struct", "pp_formulanet", "t5gemma2", "udop", "vision-encoder-decoder")
+_BUILD = "its default config does not build tiny offline here"
+_INPUTS = "the hand-built image inputs do not fit its vision tower / processor layout"
+NOT_TINY = {
+    "apertus1p5": _INPUTS, "aria": _INPUTS + " (patch_to_query_dict sizes)", "chameleon": _BUILD + " (vq_config)",
+    "cohere_compass": _BUILD, "cosmos3_edge": _INPUTS + " (dynamic-resolution tower)", "deepseek_ocr2": _BUILD + " (too large)",
+    "deepseek_vl": _INPUTS, "deepseek_vl_hybrid": _INPUTS, "diffusion_gemma": _BUILD + " (per-layer head_dim)",
+    "dots3_note": _BUILD + " (per-layer heads)", "emu3": _BUILD + " (vq_config)", "ernie4_5_vl_moe": _INPUTS,
+    "fast_vlm": "needs timm (not installed)", "fuyu": _INPUTS + " (patch inputs, no vision_config)",
+    "gemma3n": "needs timm (not installed)", "gemma4": _BUILD + " (per-layer head_dim)",
+    "gemma4_unified": _BUILD + " (per-layer head_dim)", "glm46v": _INPUTS + " (rope sections)",
+    "glm4v": _INPUTS + " (rope sections)", "glm4v_moe": _INPUTS + " (rope sections)", "glm5_next": _INPUTS,
+    "glm_ocr": _INPUTS + " (rope sections)", "glmga": _INPUTS + " (rope sections)", "got_ocr2": _INPUTS,
+    "granite4_vision": _BUILD, "granite_docling": _INPUTS, "hunyuan_vl": _BUILD, "hy_v4_vl": _INPUTS,
+    "idefics2": _INPUTS, "inkling2": _INPUTS, "inkling2_loop": _INPUTS, "inkling_mm_model": _INPUTS,
+    "janus": _INPUTS, "kimi_k25": _INPUTS, "lfm2_vl": _INPUTS, "llama4": _INPUTS, "llava_next_video": _INPUTS,
+    "llava_onevision": _INPUTS + " (anyres patches)", "minimax_m3_vl": _INPUTS, "mistral_large4": _INPUTS,
+    "molmo2": _INPUTS, "muse_glimmer": _INPUTS, "muse_spark": _INPUTS, "paddleocr_vl": _INPUTS,
+    "perception_lm": "needs timm (not installed)", "pp_chart2table": _INPUTS, "qwen2_5_omni_thinker": _INPUTS,
+    "qwen3_5": _INPUTS + " (hybrid linear-attention layers in the eager reference)",
+    "qwen3_5_moe": _INPUTS + " (hybrid linear-attention layers in the eager reference)",
+    "qwen3_omni_moe_thinker": _INPUTS, "qwen4_exp": _BUILD, "shieldgemma2": _INPUTS, "smolvlm": _INPUTS,
+    "step3p7": _BUILD + " (sliding_window)", "unlimited_ocr": _INPUTS, "video_llama_3": _INPUTS, "vipllava": _INPUTS,
+}
+HEADS = [[0, 1], [1, 2], [0, 3], [1, 0]]
+
+
+def test_every_model_type_is_accounted_for():
+    exact = set(supported_model_types()) & set(MAPPING)
+    groups = [exact, set(GENERIC_SWEPT), set(UNSUPPORTED), set(NOT_TINY)]
+    assert sum(len(g) for g in groups) == len(set().union(*groups)), "a model type is listed twice"
+    assert set().union(*groups) == set(MAPPING)
+    print(f"\nsweep: {len(exact)} exact, {len(GENERIC_SWEPT)} generic swept, {len(UNSUPPORTED)} unsupported, "
+          f"{len(NOT_TINY)} not built tiny here, of {len(MAPPING)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(mt):
+    return build_tiny(mt, MAPPING[mt])
+
+
+@pytest.mark.parametrize("model_type", UNSUPPORTED)
+def test_unsupported_types_raise_a_clear_error(model_type):
+    model = build_tiny(model_type, MAPPING[model_type], device="meta")
+    level, reason = support_level(model)
+    assert level == "unsupported"
+    with pytest.raises(UnsupportedModelError, match=r"not supported, because .*(cross-attention|encoder-decoder|"
+                                                    r"placeholder token|decoder's layer list)"):
+        get_adapter(model)
+
+
+def _eager(model, adapter, inputs):
+    model.set_attn_implementation(adapter.text_attn_target("eager"))
+    try:
+        with torch.no_grad():
+            att = model(**inputs, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation(adapter.text_attn_target("sdpa"))
+    return [a.double() for a in att]
+
+
+def _positions(model, inputs):
+    """Image positions per sample from the ids (independent of the adapter): every image-token id, and the end."""
+    tid = getattr(model.config, "image_token_id", None)
+    tid = tid if tid is not None else model.config.image_token_index
+    out = []
+    for row in inputs["input_ids"]:
+        pos = (row == tid).nonzero().flatten()
+        out.append((pos, int(pos[-1]) + 1))
+    return out
+
+
+@pytest.mark.parametrize("model_type", GENERIC_SWEPT)
+def test_generic_capture_equals_eager(model_type):
+    model = _tiny(model_type)
+    adapter = get_adapter(model)
+    assert adapter.family == "generic" and not adapter.exact_geometry
+    inputs = tiny_any_inputs(model, [3, 6], seed=1)
+    assert inputs["attention_mask"][0, 0] == 0                      # left-padded
+    for query in ("last", "post_image"):
+        cap = capture_image_attention(model, inputs, query=query)
+        att = _eager(model, adapter, inputs)
+        for b, (pos, end) in enumerate(_positions(model, inputs)):
+            if query == "last":
+                ref = torch.stack([a[b, :, -1, pos] for a in att])
+            else:
+                ref = torch.stack([a[b, :, end:, :][:, :, pos].mean(1) for a in att])
+            torch.testing.assert_close(cap.sample(b).double(), ref, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ eager reference of triage + knockout
+_REF = {}
+
+
+def _ref_attention(module, query, key, value, attention_mask, **kw):
+    spec = _REF.get("spec")
+    q, kv = query.shape[2], key.shape[2]
+    if spec is not None and module.layer_idx in spec["layers"] and q > 1:
+        B = query.shape[0]
+        rep = B // len(spec["blocked"])
+        if attention_mask is None:
+            causal = torch.ones(q, kv, dtype=torch.bool).tril(kv - q)
+            attention_mask = torch.zeros(B, 1, q, kv).masked_fill(~causal, float("-inf"))
+        m = attention_mask[..., :kv].expand(B, 1, q, kv).clone()
+        for bb in range(B):
+            pos, v_end = spec["blocked"][bb // rep]
+            for r in range(q):
+                if kv - q + r >= v_end:
+                    m[bb, 0, r, pos] = float("-inf")
+        attention_mask = m
+    return eager_attention_forward(module, query, key, value, attention_mask, **kw)
+
+
+def _reference_knockout(model, inputs, generic, percentile=50.0, eps=1e-10):
+    qa, ga = _eager(model, get_adapter(model), inputs), _eager(model, get_adapter(model), generic)
+    qpos, gpos = _positions(model, inputs), _positions(model, generic)
+    blocked = []
+    for b in range(inputs["input_ids"].shape[0]):
+        rel = [(qa[l][b, h, -1, qpos[b][0]] / (ga[l][b, :, -1, gpos[b][0]].mean(0) + eps)).numpy() for l, h in HEADS]
+        s = np.mean(rel, 0)
+        blocked.append((qpos[b][0][torch.from_numpy(s < np.percentile(s, percentile))], qpos[b][1]))
+    return blocked
+
+
+@pytest.mark.parametrize("model_type", GENERIC_SWEPT)
+def test_generic_vgrefine_generate_equals_eager_reference(model_type):
+    model = _tiny(model_type)
+    adapter = get_adapter(model)
+    inputs = tiny_any_inputs(model, [3, 6], seed=2)
+    generic = tiny_any_inputs(model, [7, 2], seed=2, image_inputs={k: v for k, v in inputs.items()
+                                                                    if k not in ("input_ids", "attention_mask",
+                                                                                 "mm_token_type_ids")})
+    w = VGRefineWrapper(model, VGRefineConfig(masked_layers=[1], sensitive_heads=HEADS, percentile=50.0))
+    out = w.generate(**inputs, generic_inputs=generic, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    blocked = _reference_knockout(model, inputs, generic)
+    for b in range(2):
+        assert torch.equal(w.last_triage[b].knocked_out_positions.sort().values, blocked[b][0].sort().values)
+    AttentionInterface.register("test_sweep_ref", _ref_attention)
+    AttentionMaskInterface.register("test_sweep_ref", eager_mask)
+    _REF["spec"] = {"blocked": blocked, "layers": [1]}
+    model.set_attn_implementation(adapter.text_attn_target("test_sweep_ref"))
+    try:
+        with torch.no_grad():
+            ref = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    finally:
+        model.set_attn_implementation(adapter.text_attn_target("sdpa"))
+        _REF.clear()
+    assert torch.equal(out, ref)
+
+
+def test_generic_geometry_is_refused_or_approximate():
+    """Pixel geometry: a clear error naming what is missing, or an approximate stretch grid for a plain square."""
+    from transformers import SiglipImageProcessor
+
+    from hf_vgrefine.adapters import GeometryUnavailableError
+
+    model = _tiny("video_llava")               # 4x4 = 16 image tokens
+    adapter = get_adapter(model)
+    span = adapter.image_spans(tiny_any_inputs(model, [2]))[0][0]
+    grid = adapter.token_grid(SiglipImageProcessor(size={"height": 56, "width": 56}), (80, 40), span=span)
+    assert grid.approximate and grid.shape == (span.rows, span.cols) and span.rows == span.cols
+    with pytest.raises(GeometryUnavailableError, match=r"do_center_crop=True.*token level only"):
+        adapter.token_grid(SiglipImageProcessor(size={"height": 56, "width": 56}, do_center_crop=True,
+                                                crop_size={"height": 56, "width": 56}), (80, 40), span=span)
+    qwen = get_adapter(_tiny("qwen3_vl_moe"))
+    from transformers import Qwen2VLImageProcessor
+    qspan = qwen.image_spans(tiny_any_inputs(_tiny("qwen3_vl_moe"), [2]))[0][0]
+    with pytest.raises(GeometryUnavailableError, match=r"does not stretch to a fixed square.*token level only"):
+        qwen.token_grid(Qwen2VLImageProcessor(), (80, 40), span=qspan)
