@@ -43,9 +43,13 @@ def tiny_llava_dir(tmp_path_factory):
 
 
 def test_every_example_has_a_docstring_and_argparse():
-    for path in sorted(EXAMPLES.glob("*.py")):
+    import ast
+
+    paths = sorted(EXAMPLES.glob("*.py"))
+    assert len(paths) >= 5
+    for path in paths:
         text = path.read_text()
-        assert text.lstrip("#!/usr/bin/env python\n").startswith('"""'), path.name
+        assert len(ast.get_docstring(ast.parse(text)) or "") > 200, path.name
         assert "argparse" in text and 'if __name__ == "__main__":' in text, path.name
 
 
