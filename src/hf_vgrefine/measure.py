@@ -1,7 +1,7 @@
 """Grounding measurement over a dataset: attention-vs-region scores per layer (and per layer x head).
 
 For each sample (one image, one question, boxes and/or a mask in VGMED's schema) the model is run on
-the **question prompt** and on the **generic prompt** with the same image (method.md §1.1); the
+the **question prompt** and on the **generic prompt** with the same image (docs/method.md § Prompts); the
 attention of the query row(s) to the image tokens is captured with
 :func:`hf_vgrefine.attention.capture_image_attention` (SDPA, fp32 probabilities, early exit), the
 sample's boxes/mask are mapped to the token grid with the family adapter's
@@ -596,11 +596,11 @@ def measure_grounding(model, processor, dataset, layers="all", per_head: bool = 
             ``"mask_cells"`` (cells touching a mask pixel; boxes when there is no mask) or ``"soft_mask"``
             (covered fraction of each cell, from the mask or else the boxes).
         eps: added to the generic map (``1e-10`` default; ``0.0`` = released calibration scripts).
-        instruction / generic_question: prompt parts (method.md §1.1); ``instruction=None`` drops the suffix.
+        instruction / generic_question: prompt parts (docs/method.md § Prompts); ``instruction=None`` drops the suffix.
         head_norm: generic normalisation of per-head relative maps: ``"per_head"`` or ``"layer_mean"``.
         scores: score names of :data:`hf_vgrefine.metrics.ALL` (default all); ``metric_options`` go to
             :func:`hf_vgrefine.metrics.grounding_scores` (``threshold_mode``, ``tolerance``, ...).
-        min_cells_per_box: 1 (default) or 0 (faithful degenerate-box rule, method.md §3.2).
+        min_cells_per_box: 1 (default) or 0 (faithful degenerate-box rule, docs/data_formats.md § Box cover rule).
         generic_cache_size: images whose generic maps stay cached in memory (LRU).
         n_boot, plot: bootstrap resamples of the saved summary; write ``layers.png`` (with ``output_dir``).
         box_mapping / mask_box_end: box → token rule (:func:`hf_vgrefine.geometry.study_token_mask`);
@@ -893,7 +893,7 @@ def load_model_and_processor(model_id: str, dtype: str = "auto", device: str | N
     ``dtype``: ``"auto"`` (checkpoint dtype), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
     ``device``: e.g. ``"cuda:0"`` (default: the accelerate process device, else CPU).
     ``processor_overrides``: image-processor attributes to set (e.g. ``{"size": {...}, "do_pad": True}``);
-    they must match those used at calibration (method.md §3.4). Tokenizer padding is set to left.
+    they must match those used at calibration (docs/data_formats.md). Tokenizer padding is set to left.
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -1,6 +1,6 @@
 """Grounding scores: how much of an attention map over visual tokens lies on a ground-truth region.
 
-Pure numpy core (method spec §2). Every score is computed in float64, per sample, vectorised over
+Pure numpy core (docs/method.md § Grounding scores). Every score is computed in float64, per sample, vectorised over
 leading axes.
 
 Inputs
@@ -16,7 +16,7 @@ Inputs
        * a list / tuple / range / set of flat token indices, or a 1-D integer array of indices
          (duplicate indices raise, because they almost always mean a 0/1 mask passed as int);
        * a float mask in ``[0, 1]``. If every value is 0 or 1 it is a binary mask; otherwise it is a
-         *soft* ground truth (token coverage ``w``, spec §2.2): ``g = w / Σw`` in KL/JS/soft-Dice,
+         *soft* ground truth (token coverage ``w``, docs/method.md): ``g = w / Σw`` in KL/JS/soft-Dice,
          ``AR = (Σ w·m / Σ w) / mean(m)``, ``EPG = Σ w·p``; the set-based scores (pointing game,
          thresholded IoU/Dice, AUROC) use the support ``B = {w > 0}``.
 
@@ -89,7 +89,7 @@ ALL: tuple[str, ...] = (
 
 #: Accepted alternative names -> canonical score. Output keys keep the name that was asked for.
 ALIASES: dict[str, str] = {
-    "vgmed_iou": "soft_dice_ratio",  # the VGMED "IoU" is a soft-Dice ratio, not an IoU (spec §2.1)
+    "vgmed_iou": "soft_dice_ratio",  # the VGMED "IoU" is a soft-Dice ratio, not an IoU (docs/method.md)
     "relevance_mass_ratio": "energy_pointing_game",
 }
 
@@ -651,7 +651,7 @@ def region_fraction(m: Any, gt: Any) -> Any:
 
 
 def relative_attention(question_attn: Any, generic_attn: Any, eps: float = 1e-10) -> np.ndarray:
-    """Relative attention ``â = a(question) / (a(generic) + eps)`` (spec §1.5), element-wise, float64.
+    """Relative attention ``â = a(question) / (a(generic) + eps)`` (docs/method.md), element-wise, float64.
 
     Shapes broadcast (e.g. per-head ``[L, H, N]`` ÷ layer-mean ``[L, 1, N]``). ``eps=0`` reproduces the
     calibration scripts; a zero generic value then gives inf/NaN, which the scores report as NaN."""
@@ -718,7 +718,7 @@ def aggregate(
     confidence: float = 0.95,
     **chance_kwargs: Any,
 ) -> dict[str, dict[str, Any]]:
-    """Summarise per-sample scores (spec §2.3).
+    """Summarise per-sample scores (docs/method.md § Grounding scores, aggregation).
 
     ``per_sample``: ``{name: array [S, ...]}`` with samples on axis 0 (trailing axes such as layers or
     heads are kept). ``f``: per-sample region fractions ``[S]`` (for the chance level), optional.
