@@ -408,8 +408,10 @@ def _flat(flat: Any, grid: TokenGrid) -> np.ndarray:
 
 def token_mask_to_grid(flat: Any, grid: TokenGrid) -> np.ndarray:
     """Flat row-major token array ``[rows·cols]`` -> ``[rows, cols]`` (same dtype)."""
+    from einops import rearrange
+
     _check_grid(grid)
-    return _flat(flat, grid).reshape(grid.rows, grid.cols)
+    return rearrange(_flat(flat, grid), "(r c) -> r c", r=grid.rows, c=grid.cols)
 
 
 def grid_to_token_mask(arr: Any, grid: TokenGrid) -> np.ndarray:
@@ -418,7 +420,9 @@ def grid_to_token_mask(arr: Any, grid: TokenGrid) -> np.ndarray:
     a = np.asarray(arr)
     if a.shape != (grid.rows, grid.cols):
         raise ValueError(f"array must have shape ({grid.rows}, {grid.cols}) (rows, cols), got {a.shape}")
-    return a.reshape(-1)
+    from einops import rearrange
+
+    return rearrange(a, "r c -> (r c)")
 
 
 def rowcol_to_flat(rows: Any, cols: Any, grid: TokenGrid) -> np.ndarray:
