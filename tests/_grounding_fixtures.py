@@ -30,3 +30,82 @@ def load_fixture():
     from datasets import load_dataset
 
     return load_dataset(FIXTURE, split="test")
+
+
+# ------------------------------------------------------------------ independent grounding reference
+# Written from the method's definitions only (docs/method.md): prompts rendered here with the processor's chat
+# template, two full eager forwards with output_attentions, image positions from input_ids, the box cover rule on
+# the pad-to-square canvas of a LLaVA processor, and the attention ratio's formula. No hf_vgrefine function is used.
+SUFFIX = "Answer the question using a single word or phrase."
+GENERIC = "Write a general description of the image."
+
+
+def _eager_last_row_maps(model, processor, images, texts):
+    """Per sample: float64 [L, H, N] last-token attention to the image tokens (eager, full forward)."""
+    import torch
+
+    prompts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": t}]}],
+        add_generation_prompt=True, tokenize=False) for t in texts]
+    tok = processor.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        inputs = processor(images=[im.convert("RGB") for im in images], text=prompts, padding=True,
+                           return_tensors="pt")
+    finally:
+        tok.padding_side = side
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        with torch.no_grad():
+            att = model(**inputs, output_attentions=True).attentions          # per layer [B, H, T, T]
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+    out = []
+    for b, row in enumerate(inputs["input_ids"]):
+        pos = (row == model.config.image_token_id).nonzero().flatten()
+        out.append(torch.stack([a[b, :, -1, pos] for a in att]).double().numpy())
+    return out
+
+
+def eager_relative_maps(model, processor, examples, per_head=False, eps=1e-10, batch_size=16):
+    """Relative maps of ``examples`` (dicts with ``image``, ``question``): question ÷ generic prompt, last token.
+
+    ``per_head=False``: layer-mean maps ``[S, L, N]`` (``mean_h q / (mean_h g + eps)``); ``True``: per-head maps
+    ``[S, L, H, N]`` normalised by the same head's generic map."""
+    import numpy as np
+
+    out = []
+    for i in range(0, len(examples), batch_size):
+        batch = examples[i:i + batch_size]
+        imgs = [e["image"] for e in batch]
+        q = _eager_last_row_maps(model, processor, imgs, [f"{str(e['question']).strip()} {SUFFIX}" for e in batch])
+        g = _eager_last_row_maps(model, processor, imgs, [f"{GENERIC} {SUFFIX}"] * len(batch))
+        for qb, gb in zip(q, g):
+            out.append(qb / (gb + eps) if per_head else qb.mean(1) / (gb.mean(1) + eps))
+    return np.stack(out)
+
+
+def padded_box_cover(boxes, image_size, side):
+    """Flat bool [side*side] token mask of xywh ``boxes`` for a processor that pads the image to a square
+    (offset ``(S - W) // 2``, ``(S - H) // 2``) and maps it onto ``side x side`` tokens: every cell a box touches."""
+    import math
+
+    import numpy as np
+
+    W, H = image_size
+    S = max(W, H)
+    ox, oy = (S - W) // 2, (S - H) // 2
+    cell = S / side
+    mask = np.zeros((side, side), bool)
+    for x, y, w, h in boxes:
+        c0, c1 = max(math.floor((x + ox) / cell), 0), min(math.ceil((x + w + ox) / cell), side)
+        r0, r1 = max(math.floor((y + oy) / cell), 0), min(math.ceil((y + h + oy) / cell), side)
+        mask[r0:r1, c0:c1] = True
+    return mask.reshape(-1)
+
+
+def attention_ratio_by_hand(m, region):
+    """Mean of ``m`` inside the region over the mean everywhere (the reference constant 1e-8 included)."""
+    m = [float(v) for v in m]
+    inside = [v for v, r in zip(m, region) if r]
+    return sum(inside) / ((sum(m) / len(m)) * len(inside) + 1e-8)

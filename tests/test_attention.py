@@ -32,12 +32,25 @@ def _eager_attentions(model, inputs):
     return [a.float() for a in out.attentions]
 
 
-def _reference_maps(attn, spans, query):
+def _image_positions(model, inputs):
+    """Per sample: (image-token positions, first position after the image), read here from ``input_ids`` and the
+    config (not from the adapter under test). LLaVA-NeXT: the base block = the first side**2 image tokens."""
+    cfg = model.config
+    out = []
+    for row in inputs["input_ids"]:
+        pos = (row == cfg.image_token_id).nonzero().flatten()
+        v_end = int(pos[-1]) + 1
+        if cfg.model_type == "llava_next":
+            side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+            pos = pos[: side * side]
+        out.append((pos, v_end))
+    return out
+
+
+def _reference_maps(attn, positions, query):
     """From eager [B, H, T, T] maps: rows -> image-key columns, per sample [L, H, N]."""
     out = []
-    for b, sp in enumerate(spans):
-        pos = torch.cat([s.positions for s in sp])
-        v_end = max(s.end for s in sp)
+    for b, (pos, v_end) in enumerate(positions):
         per_layer = []
         for A in attn:
             if query == "last":
@@ -56,8 +69,7 @@ def test_capture_equals_eager(tiny, batch, query):
     grids = grids[: len(lengths)] if grids else None
     inputs = tiny_inputs(tiny, lengths, grids)
     cap = capture_image_attention(tiny.model, inputs, query=query)
-    spans = get_adapter(tiny.model).image_spans(inputs)
-    ref = _reference_maps(_eager_attentions(tiny.model, inputs), spans, query)
+    ref = _reference_maps(_eager_attentions(tiny.model, inputs), _image_positions(tiny.model, inputs), query)
     assert cap.maps.shape[:3] == (len(lengths), tiny.model.config.get_text_config().num_hidden_layers, 4)
     for b in range(len(lengths)):
         torch.testing.assert_close(cap.sample(b), ref[b], atol=1e-5, rtol=0)
@@ -66,15 +78,14 @@ def test_capture_equals_eager(tiny, batch, query):
 
 def test_capture_subset_explicit_rows_and_early_exit(tiny):
     inputs = tiny_inputs(tiny, [5, 2], (GRIDS.get(tiny.family) or [None, None])[:2] if tiny.family in GRIDS else None)
-    spans = get_adapter(tiny.model).image_spans(inputs)
+    positions = _image_positions(tiny.model, inputs)
     T = inputs["input_ids"].shape[1]
     rows = [T - 1, T - 2]
     full = capture_image_attention(tiny.model, inputs, layers=[0], heads=[3, 1], query=rows, early_exit=False)
     early = capture_image_attention(tiny.model, inputs, layers=[0], heads=[3, 1], query=rows, early_exit=True)
     torch.testing.assert_close(full.maps, early.maps, equal_nan=True, atol=0, rtol=0)
     attn = _eager_attentions(tiny.model, inputs)
-    for b, sp in enumerate(spans):
-        pos = sp[0].positions
+    for b, (pos, _) in enumerate(positions):
         ref = attn[0][b][[3, 1]][:, rows][:, :, pos].mean(1)
         torch.testing.assert_close(early.sample(b)[0], ref, atol=1e-5, rtol=0)
 
@@ -172,19 +183,18 @@ def test_soft_bias_per_head_matches_reference(tiny):
     """A finite per-head bias equals adding it to the eager logits by hand (layer 0, head 2)."""
     model = tiny.model
     inputs = tiny_inputs(tiny, [4], GRIDS[tiny.family][:1] if tiny.family in GRIDS else None)
-    sp = get_adapter(model).image_spans(inputs)[0][0]
+    pos, _ = _image_positions(model, inputs)[0]
     T = inputs["input_ids"].shape[1]
-    bias = KeyBias(layers=(0,), batch_index=0, row_start=T - 1, row_stop=T, cols=sp.positions[:3], value=2.5,
-                   heads=(2,))
+    bias = KeyBias(layers=(0,), batch_index=0, row_start=T - 1, row_stop=T, cols=pos[:3], value=2.5, heads=(2,))
     cap = capture_image_attention(model, inputs, layers=[0], heads=[2, 0], biases=[bias])
     attn = _eager_attentions(model, inputs)[0][0]                     # [H, T, T] layer 0, sample 0
     for k, h in enumerate([2, 0]):
         row = attn[h, -1]
         if h == 2:                                                   # softmax(logits + b) from softmax(logits)
             w = row.clone()
-            w[sp.positions[:3]] *= math.exp(2.5)
+            w[pos[:3]] *= math.exp(2.5)
             row = w / w.sum()
-        torch.testing.assert_close(cap.sample(0)[0, k], row[sp.positions], atol=1e-6, rtol=0)
+        torch.testing.assert_close(cap.sample(0)[0, k], row[pos], atol=1e-6, rtol=0)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -236,7 +246,7 @@ def test_from_pretrained_local_dir_with_registered_attention(tmp_path, impl):
         loaded = model(**inputs).logits
     torch.testing.assert_close(loaded, plain, atol=1e-5, rtol=0)
     cap = capture_image_attention(model, inputs)
-    ref = _reference_maps(_eager_attentions(tiny.model, inputs), get_adapter(model).image_spans(inputs), "last")
+    ref = _reference_maps(_eager_attentions(tiny.model, inputs), _image_positions(model, inputs), "last")
     for b in range(2):
         torch.testing.assert_close(cap.sample(b), ref[b], atol=1e-5, rtol=0)
     assert model.config.get_text_config()._attn_implementation == "vgrefine"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import socket
 import subprocess
@@ -51,6 +52,15 @@ def items(data):
             *load_benchmark("pmc-vqa", data_dir=data)]
 
 
+def _mcnemar_by_hand(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value written out: the discordant pairs are Binomial(b + c, 1/2) under H0."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
 def _lines(path):
     return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
@@ -91,7 +101,23 @@ def test_end_to_end_methods_summary_and_comparison(tmp_path, tiny, items):
     flipped = {i for i in ids if by[("baseline", i)]["correct"] != by[("baseline_4tok", i)]["correct"]}
     assert {f["id"] for f in comp["flipped"]} == flipped
     assert comp["overall"]["a_only"] + comp["overall"]["b_only"] == len(flipped)
-    assert 0.0 <= comp["overall"]["p_value"] <= 1.0
+    # the exact McNemar p-value recomputed here from the records: two-sided binomial test at 1/2 on the discordant
+    # pairs, P = min(1, 2 * sum_{k <= min(b, c)} C(b + c, k) / 2^(b + c))
+    a_only = sum(by[("baseline", i)]["correct"] and not by[("baseline_4tok", i)]["correct"] for i in ids)
+    b_only = len(flipped) - a_only
+    assert (comp["overall"]["a_only"], comp["overall"]["b_only"]) == (a_only, b_only)
+    assert comp["overall"]["p_value"] == pytest.approx(_mcnemar_by_hand(a_only, b_only), rel=1e-12)
+    for ds_name, cell in comp["datasets"].items():
+        pairs = [(by[("baseline", i)]["correct"], by[("baseline_4tok", i)]["correct"]) for i in ids
+                 if by[("baseline", i)]["dataset"] == ds_name]
+        b_, c_ = sum(x and not y for x, y in pairs), sum(y and not x for x, y in pairs)
+        assert cell["p_value"] == pytest.approx(_mcnemar_by_hand(b_, c_), rel=1e-12), ds_name
+    # a pair of methods with many discordant items: baseline vs the MMMU prompt
+    comp2 = compare(report, method_a="baseline", method_b="mmmu_prompt")["overall"]
+    b2 = sum(by[("baseline", i)]["correct"] and not by[("mmmu_prompt", i)]["correct"] for i in ids)
+    c2 = sum(by[("mmmu_prompt", i)]["correct"] and not by[("baseline", i)]["correct"] for i in ids)
+    assert (comp2["a_only"], comp2["b_only"]) == (b2, c2)
+    assert comp2["p_value"] == pytest.approx(_mcnemar_by_hand(b2, c2), rel=1e-12)
     assert compare(report, method_a="baseline", method_b="baseline_4tok")["overall"] == comp["overall"]
     md = (tmp_path / "summary.md").read_text()
     assert "| method | VQA-RAD | SLAKE | PathVQA | PMC-VQA | OmniMedVQA | MMMU-Medical-Tr | Macro | Micro |" in md

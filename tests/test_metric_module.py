@@ -1,6 +1,7 @@
-"""The grounding_ratio evaluate module: the three offline loading routes, agreement with the core."""
+"""The grounding_ratio evaluate module: the three offline loading routes, each against scores worked out by hand."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -80,16 +81,64 @@ def fresh_process(tmp_path_factory):
         proc.communicate()
 
 
-def _check_against_core(out: dict, per_sample: bool = True):
-    want = core.compute_from_maps(
-        [np.asarray(p, np.float32) for p in PREDS], [np.asarray(r, np.float32) for r in REFS], return_per_sample=True
-    )
+def _hand_scores() -> dict:
+    """Every score of PREDS / REFS worked out by hand from the formulas (docs/method.md, Grounding scores).
+
+    Sample 1: map [.9 .1 0 .2 .3 0] (sum 1.5), region {0, 3}. Sample 2: map [.1 .2 .3 .4 .5 .6 0 .1] (sum 2.2),
+    region {4, 5}. Sample 3: a constant map over 4 tokens, soft region w = [.5 0 0 0] (support {0}).
+    p = m / (sum m + 1e-8), g = w / sum w; thresholded scores keep the |B| largest values (ties all kept).
+    """
+    ln = math.log
+    e8 = 1e-8
+    # sample 1: p = [.6, 1/15, 0, 2/15, .2, 0], g = [.5, 0, 0, .5, 0, 0]
+    p1 = [0.9 / (1.5 + e8), 0.1 / (1.5 + e8), 0.0, 0.2 / (1.5 + e8), 0.3 / (1.5 + e8), 0.0]
+    g1 = [0.5, 0, 0, 0.5, 0, 0]
+    # sample 2: p = m / 2.2, g = 1/2 on tokens 4, 5
+    m2 = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.0, 0.1]
+    p2 = [x / (2.2 + e8) for x in m2]
+    g2 = [0, 0, 0, 0, 0.5, 0.5, 0, 0]
+    # sample 3: p = 1/4 everywhere, g = [1, 0, 0, 0]
+    p3 = [1 / (4 + e8)] * 4
+    g3 = [1.0, 0, 0, 0]
+
+    def kl(p, g):      # zeros of g are clipped to 1e-12: they add 1e-12 * ln(1e-12 / p_i) each
+        return sum(max(gi, 1e-12) * ln(max(gi, 1e-12) / max(pi, 1e-12)) for pi, gi in zip(p, g))
+
+    def js(p, g):
+        mid = [(a + b) / 2 for a, b in zip(p, g)]
+        return 0.5 * sum(a * ln((a + e8) / (c + e8)) for a, c in zip(p, mid)) + \
+            0.5 * sum(b * ln((b + e8) / (c + e8)) for b, c in zip(g, mid))
+
+    def soft_dice(p, g):
+        return sum(a * b for a, b in zip(p, g)) / sum(((a + b) / 2) ** 2 for a, b in zip(p, g))
+
+    return {
+        # mean inside / mean overall: (0.9 + 0.2) / (1.5 / 6 * 2); (0.5 + 0.6) / (2.2 / 8 * 2); (0.5 * 1 / 0.5) / 1
+        "attention_ratio": [1.1 / (0.5 + e8), 1.1 / (0.55 + e8), 0.5 / (0.5 + e8)],
+        "kl_gt_attention": [kl(p1, g1), kl(p2, g2), kl(p3, g3)],
+        "js_divergence": [js(p1, g1), js(p2, g2), js(p3, g3)],
+        "soft_dice_ratio": [soft_dice(p1, g1), soft_dice(p2, g2), soft_dice(p3, g3)],
+        # mass inside: 1.1 / 1.5; 1.1 / 2.2; 0.5 * 1/4 (soft: sum w_i p_i)
+        "energy_pointing_game": [1.1 / (1.5 + e8), 1.1 / (2.2 + e8), 0.5 / (4 + e8)],
+        # argmax: token 0 (in region); token 5 (in region); all tied -> first token 0 (in the support)
+        "pointing_game": [1.0, 1.0, 1.0],
+        # top-|B|: {0, 4} vs {0, 3} -> IoU 1/3; {5, 4} = region -> 1; |B| = 1 but all 4 tied -> S = all, IoU 1/4
+        "thresholded_iou": [1 / 3, 1.0, 1 / 4],
+        "thresholded_dice": [2 * 1 / 4, 1.0, 2 * 1 / 5],
+        # pairs (inside, outside) ranked correctly, ties 1/2: 7 of 8; 12 of 12; 3 ties of 3
+        "auroc": [7 / 8, 1.0, 0.5],
+    }
+
+
+def _check_against_hand(out: dict, per_sample: bool = True):
+    """The module's output against :func:`_hand_scores` (maps are float32 inside the module: rtol 1e-6)."""
+    want = _hand_scores()
     assert out["n"] == 3
-    assert out["n_nan"] == want["n_nan"]
+    assert out["n_nan"] == {name: 0 for name in core.ALL}
     for name in core.ALL:
-        assert out[name] == pytest.approx(want[name], rel=1e-12, nan_ok=True), name
+        assert out[name] == pytest.approx(sum(want[name]) / 3, rel=1e-6, abs=1e-9), name
         if per_sample:
-            np.testing.assert_allclose(out["per_sample"][name], want["per_sample"][name], rtol=1e-12)
+            np.testing.assert_allclose(out["per_sample"][name], want[name], rtol=1e-6, atol=1e-9, err_msg=name)
 
 
 def test_module_files_are_one_source():
@@ -105,16 +154,16 @@ def test_module_files_are_one_source():
     assert "np." not in text and "log(" not in text
 
 
-def test_load_from_repo_path_agrees_with_core():
+def test_load_from_repo_path_gives_hand_computed_scores():
     import evaluate
 
     metric = evaluate.load(str(ROOT_MODULE), keep_in_memory=True)
-    _check_against_core(metric.compute(predictions=PREDS, references=REFS, return_per_sample=True))
+    _check_against_hand(metric.compute(predictions=PREDS, references=REFS, return_per_sample=True))
 
 
 def test_load_grounding_metric_and_options():
     metric = metrics_module.load_grounding_metric(keep_in_memory=True)
-    _check_against_core(metric.compute(predictions=PREDS, references=REFS, return_per_sample=True))
+    _check_against_hand(metric.compute(predictions=PREDS, references=REFS, return_per_sample=True))
     # numpy / torch / bool inputs, incremental adds, option forwarding
     rng = np.random.default_rng(0)
     maps = [rng.random((4, 6)), torch.rand(8, 3, generator=torch.Generator().manual_seed(0))]
@@ -198,5 +247,5 @@ def test_bare_name_loads_offline_in_fresh_process(fresh_process):
     line = next(ln for ln in stdout.splitlines() if ln.startswith("RESULT"))
     result = json.loads(line[len("RESULT"):])
     assert "evaluate-metric--grounding_ratio" in result["module"]
-    _check_against_core(result["out"])
+    _check_against_hand(result["out"])
     assert not (fresh_process["cwd"] / "grounding_ratio").exists()  # not found via the working directory

@@ -1,4 +1,4 @@
-"""Calibration of VGRefine's masked layer(s) and sensitive heads from grounding scores (method.md §4.4).
+"""Calibration of VGRefine's masked layer(s) and sensitive heads from grounding scores (docs/method.md § Calibration).
 
 The released code only *measures* layer- and head-level scores; the ranking rule that produced the
 published layer/heads is not released. This module implements the package's documented rule:
@@ -124,7 +124,7 @@ def calibrate(model, processor, dataset, k: int = 20, criterion: str = "attentio
               results: GroundingResults | None = None, progress: bool = True, search=None, **measure_kwargs):
     """Choose VGRefine's masked layer and top-``k`` sensitive heads for ``model``.
 
-    Ranking rule (method.md §4.4, the package's documented choice — the study released none):
+    Ranking rule (docs/method.md § Calibration, the package's documented choice — the study released none):
     layer = argmax over layers of the mean over samples of the layer-level relative ``criterion``
     (argmin for ``kl_gt_attention`` / ``js_divergence``; ties → lower layer); heads = top-``k``
     ``(layer, head)`` by ``rank_by`` on per-head relative maps with per-head generic normalisation

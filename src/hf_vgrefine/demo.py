@@ -105,7 +105,9 @@ def _transposed(gt: np.ndarray, grid_rc) -> np.ndarray:
     rows, cols = grid_rc
     if rows != cols or gt.size != rows * cols:
         return np.zeros_like(gt)
-    return gt.reshape(rows, cols).T.reshape(-1).copy()
+    from einops import rearrange
+
+    return rearrange(gt, "(r c) -> (c r)", r=rows, c=cols).copy()
 
 
 def _layer_mean(cap, b: int) -> np.ndarray:

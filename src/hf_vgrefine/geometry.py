@@ -1,4 +1,4 @@
-"""Box / mask -> image-token geometry (method.md §3).
+"""Box / mask -> image-token geometry (docs/data_formats.md).
 
 Conventions (used everywhere in the package)
 --------------------------------------------
@@ -21,7 +21,7 @@ Conventions (used everywhere in the package)
 
 Token rules
 -----------
-* ``mode="any"``: the released cover rule (method.md §3.2): a cell belongs to a box if the box
+* ``mode="any"``: the released cover rule (docs/data_formats.md § Box cover rule): a cell belongs to a box if the box
   touches it, even partially: ``c_lo = max(floor(x0/tw), 0)``, ``c_hi = min(ceil(x1/tw), C)``
   (exclusive), same for rows; union over boxes. Divisions are evaluated with a ``1e-9`` cell
   tolerance so that a box edge that lies on a cell border up to float rounding does not pull in
@@ -266,7 +266,7 @@ def boxes_to_token_mask(
         boxes: ``[4]`` or ``[N, 4]`` boxes in original pixels (``box_format`` "xywh" or exclusive
             "xyxy"). Parts outside the image are clipped away.
         grid: the image's :class:`TokenGrid`.
-        mode: ``"any"`` -> bool ``[rows·cols]`` (released cover rule, method.md §3.2);
+        mode: ``"any"`` -> bool ``[rows·cols]`` (released cover rule, docs/data_formats.md § Box cover rule);
             ``"fraction"`` -> float32 ``[rows·cols]``, covered fraction of each cell in ``[0, 1]``.
         min_cells_per_box: ``1`` (default) guarantees at least one cell for every box that
             intersects the token canvas, even if float rounding makes its cell range empty;
@@ -416,8 +416,10 @@ def _flat(flat: Any, grid: TokenGrid) -> np.ndarray:
 
 def token_mask_to_grid(flat: Any, grid: TokenGrid) -> np.ndarray:
     """Flat row-major token array ``[rows·cols]`` -> ``[rows, cols]`` (same dtype)."""
+    from einops import rearrange
+
     _check_grid(grid)
-    return _flat(flat, grid).reshape(grid.rows, grid.cols)
+    return rearrange(_flat(flat, grid), "(r c) -> r c", r=grid.rows, c=grid.cols)
 
 
 def grid_to_token_mask(arr: Any, grid: TokenGrid) -> np.ndarray:
@@ -426,7 +428,9 @@ def grid_to_token_mask(arr: Any, grid: TokenGrid) -> np.ndarray:
     a = np.asarray(arr)
     if a.shape != (grid.rows, grid.cols):
         raise ValueError(f"array must have shape ({grid.rows}, {grid.cols}) (rows, cols), got {a.shape}")
-    return a.reshape(-1)
+    from einops import rearrange
+
+    return rearrange(a, "r c -> (r c)")
 
 
 def rowcol_to_flat(rows: Any, cols: Any, grid: TokenGrid) -> np.ndarray:

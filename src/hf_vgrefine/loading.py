@@ -46,7 +46,7 @@ def load_model_and_processor(model_id: str, dtype: str = "auto", device: str | N
     ``dtype``: ``"auto"`` (checkpoint dtype), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
     ``device``: e.g. ``"cuda:0"`` (default: the accelerate process device, else CPU).
     ``processor_overrides``: image-processor attributes to set (e.g. ``{"size": {...}, "do_pad": True}``);
-    they must match those used at calibration (method.md §3.4). Tokenizer padding is set to left.
+    they must match those used at calibration (docs/data_formats.md). Tokenizer padding is set to left.
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor

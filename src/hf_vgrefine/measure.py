@@ -1,7 +1,7 @@
 """Grounding measurement over a dataset: attention-vs-region scores per layer (and per layer x head).
 
 For each sample (one image, one question, boxes and/or a mask in VGMED's schema) the model is run on
-the **question prompt** and on the **generic prompt** with the same image (method.md §1.1); the
+the **question prompt** and on the **generic prompt** with the same image (docs/method.md § Prompts); the
 attention of the query row(s) to the image tokens is captured with
 :func:`hf_vgrefine.attention.capture_image_attention` (SDPA, fp32 probabilities, early exit), the
 sample's boxes/mask are mapped to the token grid with the family adapter's
@@ -72,11 +72,11 @@ class MeasureSettings:
             ``"mask_cells"`` (cells touching a mask pixel; boxes when there is no mask) or ``"soft_mask"``
             (covered fraction of each cell, from the mask or else the boxes).
         eps: added to the generic map (``1e-10`` default; ``0.0`` = released calibration scripts).
-        instruction / generic_question: prompt parts (method.md §1.1); ``instruction=None`` drops the suffix.
+        instruction / generic_question: prompt parts (docs/method.md § Prompts); ``instruction=None`` drops the suffix.
         head_norm: generic normalisation of per-head relative maps: ``"per_head"`` or ``"layer_mean"``.
         scores: score names of :data:`hf_vgrefine.metrics.ALL` (default all); ``metric_options`` go to
             :func:`hf_vgrefine.metrics.grounding_scores` (``threshold_mode``, ``tolerance``, ...).
-        min_cells_per_box: 1 (default) or 0 (faithful degenerate-box rule, method.md §3.2).
+        min_cells_per_box: 1 (default) or 0 (faithful degenerate-box rule, docs/data_formats.md § Box cover rule).
         chat_template: a template string overriding the processor's.
         generic_cache_size: images whose generic maps stay cached in memory (LRU).
         on_error: a row whose image cannot be read (corrupt or truncated file): ``"raise"`` (default; the

@@ -2,8 +2,8 @@
 
 Every function reads the geometry-relevant settings from the loaded image processor (``size``,
 ``crop_size``, ``do_pad``, ``do_resize``, ``do_center_crop``, ``patch_size``, ``merge_size``, ...)
-and the original image size, and reproduces the processor's size arithmetic (method.md §3,
-hf_notes.md §6). Nothing is hard-coded (no 336 / 576 / 24).
+and the original image size, and reproduces the processor's size arithmetic (docs/data_formats.md §
+Processor geometry per family). Nothing is hard-coded (no 336 / 576 / 24).
 
 * ``image_size`` is always ``(W0, H0)`` (PIL order); a PIL image is accepted too.
 * The processor may be the torchvision class (``LlavaImageProcessor``...) or the PIL-backend

@@ -1,4 +1,4 @@
-"""Prompt helpers shared by measurement, calibration and VGRefine (method.md §1.1).
+"""Prompt helpers shared by measurement, calibration and VGRefine (docs/method.md § Prompts).
 
 The study runs two prompts on the same image: the *question prompt*
 ``f"{question} {INSTRUCTION}"`` and the *generic prompt* ``f"{GENERIC_QUESTION} {INSTRUCTION}"``

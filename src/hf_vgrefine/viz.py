@@ -57,7 +57,9 @@ def _map2d(token_map, grid) -> np.ndarray:
     if m.shape == (grid.rows, grid.cols):
         return m
     if m.ndim == 1 and m.shape[0] == grid.n_tokens:
-        return m.reshape(grid.rows, grid.cols)
+        from einops import rearrange
+
+        return rearrange(m, "(r c) -> r c", r=grid.rows, c=grid.cols)
     raise ValueError(f"token map of shape {m.shape} does not fit the {grid.rows}x{grid.cols} token grid "
                      f"(expected [{grid.n_tokens}] or [{grid.rows}, {grid.cols}])")
 

@@ -1,5 +1,5 @@
 """The offline ``atlas`` configuration: Colin27 T1 slices with AAL structure masks, plus the
-radiologist-outlined liver lesion bundled with pydicom (spec §6.1, §6.2).
+radiologist-outlined liver lesion bundled with pydicom (docs/data_formats.md § The atlas configuration).
 
 All work is vectorised per slice (``scipy.ndimage.find_objects`` + ``bincount``): the full
 configuration (275 targets) renders in well under a second once the volumes are loaded.

@@ -1,6 +1,6 @@
 """Readers for the configurations built from released files: ``slake``, ``full`` and ``coco``.
 
-Formats (spec §1, §2):
+Formats (docs/data_formats.md § VGMED configurations):
 
 * question files are JSON lines, one file per question type, rows paired between the two files
   (same image, label and boxes);

@@ -38,7 +38,7 @@ CONFIG_DESCRIPTIONS = {
     ),
 }
 
-# The ten localization templates of the released VGMED/COCO question files (spec §2.2).
+# The ten localization templates of the released VGMED/COCO question files (docs/data_formats.md § VGMED rows).
 LOCALIZATION_TEMPLATES = (
     "Is there a {obj} in the image?",
     "Can you see a {obj} in the image?",
@@ -155,7 +155,7 @@ def normalise_modality(raw: str) -> str:
 
 
 def build_features():
-    """The `datasets.Features` of every VGMED configuration (spec §4)."""
+    """The `datasets.Features` of every VGMED configuration (docs/data_formats.md § VGMED rows)."""
     from datasets import Features, Image, List, Value
 
     return Features(

@@ -32,7 +32,7 @@ PINNED_SHA256 = {
     "examples_overlay.dcm": "112539bc17c0e281987397e827dff9e99890109866d570f08761f83b8f55c277",
 }
 
-# Public locations of the downloadable sources (spec §3).
+# Public locations of the downloadable sources (docs/data_formats.md § VGMED configurations).
 VGMED_RELEASE_REPO = "guimeng-liu/VGMED"
 SLAKE_REPO = "BoKelvin/SLAKE"
 

@@ -1,4 +1,4 @@
-"""Med-VQA evaluation harness (``medvqa.md``): loaders, the closed-ended MCQ protocol, scorers and a
+"""Med-VQA evaluation harness (``docs/medvqa.md``): loaders, the closed-ended MCQ protocol, scorers and a
 resumable, data-parallel runner comparing the baseline with VGRefine.
 
 Quick use::

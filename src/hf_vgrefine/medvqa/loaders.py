@@ -1,4 +1,4 @@
-"""Loaders: every Med-VQA source → a list of :class:`~.schema.MedVQAItem` (``medvqa.md`` §1).
+"""Loaders: every Med-VQA source → a list of :class:`~.schema.MedVQAItem` (``docs/medvqa.md`` § Benchmarks).
 
 Each loader takes ``source``: a Hub dataset id (default; read with ``datasets.load_dataset`` /
 ``huggingface_hub.hf_hub_download``) or a local path in the source's published layout:
@@ -215,7 +215,7 @@ def _yes_no_item(id_: str, dataset: str, image: ImageRef | None, question: str, 
 def load_bundle(source: str | os.PathLike = BUNDLE_REPO, images_dir: str | os.PathLike | None = None,
                 filename: str = BUNDLE_FILE, datasets: Iterable[str] | None = None,
                 revision: str | None = None) -> list[MedVQAItem]:
-    """The combined closed-ended evaluation file (``medvqa.md`` §1, primary source).
+    """The combined closed-ended evaluation file (``docs/medvqa.md`` § Benchmarks and loaders, primary source).
 
     ``source``: Hub id (downloads ``filename`` and ``images.zip``), the JSON file, or its folder.
     Records need ``question``, ``options`` (list or list literal), ``answer`` (option text), ``image``

@@ -1,9 +1,9 @@
-"""Closed-ended multiple-choice protocol of HuatuoGPT-Vision (``medvqa.md`` §2), written from the spec.
+"""Closed-ended multiple-choice protocol of HuatuoGPT-Vision (``docs/medvqa.md``), written from the spec.
 
-* :func:`build_mcq_prompt` — the common MCQ prompt (§2.1).
+* :func:`build_mcq_prompt` — the common MCQ prompt (§ Prompt).
 * :func:`extract_choice` — answer extraction: option letter, then option text, then most similar option
-  (§2.3); ``faithful=True`` keeps the released scorer's quirks.
-* :func:`prepare_items` — filtering and de-duplication (§2.2).
+  (§ Answer extraction); ``faithful=True`` keeps the released scorer's quirks.
+* :func:`prepare_items` — filtering and de-duplication (§ Filtering).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ MCQ_INSTRUCTION = "Answer with the option's letter from the given choices direct
 MCQ_TEMPLATE = "{question}\n{options_block}\n" + MCQ_INSTRUCTION
 # Alternates defined (but not called) by the released eval code; for ablations only.
 MMMU_TEMPLATE = "Please answer the multiple-choice questions below.\n{question}\n{options_block}"
-# Suffix the released VGRefine() appends to any text (method.md §1.1, medvqa.md §4).
+# Suffix the released VGRefine() appends to any text (docs/medvqa.md § VGRefine and the MCQ prompt).
 VGREFINE_INSTRUCTION = "Answer the question using a single word or phrase."
 
 
@@ -56,7 +56,7 @@ def build_mcq_prompt(question: str, options: Sequence[str] | str, template: str 
     """``"{question}\\n{A. opt}\\n{B. opt}…\\nAnswer with the option's letter from the given choices directly."``
 
     ``instruction`` (e.g. :data:`VGREFINE_INSTRUCTION`) is appended after one space when given, as the
-    released VGRefine does with whatever text it receives (``medvqa.md`` §4).
+    released VGRefine does with whatever text it receives (``docs/medvqa.md`` § VGRefine and the MCQ prompt).
     """
     block = "\n".join(f"{k}. {v}" for k, v in option_map(options).items())
     prompt = template.format(question=question, options_block=block)
@@ -74,7 +74,7 @@ def ground_truth_letter(answer: str, options: Sequence[str] | str) -> str | None
 
 
 # ---------------------------------------------------------------------------------------------------
-# answer extraction (§2.3)
+# answer extraction (docs/medvqa.md § Answer extraction)
 
 # A letter a–n in either case that is not preceded by a word character (start of string, whitespace,
 # punctuation such as ( * ' " # are all non-word), except that the CJK copulas 是/为 may precede it,
@@ -144,7 +144,7 @@ def extract_choice(response: str, options: Mapping[str, str], faithful: bool = F
 
 
 # ---------------------------------------------------------------------------------------------------
-# filtering (§2.2)
+# filtering (docs/medvqa.md § Filtering)
 
 
 @dataclass
@@ -161,7 +161,7 @@ class PreparedItems:
 
 
 def dedup_key(item: MedVQAItem) -> tuple:
-    """(dataset, question, images, options) — the de-duplication key of §2.2."""
+    """(dataset, question, images, options) — the de-duplication key (docs/medvqa.md § Filtering)."""
     return (item.dataset, item.question, tuple(image_key(i) for i in item.images), tuple(item.options))
 
 

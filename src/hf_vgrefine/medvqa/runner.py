@@ -37,7 +37,7 @@ from .scorers import get_scorer, score_open
 __all__ = ["DECODING_PRESETS", "PREDICTIONS", "evaluate_medvqa", "evaluate", "item_prompt", "run_batch", "decode_new"]
 
 DECODING_PRESETS: dict[str, dict[str, Any]] = {
-    # package default (medvqa.md §2.5): greedy, one letter
+    # package default (docs/medvqa.md § Decoding): greedy, one letter
     "greedy": {"do_sample": False, "min_new_tokens": 1, "max_new_tokens": 1},
     # HuatuoGPT-Vision official eval (sampling); batch 1 and set_seed(42) in the original
     "huatuo_official": {"do_sample": True, "temperature": 0.2, "repetition_penalty": 1.2, "min_new_tokens": 1,
@@ -46,8 +46,8 @@ DECODING_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def item_prompt(item: MedVQAItem, instruction: str | None = VGREFINE_INSTRUCTION, template: str = MCQ_TEMPLATE) -> str:
-    """MCQ prompt for closed items (§2.1), the bare question for open items; ``instruction`` appended
-    after one space to both (``medvqa.md`` §4 default; None disables)."""
+    """MCQ prompt for closed items (docs/medvqa.md), the bare question for open items; ``instruction`` appended
+    after one space to both (``docs/medvqa.md`` § VGRefine and the MCQ prompt; None disables)."""
     if item.answer_type == CLOSED:
         return build_mcq_prompt(item.question, item.options, template=template, instruction=instruction)
     return f"{item.question} {instruction}" if instruction else item.question
@@ -75,7 +75,7 @@ def evaluate_medvqa(model, processor, items: Sequence[MedVQAItem] | PreparedItem
     Items are filtered (:func:`~.protocol.prepare_items`: ``answer_types``, no-option and duplicate
     removal, first ``limit`` per dataset). Every method sees the same items, order and prompt
     (:func:`item_prompt`: MCQ prompt + ``instruction``; ``"auto"``: the VGRefine config's ``instruction``
-    when a method has one, else :data:`~.protocol.VGREFINE_INSTRUCTION`, as ``medvqa.md`` §4 requires the
+    when a method has one, else :data:`~.protocol.VGREFINE_INSTRUCTION`, as docs/medvqa.md requires the
     baseline to see the VGRefine answer-pass prompt; None: no suffix), rendered with the processor chat template
     (``chat_template`` overrides it) in left-padded batches of ``batch_size``.
     Decoding: ``decoding`` preset (``"greedy"``: ``do_sample=False``, 1 new token; ``"huatuo_official"``:

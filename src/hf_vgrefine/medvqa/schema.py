@@ -1,4 +1,4 @@
-"""One normalised record type for every Med-VQA source (``medvqa.md`` §1)."""
+"""One normalised record type for every Med-VQA source (``docs/medvqa.md`` § Benchmarks and loaders)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Scorers (``medvqa.md`` §2.3 and §5), written from the spec's rule descriptions.
+"""Scorers (``docs/medvqa.md`` § Answer extraction and § Scorers), written from the spec's rule descriptions.
 
 A closed-ended scorer maps ``(response, item) -> Score``; open-ended items are always scored by
 :func:`score_open` (exact match + token recall), reported separately.

@@ -1,6 +1,6 @@
 """Grounding scores: how much of an attention map over visual tokens lies on a ground-truth region.
 
-Pure numpy (method spec §2). Modules: :mod:`.names` (score names, directions, constants), :mod:`.inputs`
+Pure numpy (docs/method.md § Grounding scores). Modules: :mod:`.names` (score names, directions, constants), :mod:`.inputs`
 (maps and regions to arrays), :mod:`.core` (all scores of a batch together; one function per score),
 :mod:`.thresholded` (AUROC, thresholded IoU/Dice), :mod:`.aggregate` (summaries with bootstrap CIs, chance
 levels), :mod:`.grids` (variable-size 2-D maps, for the evaluate module). Every score is computed in float64, per sample, vectorised over
@@ -19,7 +19,7 @@ Inputs
        * a list / tuple / range / set of flat token indices, or a 1-D integer array of indices
          (duplicate indices raise, because they almost always mean a 0/1 mask passed as int);
        * a float mask in ``[0, 1]``. If every value is 0 or 1 it is a binary mask; otherwise it is a
-         *soft* ground truth (token coverage ``w``, spec §2.2): ``g = w / Σw`` in KL/JS/soft-Dice,
+         *soft* ground truth (token coverage ``w``, docs/method.md): ``g = w / Σw`` in KL/JS/soft-Dice,
          ``AR = (Σ w·m / Σ w) / mean(m)``, ``EPG = Σ w·p``; the set-based scores (pointing game,
          thresholded IoU/Dice, AUROC) use the support ``B = {w > 0}``.
 

@@ -1,5 +1,5 @@
 """Summaries of per-sample grounding scores: mean, median, percentile-bootstrap CI of the mean, counts, and
-the chance level of each score for the samples' region fractions (spec §2.3)."""
+the chance level of each score for the samples' region fractions (docs/method.md § Grounding scores)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def aggregate(
     confidence: float = 0.95,
     **chance_kwargs: Any,
 ) -> dict[str, dict[str, Any]]:
-    """Summarise per-sample scores (spec §2.3).
+    """Summarise per-sample scores (docs/method.md § Grounding scores).
 
     ``per_sample``: ``{name: array [S, ...]}`` with samples on axis 0 (trailing axes such as layers or
     heads are kept). ``f``: per-sample region fractions ``[S]`` (for the chance level), optional.

@@ -324,7 +324,7 @@ def region_fraction(m: Any, gt: Any) -> Any:
 
 
 def relative_attention(question_attn: Any, generic_attn: Any, eps: float = 1e-10) -> np.ndarray:
-    """Relative attention ``â = a(question) / (a(generic) + eps)`` (spec §1.5), element-wise, float64.
+    """Relative attention ``â = a(question) / (a(generic) + eps)`` (docs/method.md), element-wise, float64.
 
     Shapes broadcast (e.g. per-head ``[L, H, N]`` ÷ layer-mean ``[L, 1, N]``). ``eps=0`` reproduces the
     calibration scripts; a zero generic value then gives inf/NaN, which the scores report as NaN."""

@@ -25,7 +25,7 @@ ALL: tuple[str, ...] = (
 
 #: Accepted alternative names -> canonical score. Output keys keep the name that was asked for.
 ALIASES: dict[str, str] = {
-    "vgmed_iou": "soft_dice_ratio",  # the VGMED "IoU" is a soft-Dice ratio, not an IoU (spec §2.1)
+    "vgmed_iou": "soft_dice_ratio",  # the VGMED "IoU" is a soft-Dice ratio, not an IoU (docs/method.md)
     "relevance_mass_ratio": "energy_pointing_game",
 }
 

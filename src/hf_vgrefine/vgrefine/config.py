@@ -1,6 +1,6 @@
 """``VGRefineConfig``: every knob of VGRefine, serialisable like ``GenerationConfig``.
 
-Defaults follow the package spec (method.md §4.7). ``faithful=True`` switches every knob on which the
+Defaults follow docs/method.md § Configuration. ``faithful=True`` switches every knob on which the
 package default deliberately differs from the released code to the released behaviour:
 
 * ``compose_with_model_mask=False`` — the knockout layers get a fresh causal mask plus the blocked pairs
