@@ -201,3 +201,32 @@ def test_js_divergence_in_documented_range():
     far = np.zeros(49)
     far[1] = 1.0
     assert float(metrics.js_divergence(q, far)) <= math.log(2)
+
+
+def test_wrapper_uses_the_model_dtype_numerics_in_generate():
+    """``attention_dtype="model"`` reaches ``generate``: on a bf16 model the wrapper's triage map is the
+    released bf16 computation (hand-written above) of the captured question and generic maps."""
+    from hf_vgrefine.attention import capture_image_attention
+    from hf_vgrefine.testing import build_tiny_model, tiny_inputs
+    from hf_vgrefine.vgrefine import VGRefineWrapper
+
+    tiny = build_tiny_model("llava", num_hidden_layers=2)
+    model = tiny.model.to(torch.bfloat16)
+    inputs = tiny_inputs(tiny, [4], seed=2)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    generic = {**inputs, "input_ids": torch.cat([inputs["input_ids"][:, :-4], torch.tensor([[40, 41, 42]])], 1),
+               "attention_mask": torch.ones(1, inputs["input_ids"].shape[1] - 1, dtype=torch.long)}
+    heads = [[0, 1], [1, 0], [1, 3]]
+    for dtype_mode in ("model", "float32"):
+        cfg = VGRefineConfig(masked_layers=[1], sensitive_heads=heads, percentile=50.0, attention_dtype=dtype_mode,
+                             share_prefix=False, cache_generic=False)
+        w = VGRefineWrapper(model, cfg)
+        w.generate(**inputs, generic_inputs=generic, max_new_tokens=1, do_sample=False)
+        q = capture_image_attention(model, inputs, layers=[0, 1]).sample(0)
+        g = capture_image_attention(model, generic, layers=[0, 1]).sample(0)
+        want = released_bf16_scores(q, g, heads, cfg.eps).float()
+        got = w.last_triage[0].triage_map.cpu()
+        if dtype_mode == "model":
+            assert torch.equal(got, want)
+        else:
+            assert not torch.equal(got, want)

@@ -283,15 +283,18 @@ class VGRefineWrapper:
             record = res.record
             timings["triage_pass_s"] = time.perf_counter() - t0
             q = res.question
+            # attention_dtype="model": the released numerics in the decoder's dtype (bf16 on GPU)
+            dtype = next(self.adapter.decoder_layers.parameters()).dtype if cfg.attention_dtype == "model" else None
             if len(set(q.n_tokens)) == 1:                      # one batched triage on the device
                 g = torch.stack(g_maps) if g_maps is not None else None
-                s = triage_scores(q.maps, g, q.layers, cfg)
+                s = triage_scores(q.maps, g, q.layers, cfg, model_dtype=dtype)
                 k, t = knockout_set(s, cfg)
                 scores, K, tau = list(s), list(k), list(t)
             else:
                 scores, K, tau = [], [], []
                 for b in range(B):
-                    s = triage_scores(q.sample(b), g_maps[b] if g_maps is not None else None, q.layers, cfg)
+                    s = triage_scores(q.sample(b), g_maps[b] if g_maps is not None else None, q.layers, cfg,
+                                      model_dtype=dtype)
                     k, t = knockout_set(s, cfg)
                     scores.append(s)
                     K.append(k)
