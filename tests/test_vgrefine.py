@@ -11,6 +11,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from hf_vgrefine.adapters import get_adapter
 from hf_vgrefine.testing import FAMILIES, build_tiny_model, tiny_inputs, tiny_processor
 from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
+from hf_vgrefine.grounding_pass import PromptLayout
 
 GRIDS = {"llava_next": [(40, 70), (60, 30), (28, 28), (50, 50)], "qwen2_vl": [(4, 4), (2, 3), (3, 5), (4, 2)],
          "qwen2_5_vl": [(4, 4), (2, 3), (3, 5), (4, 2)], "qwen3_vl": [(4, 4), (2, 3), (3, 5), (4, 2)]}
@@ -421,7 +422,7 @@ def test_generic_prompt_built_by_processor_equals_processor_output():
          render("what is left ?")]
     inputs = proc(images=imgs, text=q, return_tensors="pt", padding=True)
     w = VGRefineWrapper(tiny.model, _cfg(), processor=proc)
-    built = w._generic_batch(inputs, w.adapter.image_spans(inputs), [0, 1])
+    built = w._generic_batch(inputs, PromptLayout.read(w.adapter, inputs), [0, 1])
     g_text = render("Write a general description of the image. Answer the question using a single word or phrase.")
     ref = proc(images=imgs, text=[g_text, g_text], return_tensors="pt", padding=True)
     assert torch.equal(built["input_ids"], ref["input_ids"])

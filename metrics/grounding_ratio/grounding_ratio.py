@@ -10,16 +10,8 @@ import datasets
 import evaluate
 
 from hf_vgrefine import metrics as grounding_core
+from hf_vgrefine.citation import STUDY_CITATION as _CITATION
 
-_CITATION = """\
-@inproceedings{liu2026medical_mllms_fail,
-  title     = {How Do Medical MLLMs Fail? A Study on Visual Grounding in Medical Images},
-  author    = {Liu and Yu and Ebrahimkhani and Lin and Ng and Cheung},
-  booktitle = {International Conference on Learning Representations (ICLR)},
-  year      = {2026},
-  note      = {arXiv:2603.14323}
-}
-"""
 
 _DESCRIPTION = """\
 Grounding scores of a model's attention over image tokens against the ground-truth region: attention

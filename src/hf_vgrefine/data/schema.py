@@ -71,15 +71,9 @@ LESION_ATTRIBUTE_TEMPLATES = (
     "Does the {obj} appear homogeneous?",
 )
 
-CITATION = """\
-@inproceedings{liu2026medmllmsfail,
-  title     = {How Do Medical MLLMs Fail? A Study on Visual Grounding in Medical Images},
-  author    = {Liu and Yu and Ebrahimkhani and Lin and Ng and Cheung},
-  booktitle = {International Conference on Learning Representations (ICLR)},
-  year      = {2026},
-  eprint    = {2603.14323},
-  archivePrefix = {arXiv}
-}
+from ..citation import STUDY_CITATION  # noqa: E402
+
+CITATION = STUDY_CITATION + """\
 @inproceedings{liu2021slake,
   title     = {SLAKE: A Semantically-Labeled Knowledge-Enhanced Dataset for Medical Visual Question Answering},
   author    = {Liu, Bo and Zhan, Li-Ming and Xu, Li and Ma, Lin and Yang, Yan and Wu, Xiao-Ming},

@@ -185,16 +185,11 @@ class VGRefineWrapper:
         tail = self.adapter.image_suffix_text(self.processor) + rendered.split(placeholder, 1)[1]
         return self.processor.tokenizer(tail, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
 
-    def _generic_batch(self, inputs: dict, spans: list, samples: list) -> dict:
-        """Generic-prompt inputs of ``samples``: each one's prefix up to its image end + the generic tail."""
+    def _generic_batch(self, inputs: dict, layout: PromptLayout, samples: list) -> dict:
+        """Generic-prompt inputs of ``samples``: each one's prefix up to its image end + the generic tail (ids
+        from the layout's host copy: no second read of the device tensors)."""
         tail = self._generic_tail()
-        ids_host = inputs["input_ids"].cpu()
-        mask = inputs.get("attention_mask")
-        mask = mask.cpu().bool() if mask is not None else None
-        rows = []
-        for b in samples:
-            start = int(mask[b].int().argmax()) if mask is not None else 0
-            rows.append(torch.cat([ids_host[b, start:spans[b][0].end], tail]))
+        rows = [torch.cat([layout.ids[b, layout.starts[b]:layout.main[b].end], tail]) for b in samples]
         pad = getattr(getattr(self.processor, "tokenizer", None), "pad_token_id", None)
         pad = pad if pad is not None else (self.adapter.text_config.pad_token_id or 0)
         ids, att = left_pad(rows, pad)
@@ -272,7 +267,7 @@ class VGRefineWrapper:
                 if cfg.share_prefix:
                     tail = self._generic_tail() if generic_inputs is None else common_tail(layout, g_layout)
                 generic = generic_inputs if generic_inputs is not None else (
-                    lambda: self._generic_batch(inputs, [[s] for s in layout.main], list(range(B))))
+                    lambda: self._generic_batch(inputs, layout, list(range(B))))
                 res, g_maps, hits = self.grounding.question_and_generic(
                     inputs, layout, layers, query=cfg.query, generic=generic, generic_layout=g_layout, tail=tail,
                     keys=keys, record_prefix=record_n, early_exit=cfg.early_exit, pack=cfg.share_prefix)
