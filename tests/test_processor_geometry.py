@@ -19,6 +19,7 @@ from hf_vgrefine.processor_geometry import (
     llava_grid,
     llava_next_grids,
     llava_next_highres_positions,
+    paligemma_grid,
     qwen_vl_grid,
     select_best_resolution,
     smart_resize,
@@ -507,3 +508,51 @@ def test_resize_arithmetic_matches_transformers():
         ref = get_resize_output_image_size(np.zeros((3, h, w)), se, default_to_square=False, input_data_format="channels_first")
         assert _resized_hw(h, w, {"shortest_edge": se}, "t") == tuple(ref)
         assert _resized_hw(h, w, {"max_height": se, "max_width": le}, "t") == get_image_size_for_max_height_width((h, w), se, le)
+
+
+# ---------------------------------------------------------------------- PaliGemma
+@pytest.mark.parametrize("cls", ["SiglipImageProcessor", "SiglipImageProcessorPil"])
+@pytest.mark.parametrize("wh, box, exact", [((112, 84), [28, 21, 84, 63], True), ((120, 240), [0, 150, 60, 210], True),
+                                            ((97, 61), [10, 20, 60, 55], False)])
+def test_paligemma_stretch(cls, wh, box, exact):
+    """SigLIP stretches to size (no crop, no pad); one token per 7-px patch of the 56-px tower input."""
+    ip = proc(cls, size={"height": 56, "width": 56})
+    pv = ip(painted_image(wh, [box]), return_tensors="np")["pixel_values"][0]
+    g = paligemma_grid(ip, wh, patch_size=7, vision_image_size=56)
+    assert (g.rows, g.cols, g.cell_size, g.offset) == (8, 8, (7.0, 7.0), (0.0, 0.0))
+    assert g.scale == pytest.approx((56 / wh[0], 56 / wh[1]))
+    check_box(redness(pv, ip), g, box, exact=exact)
+
+
+def test_paligemma_adapter_grid_matches_processor_token_count():
+    """The adapter's grid has as many cells as the PaliGemma processor inserts image tokens (real processor)."""
+    from hf_vgrefine.adapters import get_adapter
+    from hf_vgrefine.testing import build_tiny_model, tiny_tokenizer
+
+    tiny = build_tiny_model("paligemma")
+    ip = proc("SiglipImageProcessorPil", size={"height": 28, "width": 28})
+    ip.image_seq_length = 16
+    tok = tiny_tokenizer()
+    tok.image_token, tok.image_token_id = "<image>", tiny.model.config.image_token_id
+    processor = transformers.PaliGemmaProcessor(image_processor=ip, tokenizer=tok)
+    out = processor(images=painted_image((90, 50), [[10, 10, 40, 30]]), text="what is shown", return_tensors="pt")
+    adapter = get_adapter(tiny.model)
+    assert type(adapter).__name__ == "PaliGemmaAdapter" and adapter.exact_geometry
+    span = adapter.image_spans(out)[0][0]
+    g = adapter.token_grid(processor, (90, 50), span=span)
+    assert (g.rows, g.cols) == (span.rows, span.cols) == (4, 4)
+    assert int((out["input_ids"] == tiny.model.config.image_token_id).sum()) == g.n_tokens
+    assert out["token_type_ids"].eq(0).all()
+    with torch.no_grad():      # the processor's output runs through the tiny model
+        tiny.model(**out)
+
+
+def test_paligemma_errors():
+    crop = proc("SiglipImageProcessorPil", size={"height": 56, "width": 56})
+    crop.do_center_crop = True
+    with pytest.raises(ValueError, match="do_center_crop"):
+        paligemma_grid(crop, (100, 50), 7, 56)
+    with pytest.raises(ValueError, match="vision tower expects"):
+        paligemma_grid(proc("SiglipImageProcessorPil", size={"height": 56, "width": 56}), (100, 50), 7, 28)
+    with pytest.raises(TypeError, match="unsupported image processor"):
+        paligemma_grid(proc("CLIPImageProcessorPil"), (100, 50), 7, 56)

@@ -20,7 +20,7 @@ PAD, BOS, EOS, UNK = 0, 1, 2, 3
 BOI, EOI, IMAGE, VIDEO, VSTART, VEND = 297, 298, 300, 301, 302, 303
 VOCAB_SIZE = 320
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "internvl")
 
 _SPECIAL = {
     PAD: "<pad>", BOS: "<s>", EOS: "</s>", UNK: "<unk>",
@@ -164,6 +164,23 @@ def build_tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdp
         with torch.no_grad():  # random init leaves the projector at zero: images would be ignored
             torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.5)
         return TinyVLM(family, model.eval(), image_size=28, patch_size=7)
+    if family == "paligemma":
+        over = dict(head_dim=16)
+        over.update(text_over)
+        tc = tf.GemmaConfig(**_text_config(**over))
+        vc = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=28, patch_size=7)
+        cfg = tf.PaliGemmaConfig(text_config=tc, vision_config=vc, image_token_id=IMAGE, projection_dim=tc.hidden_size)
+        model = tf.PaliGemmaForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
+        return TinyVLM(family, model.eval(), image_size=28, patch_size=7)
+    if family == "internvl":
+        tc = tf.Qwen2Config(**_text_config(**text_over))
+        vc = tf.InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     image_size=[28, 28], patch_size=[7, 7])
+        cfg = tf.InternVLConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE, downsample_ratio=0.5,
+                                image_seq_length=4)
+        model = tf.InternVLForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
+        return TinyVLM(family, model.eval(), image_size=28, patch_size=7)
     raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
 
 
@@ -191,6 +208,17 @@ def tiny_inputs(tiny: TinyVLM, prompt_lengths: list[int], grids: list[tuple[int,
         extras["pixel_values"] = torch.randn(B, 3, tiny.image_size, tiny.image_size, generator=g)
         img = [[BOI] + [IMAGE] * n + [EOI] for _ in range(B)]
         pre = [[BOS, 308, 310]] * B
+    elif fam == "paligemma":  # the processor's layout: image tokens, <bos>, prompt (prefix-LM)
+        n = (tiny.image_size // tiny.patch_size) ** 2
+        extras["pixel_values"] = torch.randn(B, 3, tiny.image_size, tiny.image_size, generator=g)
+        img = [[IMAGE] * n + [BOS] for _ in range(B)]
+        pre = [[]] * B
+    elif fam == "internvl":  # <img> + tiles x 4 tokens + </img>; grids[b] = (tiles,): 1, or k tiles + a thumbnail
+        per_tile = (tiny.image_size // tiny.patch_size // 2) ** 2
+        tiles = [t[0] for t in grids] if grids else [1] * B
+        extras["pixel_values"] = torch.randn(sum(tiles), 3, tiny.image_size, tiny.image_size, generator=g)
+        img = [[BOI] + [IMAGE] * (per_tile * t) + [EOI] for t in tiles]
+        pre = [[BOS, 310, 311]] * B
     elif fam == "llava_next":
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -232,6 +260,8 @@ def tiny_inputs(tiny: TinyVLM, prompt_lengths: list[int], grids: list[tuple[int,
         out["mm_token_type_ids"] = (input_ids == IMAGE).int()
     if fam == "gemma3":
         out["token_type_ids"] = (input_ids == IMAGE).long()
+    if fam == "paligemma":  # 0: bidirectional prefix (image + prompt), as the processor returns at inference
+        out["token_type_ids"] = torch.zeros_like(input_ids)
     return out
 
 

@@ -172,8 +172,10 @@ class FamilyAdapter:
     # ----------------------------------------------------------------- re-batching
     _ID_DERIVED = {"mm_token_type_ids": torch.int32, "token_type_ids": torch.long}
 
-    def id_derived(self, input_ids: torch.Tensor, like: dict) -> dict:
-        """Inputs that are functions of ``input_ids`` (image-token type ids), for the keys present in ``like``."""
+    def id_derived(self, input_ids: torch.Tensor, like: dict, appended: int = 0) -> dict:
+        """Inputs that are functions of ``input_ids`` (image-token type ids), for the keys present in ``like``.
+        ``appended``: how many of the last tokens are answer tokens appended after the prompt (PaliGemma marks
+        them as its causal suffix)."""
         out = {}
         for key, dtype in self._ID_DERIVED.items():
             if key in like:
