@@ -19,6 +19,9 @@ from hf_vgrefine.processor_geometry import (
     llava_grid,
     llava_next_grids,
     llava_next_highres_positions,
+    internvl_grids,
+    internvl_tile_layout,
+    internvl_tile_positions,
     paligemma_grid,
     qwen_vl_grid,
     select_best_resolution,
@@ -556,3 +559,123 @@ def test_paligemma_errors():
         paligemma_grid(proc("SiglipImageProcessorPil", size={"height": 56, "width": 56}), (100, 50), 7, 28)
     with pytest.raises(TypeError, match="unsupported image processor"):
         paligemma_grid(proc("CLIPImageProcessorPil"), (100, 50), 7, 56)
+
+
+# ---------------------------------------------------------------------- InternVL
+def internvl_proc(cls="GotOcr2ImageProcessorPil", **kw):
+    base = dict(size={"height": 56, "width": 56}, crop_to_patches=True, min_patches=1, max_patches=6)
+    base.update(kw)
+    return proc(cls, **base)
+
+
+def test_internvl_tile_layout_matches_transformers():
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+    ip = internvl_proc(max_patches=12)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        w, h = (int(v) for v in rng.integers(5, 900, 2))
+        assert internvl_tile_layout(ip, (w, h)) == tuple(get_optimal_tiled_canvas((h, w), (56, 56), 1, 12))
+    for w, h in [(112, 56), (56, 112), (100, 100), (168, 56)]:     # exact aspect ties
+        assert internvl_tile_layout(ip, (w, h)) == tuple(get_optimal_tiled_canvas((h, w), (56, 56), 1, 12))
+    assert internvl_tile_layout(internvl_proc(crop_to_patches=False), (300, 100)) == (1, 1)
+
+
+@pytest.mark.parametrize("cls", ["GotOcr2ImageProcessor", "GotOcr2ImageProcessorPil"])
+@pytest.mark.parametrize("wh, box, exact", [((224, 112), [56, 28, 168, 84], True),      # 2x1 tiles + thumbnail
+                                            ((112, 224), [0, 112, 56, 196], True),      # 1x2 tiles
+                                            ((150, 97), [20, 30, 120, 80], False),
+                                            ((84, 84), [21, 21, 63, 63], True)])        # one tile, no thumbnail
+def test_internvl_tiles_and_thumbnail(cls, wh, box, exact):
+    """Tiles re-assembled into the mosaic and the thumbnail: painted cells equal boxes_to_token_mask."""
+    ip = internvl_proc(cls)
+    out = ip(painted_image(wh, [box]), return_tensors="np")
+    pv = out["pixel_values"]
+    g = internvl_grids(ip, wh, patch_size=7, vision_image_size=56, downsample_ratio=0.5)
+    cols, rows = g["layout"]
+    assert g["tile_side"] == 4 and g["global"].shape == (4, 4) and g["global"].cell_size == (14.0, 14.0)
+    n_tiles = cols * rows
+    assert len(pv) == (n_tiles + 1 if n_tiles > 1 else 1)
+    check_box(redness(pv[-1], ip), g["global"], box, exact=exact)           # thumbnail / the single tile
+    if n_tiles > 1:
+        mosaic = np.concatenate([np.concatenate(list(pv[r * cols:(r + 1) * cols]), axis=2) for r in range(rows)], axis=1)
+        tiles = g["tiles"]
+        assert tiles.shape == (rows * 4, cols * 4)
+        check_box(redness(mosaic, ip), tiles, box, exact=exact)
+    else:
+        assert g["tiles"] is None
+
+
+def test_internvl_pixel_shuffle_and_tile_order():
+    """Token k of a tile covers the 2x2 patch block (k // side, k % side) (the model's own pixel shuffle), and
+    internvl_tile_positions lists the tile-by-tile sequence in mosaic row-major order."""
+    from hf_vgrefine.testing import build_tiny_model
+
+    model = build_tiny_model("internvl").model
+    rr, cc = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    feats = torch.stack([rr, cc], -1)[None]                                   # [1, 4 rows, 4 cols, 2]
+    shuffled = model.model.pixel_shuffle(feats, scale_factor=0.5).reshape(4, 4, 2)   # [tokens, 2x2 patches, (r, c)]
+    for k in range(4):
+        assert {tuple(v) for v in shuffled[k].long().tolist()} == {(2 * (k // 2) + a, 2 * (k % 2) + b)
+                                                                   for a in (0, 1) for b in (0, 1)}
+    # 2 columns x 3 rows of 2x2-token tiles: tile t holds sequence offsets [4t, 4t + 4)
+    pos = internvl_tile_positions((2, 3), 2).reshape(6, 4)
+    for r in range(6):
+        for c in range(4):
+            t, rr_, cc_ = (r // 2) * 2 + c // 2, r % 2, c % 2
+            assert pos[r, c] == 4 * t + 2 * rr_ + cc_
+
+
+def test_internvl_adapter_with_the_real_processor():
+    """The adapter's spans and grids on the output of a real InternVLProcessor (token counts, tile mosaic)."""
+    from hf_vgrefine.adapters import get_adapter
+    from hf_vgrefine.testing import build_tiny_model, tiny_tokenizer
+
+    tiny = build_tiny_model("internvl")
+    ip = internvl_proc(size={"height": 28, "width": 28})
+    tok = tiny_tokenizer()
+    # InternVLProcessor needs torchvision for its video processor here: its own image-token expansion on the real
+    # image processor's output stands in for it
+    processor = SimpleNamespace(image_processor=ip, start_image_token="<start_of_image>",
+                                end_image_token="<end_of_image>", image_token="<image>", image_seq_length=4)
+
+    def run_processor(image, text):
+        px = ip(image, return_tensors="pt")
+        block = transformers.InternVLProcessor.replace_image_token(processor, px, 0)
+        enc = tok(text.replace("<image>", block), return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "pixel_values": px["pixel_values"]}
+
+    adapter = get_adapter(tiny.model)
+    assert type(adapter).__name__ == "InternVLAdapter" and adapter.exact_geometry
+    for wh in [(90, 40), (30, 30)]:
+        out = run_processor(painted_image(wh, [[5, 5, 20, 20]]), "<image> what is shown")
+        span = adapter.image_spans(out)[0][0]
+        grid = adapter.token_grid(processor, wh, span=span)
+        assert (grid.rows, grid.cols) == (span.rows, span.cols) == (2, 2)
+        cols, rows = internvl_tile_layout(ip, wh)
+        n_tiles = cols * rows
+        assert span.extra_positions["n_tiles"] == (n_tiles if n_tiles > 1 else 0)
+        assert out["pixel_values"].shape[0] == (n_tiles + 1 if n_tiles > 1 else 1)
+        assert torch.equal(span.positions, torch.arange(span.end - 4, span.end))
+        if n_tiles > 1:
+            mosaic = adapter.tile_span(span, processor, wh)
+            assert (mosaic.rows, mosaic.cols) == (2 * rows, 2 * cols)
+            assert sorted(mosaic.positions.tolist()) == list(range(span.start, span.start + 4 * n_tiles))
+            assert mosaic.positions[1].item() == span.start + 1 and mosaic.positions[2].item() == span.start + 4
+        else:
+            with pytest.raises(ValueError, match="one tile"):
+                adapter.token_grid(processor, wh, span=span, block="tiles")
+        with pytest.raises(ValueError, match="original size"):
+            adapter.token_grid(processor, (300, 30) if n_tiles <= 1 else (30, 30), span=span)
+        with torch.no_grad():
+            tiny.model(**out)
+
+
+def test_internvl_errors():
+    with pytest.raises(ValueError, match="tile size"):
+        internvl_grids(internvl_proc(), (100, 50), 7, 28, 0.5)
+    with pytest.raises(ValueError, match="downsample_ratio"):
+        internvl_grids(internvl_proc(), (100, 50), 7, 56, 0.3)
+    with pytest.raises(TypeError, match="unsupported image processor"):
+        internvl_grids(proc("CLIPImageProcessorPil"), (100, 50), 7, 56, 0.5)
