@@ -14,6 +14,7 @@ from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 
 GRIDS = {"llava_next": [(40, 70), (60, 30), (28, 28), (50, 50)], "qwen2_vl": [(4, 4), (2, 3), (3, 5), (4, 2)],
          "qwen2_5_vl": [(4, 4), (2, 3), (3, 5), (4, 2)], "qwen3_vl": [(4, 4), (2, 3), (3, 5), (4, 2)],
+         "llava_onevision": [(40, 70), (50, 50), (28, 28), (60, 30)],  # (50, 50): capped high-res grid
          "internvl": [(3,), (1,), (5,), (1,)]}   # InternVL: tiles per image (k tiles + the thumbnail, or 1)
 HEADS = [[0, 1], [1, 2], [2, 3], [1, 0]]
 
@@ -50,7 +51,7 @@ def _image_positions(model, inputs):
     out = []
     for row in inputs["input_ids"]:
         pos = (row == cfg.image_token_id).nonzero().flatten()
-        if cfg.model_type == "llava_next":
+        if cfg.model_type in ("llava_next", "llava_onevision"):
             side = cfg.vision_config.image_size // cfg.vision_config.patch_size
             pos = pos[: side * side]
         if cfg.model_type == "internvl":    # the stretched image: the last tile (the thumbnail when tiled)

@@ -516,8 +516,9 @@ def llava_next_grids(
     image_grid_pinpoints: Any,
     patch_size: int,
     vision_image_size: int,
+    max_num_patches: int | None = None,
 ) -> dict[str, TokenGrid]:
-    """TokenGrids of a LLaVA-NeXT (anyres) image: ``{"base": ..., "highres": ...}``.
+    """TokenGrids of a LLaVA-NeXT / LLaVA-OneVision (anyres) image: ``{"base": ..., "highres": ...}``.
 
     * ``base``: the image stretched to the processor's base size (then resized/centre-cropped as
       the processor does), which must be the tower input ``vision_image_size²``; grid
@@ -537,10 +538,13 @@ def llava_next_grids(
         image_grid_pinpoints: the model's ``config.image_grid_pinpoints`` (``[h, w]`` pairs); ``None``
             uses the processor's. Must equal the processor's pinpoints.
         patch_size, vision_image_size: the vision tower's ``patch_size`` and ``image_size``.
+        max_num_patches: LLaVA-OneVision's ``anyres_max_N`` cap (``config.vision_aspect_ratio``): a larger unpadded
+            grid is interpolated down to ``(int(rows // r), int(cols // r))`` tokens over the same canvas
+            (``r = sqrt(rows·cols / (N·side²))``, applied when ``r > 1.1``); ``None`` for LLaVA-NeXT.
     """
     who = "llava_next_grids"
     ip = _unwrap(image_processor)
-    _check_family(ip, ("LlavaNextImageProcessor",), who)
+    _check_family(ip, ("LlavaNextImageProcessor", "LlavaOnevisionImageProcessor"), who)
     w0, h0 = _image_wh(image_size)
     patch = _pos_int(patch_size, "patch_size")
     vision = _vision_side(vision_image_size)
@@ -628,6 +632,9 @@ def llava_next_grids(
     hi = _Affine(w0, h0)
     hi.resize(new_w, new_h)
     hi.shift(paste_x - pad_c * patch, paste_y - pad_r * patch, cols * patch, rows * patch)
+    from .adapters.llava_next import anyres_downscaled
+
+    rows, cols = anyres_downscaled(rows, cols, n, max_num_patches)   # same canvas, coarser cells
     return {"base": base.grid(n, n, (w0, h0)), "highres": hi.grid(rows, cols, (w0, h0))}
 
 

@@ -20,7 +20,7 @@ PAD, BOS, EOS, UNK = 0, 1, 2, 3
 BOI, EOI, IMAGE, VIDEO, VSTART, VEND = 297, 298, 300, 301, 302, 303
 VOCAB_SIZE = 320
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "internvl")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "internvl", "llava_onevision")
 
 _SPECIAL = {
     PAD: "<pad>", BOS: "<s>", EOS: "</s>", UNK: "<unk>",
@@ -181,6 +181,18 @@ def build_tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdp
                                 image_seq_length=4)
         model = tf.InternVLForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
         return TinyVLM(family, model.eval(), image_size=28, patch_size=7)
+    if family == "llava_onevision":  # SigLIP tower (no CLS), anyres pinpoints, high-res grid capped at 2 tiles
+        s = 28
+        tc = tf.Qwen2Config(**_text_config(**text_over))
+        vc = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=s, patch_size=7)
+        cfg = tf.LlavaOnevisionConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE, vision_feature_layer=-1,
+                                      vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_2",
+                                      image_grid_pinpoints=[[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]])
+        model = tf.LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
+        with torch.no_grad():
+            model.model.image_newline.normal_(std=1.0)
+        return TinyVLM(family, model.eval(), image_size=s, patch_size=7)
     raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
 
 
@@ -219,7 +231,7 @@ def tiny_inputs(tiny: TinyVLM, prompt_lengths: list[int], grids: list[tuple[int,
         extras["pixel_values"] = torch.randn(sum(tiles), 3, tiny.image_size, tiny.image_size, generator=g)
         img = [[BOI] + [IMAGE] * (per_tile * t) + [EOI] for t in tiles]
         pre = [[BOS, 310, 311]] * B
-    elif fam == "llava_next":
+    elif fam in ("llava_next", "llava_onevision"):
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         sizes = grids or [(40, 70)] * B
@@ -266,11 +278,12 @@ def tiny_inputs(tiny: TinyVLM, prompt_lengths: list[int], grids: list[tuple[int,
 
 
 def _llava_next_token_count(tiny: TinyVLM, hw: tuple[int, int]) -> int:
-    from .adapters.llava_next import llava_next_highres_shape
+    from .adapters.llava_next import anyres_max_patches, llava_next_highres_shape
 
     cfg = tiny.model.config
     base = (tiny.image_size // tiny.patch_size) ** 2
-    rows, cols = llava_next_highres_shape(hw, cfg.image_grid_pinpoints, tiny.image_size, tiny.patch_size)
+    cap = anyres_max_patches(getattr(cfg, "vision_aspect_ratio", None))
+    rows, cols = llava_next_highres_shape(hw, cfg.image_grid_pinpoints, tiny.image_size, tiny.patch_size, cap)
     return base + rows * (cols + 1)
 
 

@@ -13,7 +13,7 @@ from .gemma3 import Gemma3Adapter
 from .internvl import InternVLAdapter
 from .generic import GenericAdapter, GeometryUnavailableError, token_level_support
 from .llava import LlavaAdapter
-from .llava_next import LlavaNextAdapter, llava_next_highres_shape
+from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter, llava_next_highres_shape
 from .paligemma import PaliGemmaAdapter
 from .qwen_vl import QwenVLAdapter
 
@@ -29,7 +29,8 @@ def register_adapter(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
     return cls
 
 
-for _cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, Gemma3Adapter, PaliGemmaAdapter, InternVLAdapter):
+for _cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, Gemma3Adapter, PaliGemmaAdapter, InternVLAdapter,
+             LlavaOnevisionAdapter):
     register_adapter(_cls)
 
 
