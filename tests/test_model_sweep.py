@@ -51,7 +51,7 @@ NOT_TINY = {
     "granite4_vision": _BUILD, "granite_docling": _INPUTS, "hunyuan_vl": _BUILD, "hy_v4_vl": _INPUTS,
     "idefics2": _INPUTS, "inkling2": _INPUTS, "inkling2_loop": _INPUTS, "inkling_mm_model": _INPUTS,
     "janus": _INPUTS, "kimi_k25": _INPUTS, "lfm2_vl": _INPUTS, "llama4": _INPUTS, "llava_next_video": _INPUTS,
-    "llava_onevision": _INPUTS + " (anyres patches)", "minimax_m3_vl": _INPUTS, "mistral_large4": _INPUTS,
+"minimax_m3_vl": _INPUTS, "mistral_large4": _INPUTS,
     "molmo2": _INPUTS, "muse_glimmer": _INPUTS, "muse_spark": _INPUTS, "paddleocr_vl": _INPUTS,
     "perception_lm": "needs timm (not installed)", "pp_chart2table": _INPUTS, "qwen2_5_omni_thinker": _INPUTS,
     "qwen3_5": _INPUTS + " (hybrid linear-attention layers in the eager reference)",

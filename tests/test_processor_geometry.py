@@ -679,3 +679,106 @@ def test_internvl_errors():
         internvl_grids(internvl_proc(), (100, 50), 7, 56, 0.3)
     with pytest.raises(TypeError, match="unsupported image processor"):
         internvl_grids(proc("CLIPImageProcessorPil"), (100, 50), 7, 56, 0.5)
+
+
+# ---------------------------------------------------------------------- LLaVA-OneVision
+OV_PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56]]
+
+
+def ov_proc(cls="LlavaOnevisionImageProcessorPil", pinpoints=OV_PINPOINTS):
+    return proc(cls, size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints, do_pad=False)
+
+
+@pytest.mark.parametrize("cls", ["LlavaOnevisionImageProcessor", "LlavaOnevisionImageProcessorPil"])
+@pytest.mark.parametrize("wh, box", [((100, 60), [30, 20, 80, 50]), ((60, 100), [10, 30, 45, 90]),
+                                     ((120, 50), [20, 5, 100, 40])])
+def test_llava_onevision_tiles(cls, wh, box):
+    """Base block (stretched image) and high-res tiles of the real OneVision processor (uncapped grids)."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    ip = ov_proc(cls)
+    out = ip(painted_image(wh, [box]), return_tensors="np")
+    pv = out["pixel_values"][0]
+    grids = llava_next_grids(ip, wh, OV_PINPOINTS, patch_size=7, vision_image_size=28, max_num_patches=9)
+    base, hi = grids["base"], grids["highres"]
+    assert (base.rows, base.cols, base.offset) == (4, 4, (0.0, 0.0))
+    check_box(redness(pv[0], ip), base, box, exact=False)
+    n_h, n_w = get_anyres_image_grid_shape((wh[1], wh[0]), OV_PINPOINTS, 28)
+    tiles = pv[1:1 + n_h * n_w]
+    canvas = np.concatenate([np.concatenate(list(tiles[i * n_w:(i + 1) * n_w]), axis=2) for i in range(n_h)], axis=1)
+    red_padded = redness(canvas, ip)
+    feat = torch.from_numpy(painted_cells(red_padded, n_h * 4, n_w * 4)[None].astype(np.float32))
+    got = unpad_image(feat, torch.tensor([wh[1], wh[0]]))[0].numpy() > 0
+    assert got.shape == (hi.rows, hi.cols)
+    pred = token_mask_to_grid(boxes_to_token_mask(box, hi, box_format="xyxy"), hi)
+    assert not ((pred != got) & ~near_edge_cells(box, hi)).any()
+
+
+def test_llava_onevision_capped_grid_matches_pack_image_features_and_token_count():
+    """anyres_max_N: the model's own pack_image_features (bilinear downscale of a (row, col) ramp) samples each
+    cell of the capped grid at its centre; token counts equal the OneVision processor's own count."""
+    from transformers import SiglipVisionConfig
+    from transformers.image_processing_utils import get_patch_output_size
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+    from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+
+    pts = [[28, 28], [28, 56], [56, 28], [56, 56], [84, 84], [28, 84]]
+    ip = ov_proc(pinpoints=pts)
+    newline = torch.tensor([-100.0, -100.0])
+    capped = 0
+    for cap in (1, 2, 9):
+        stub = SimpleNamespace(config=SimpleNamespace(
+            vision_config=SiglipVisionConfig(image_size=28, patch_size=7), image_grid_pinpoints=pts))
+        pstub = SimpleNamespace(image_processor=ip, num_image_tokens=16, vision_aspect_ratio=f"anyres_max_{cap}")
+        pstub._get_unpadded_features = lambda *a, _s=pstub: LlavaOnevisionProcessor._get_unpadded_features(_s, *a)
+        for wh in [(100, 60), (60, 100), (120, 50), (200, 200), (97, 61), (30, 90), (300, 120)]:
+            w0, h0 = wh
+            g = llava_next_grids(ip, wh, pts, 7, 28, max_num_patches=cap)["highres"]
+            n = LlavaOnevisionProcessor._get_number_of_features(pstub, h0, w0, 28, 28)
+            assert n == 16 + g.rows * (g.cols + 1)
+            n_h, n_w = get_anyres_image_grid_shape((h0, w0), pts, 28)
+            rr, cc = np.meshgrid(np.arange(n_h * 4), np.arange(n_w * 4), indexing="ij")
+            padded = torch.tensor(np.stack([rr, cc], -1), dtype=torch.float32)
+            tiles = padded.reshape(n_h, 4, n_w, 4, 2).permute(0, 2, 1, 3, 4).reshape(n_h * n_w, 16, 2)
+            feats = torch.cat([torch.full((1, 16, 2), -5.0), tiles], 0)
+            packed, _ = LlavaOnevisionModel.pack_image_features(stub, [feats], torch.tensor([[h0, w0]]), newline,
+                                                                f"anyres_max_{cap}")
+            hires = packed[0][16:] if isinstance(packed, (list, tuple)) else packed[16:]
+            assert hires.shape[0] == g.rows * (g.cols + 1)
+            pos = llava_next_highres_positions(g)
+            best = select_best_resolution((h0, w0), pts)
+            nh_px, nw_px = get_patch_output_size(np.zeros((h0, w0, 3)), best, input_data_format="channels_last")
+            px, py = (best[1] - nw_px) // 2, (best[0] - nh_px) // 2
+            _, _, cw, ch = (0, 0, *g.canvas_size)
+            is_capped = g.rows * 7 != ch
+            capped += is_capped
+            for k in range(g.n_tokens):
+                r, c = divmod(k, g.cols)
+                x, y = g.cell_center(r, c)
+                fy, fx = (y * nh_px / h0 + py) / 7 - 0.5, (x * nw_px / w0 + px) / 7 - 0.5
+                if is_capped:   # bilinear sample of the (row, col) ramp at the cell centre, clamped at the edges
+                    vals = hires[torch.from_numpy(pos)]
+                    want = torch.tensor([fy, fx]).clamp(vals.min(0).values, vals.max(0).values)
+                    torch.testing.assert_close(hires[pos[k]], want, atol=1e-4, rtol=0)
+                else:
+                    assert hires[pos[k]].tolist() == [int(fy + 0.5), int(fx + 0.5)], (wh, cap, r, c)
+    assert capped >= 5
+
+
+def test_llava_onevision_adapter_spans_and_grids():
+    """Adapter spans on a tiny OneVision model agree with the grids of the real image processor (capped or not)."""
+    from hf_vgrefine.adapters import get_adapter
+    from hf_vgrefine.testing import build_tiny_model, tiny_inputs
+
+    tiny = build_tiny_model("llava_onevision")
+    adapter = get_adapter(tiny.model)
+    assert type(adapter).__name__ == "LlavaOnevisionAdapter" and adapter.max_num_patches == 2
+    ip = ov_proc()
+    for hw in [(40, 70), (50, 50), (28, 28)]:
+        span = adapter.image_spans(tiny_inputs(tiny, [2], [hw]))[0][0]
+        hi = adapter.token_grid(ip, (hw[1], hw[0]), block="highres")
+        assert span.extra_positions["highres_grid"] == (hi.rows, hi.cols)
+        assert adapter.token_grid(ip, (hw[1], hw[0])).shape == (4, 4)
+        out = ip(painted_image((hw[1], hw[0]), [[2, 2, 10, 10]]), return_tensors="np")
+        assert out["image_sizes"].tolist() == [list(hw)]
