@@ -30,7 +30,7 @@ from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 
 # built tiny and swept through the generic adapter
 GENERIC_SWEPT = ("aya_vision", "cohere2_vision", "cosmos3_omni", "exaone4_5", "hyperclovax_vision_v2", "idefics3",
-                 "lfm3_vl", "lighton_ocr", "mistral3", "ovis2", "qianfan_ocr",
+                 "lfm3_vl", "lighton_ocr", "ovis2", "qianfan_ocr",
                  "qwen3_vl_moe", "video_llava")
 # unsupported: the image does not enter the decoder's self-attention as placeholder tokens
 UNSUPPORTED = ("blip", "blip-2", "evolla", "florence2", "git", "idefics", "instructblip", "instructblipvideo",

@@ -23,6 +23,7 @@ from hf_vgrefine.processor_geometry import (
     internvl_tile_layout,
     internvl_tile_positions,
     paligemma_grid,
+    pixtral_grid,
     qwen_vl_grid,
     select_best_resolution,
     smart_resize,
@@ -782,3 +783,80 @@ def test_llava_onevision_adapter_spans_and_grids():
         assert adapter.token_grid(ip, (hw[1], hw[0])).shape == (4, 4)
         out = ip(painted_image((hw[1], hw[0]), [[2, 2, 10, 10]]), return_tensors="np")
         assert out["image_sizes"].tolist() == [list(hw)]
+
+
+# ---------------------------------------------------------------------- Mistral 3 / Pixtral
+@pytest.mark.parametrize("cls", ["PixtralImageProcessor", "PixtralImageProcessorPil"])
+@pytest.mark.parametrize("wh, box, exact", [((112, 56), [28, 14, 84, 42], True),      # fits: no scaling
+                                            ((224, 84), [56, 28, 168, 84], True),     # scaled down 2x
+                                            ((100, 61), [10, 20, 60, 55], False),     # rounded up to whole tokens
+                                            ((300, 170), [100, 40, 171, 113], False)])
+def test_pixtral_resize_and_round_up(cls, wh, box, exact):
+    """Mistral 3 calls the processor with patch_size·spatial_merge_size (7·2 here): painted cells = box cells."""
+    ip = proc(cls, size={"longest_edge": 112}, patch_size={"height": 14, "width": 14})
+    out = ip(painted_image(wh, [box]), return_tensors="np")
+    g = pixtral_grid(ip, wh, patch_size=7, merge_size=2)
+    h, w = out["image_sizes"][0]
+    assert (g.rows * 14, g.cols * 14) == (h, w) and g.cell_size == (14.0, 14.0)
+    pv = out["pixel_values"][0][:, :h, :w]
+    check_box(redness(pv, ip), g, box, exact=exact)
+
+
+def test_pixtral_token_layout_and_patch_merger():
+    """A prompt in PixtralProcessor's row layout ([IMG] x cols + [IMG_BREAK], last [IMG_END]; the processor class
+    itself needs torchvision here) for the real image processor's image_sizes: the model's own get_image_features
+    gives rows·cols tokens, the adapter's spans and grid agree; the model's patch merger makes token k of an R x C
+    grid the 2x2 patch block whose top-left patch is (2·(k // C), 2·(k % C))."""
+    from hf_vgrefine.adapters import get_adapter
+    from hf_vgrefine.testing import BOS, IMAGE, IMG_BREAK, IMG_END, build_tiny_model
+
+    tiny = build_tiny_model("mistral3")
+    ip = proc("PixtralImageProcessorPil", size={"longest_edge": 112}, patch_size={"height": 14, "width": 14})
+    adapter = get_adapter(tiny.model)
+    assert type(adapter).__name__ == "Mistral3Adapter" and adapter.exact_geometry
+    for wh in [(100, 61), (40, 90)]:
+        px = ip(painted_image(wh, [[5, 5, 20, 20]]), return_tensors="pt")
+        h, w = px["image_sizes"][0].tolist()
+        rows, cols = h // 14, w // 14
+        block = sum(([IMAGE] * cols + [IMG_BREAK] for _ in range(rows)), [])[:-1] + [IMG_END]
+        ids = torch.tensor([[BOS, 40, 41] + block + [42, 43]])
+        inputs = {"input_ids": ids, "pixel_values": px["pixel_values"], "image_sizes": px["image_sizes"]}
+        with torch.no_grad():
+            feats = tiny.model.get_image_features(pixel_values=px["pixel_values"], image_sizes=px["image_sizes"])
+        n_model = sum(f.shape[0] for f in feats.pooler_output)
+        assert n_model == rows * cols
+        span = adapter.image_spans(inputs)[0][0]
+        g = adapter.token_grid(ip, wh, span=span)
+        assert (span.rows, span.cols) == (g.rows, g.cols) == (rows, cols)
+        assert torch.equal(span.positions, (ids[0] == IMAGE).nonzero().flatten())
+        assert int(ids[0, span.end]) == IMG_END
+        with torch.no_grad():
+            tiny.model(**inputs)
+        with pytest.raises(ValueError, match="image_sizes"):
+            adapter.image_spans({"input_ids": ids, "image_sizes": torch.tensor([[h + 14, w]])})
+    merger = tiny.model.model.multi_modal_projector.patch_merger
+    lin = merger.merging_layer
+    R, C = 3, 4
+    rr, cc = torch.meshgrid(torch.arange(2.0 * R), torch.arange(2.0 * C), indexing="ij")
+    d = lin.in_features // 4
+    feats = torch.nn.functional.pad(torch.stack([rr, cc], -1).reshape(-1, 2), (0, d - 2))   # patches row-major
+    saved = lin.weight.detach().clone()
+    with torch.no_grad():
+        try:
+            sel = torch.zeros_like(lin.weight)
+            sel[0, 0 * 4 + 0] = sel[1, 1 * 4 + 0] = 1.0        # unfold is channel-major: (channel, kernel position)
+            lin.weight.copy_(sel)
+            out = merger(feats, torch.tensor([[2 * R * 7, 2 * C * 7]]))
+        finally:
+            lin.weight.copy_(saved)
+    for k in range(R * C):
+        assert out[k, :2].tolist() == [2 * (k // C), 2 * (k % C)]
+
+
+def test_pixtral_errors():
+    with pytest.raises(TypeError, match="unsupported image processor"):
+        pixtral_grid(proc("CLIPImageProcessorPil"), (100, 50), 7, 2)
+    ip = proc("PixtralImageProcessorPil", do_resize=False)
+    with pytest.raises(ValueError, match="multiples"):
+        pixtral_grid(ip, (100, 50), 7, 2)
+    assert pixtral_grid(ip, (112, 56), 7, 2).shape == (4, 8)

@@ -15,6 +15,7 @@ from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 GRIDS = {"llava_next": [(40, 70), (60, 30), (28, 28), (50, 50)], "qwen2_vl": [(4, 4), (2, 3), (3, 5), (4, 2)],
          "qwen2_5_vl": [(4, 4), (2, 3), (3, 5), (4, 2)], "qwen3_vl": [(4, 4), (2, 3), (3, 5), (4, 2)],
          "llava_onevision": [(40, 70), (50, 50), (28, 28), (60, 30)],  # (50, 50): capped high-res grid
+         "mistral3": [(3, 4), (2, 2), (4, 3), (1, 5)],
          "internvl": [(3,), (1,), (5,), (1,)]}   # InternVL: tiles per image (k tiles + the thumbnail, or 1)
 HEADS = [[0, 1], [1, 2], [2, 3], [1, 0]]
 

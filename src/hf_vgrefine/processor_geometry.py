@@ -26,6 +26,7 @@ from .geometry import TokenGrid
 __all__ = [
     "llava_grid",
     "paligemma_grid",
+    "pixtral_grid",
     "internvl_grids",
     "internvl_tile_layout",
     "internvl_tile_positions",
@@ -350,6 +351,46 @@ def internvl_tile_positions(layout: tuple[int, int], side: int) -> np.ndarray:
     r, c = np.divmod(np.arange(rows * side * cols * side, dtype=np.int64), cols * side)
     tile = (r // side) * cols + (c // side)
     return tile * side * side + (r % side) * side + (c % side)
+
+
+# ---------------------------------------------------------------------- Pixtral / Mistral 3
+def pixtral_grid(image_processor: Any, image_size: Any, patch_size: int, merge_size: int = 1) -> TokenGrid:
+    """TokenGrid of a Mistral 3 / Pixtral image (``PixtralImageProcessor`` and *Pil).
+
+    The processor scales the image down (never up) so that it fits ``size["longest_edge"]`` (or ``height`` x
+    ``width``): ``r = max(H0/max_h, W0/max_w)``, sides ``floor(side / r)`` when ``r > 1``; then rounds each side up
+    to whole tokens of ``f = patch_size·merge_size`` pixels (``ceil(side / f)`` tokens) and stretches the image to
+    that size. Grid ``(H'/f) x (W'/f)``, cell = ``f`` canvas pixels; batch padding (bottom/right) is dropped by the
+    tower (``image_sizes``).
+
+    Args:
+        image_processor: the loaded image processor (or a ``PixtralProcessor`` holding one).
+        image_size: ``(W0, H0)`` original size (or a PIL image).
+        patch_size: the vision tower's ``patch_size``; merge_size: the model's ``spatial_merge_size`` (Mistral 3: 2,
+            Pixtral: 1). The processor is called with ``patch_size·merge_size`` (as ``PixtralProcessor`` does).
+    """
+    who = "pixtral_grid"
+    ip = _unwrap(image_processor)
+    _check_family(ip, ("PixtralImageProcessor",), who)
+    w0, h0 = _image_wh(image_size)
+    f = _pos_int(patch_size, "patch_size") * _pos_int(merge_size, "merge_size")
+    h, w = h0, w0
+    if getattr(ip, "do_resize", True):
+        size = getattr(ip, "size", None)
+        le = _sz(size, "longest_edge")
+        max_h, max_w = (le, le) if le else (_sz(size, "height"), _sz(size, "width"))
+        if not max_h or not max_w:
+            raise ValueError(f"{who}: unsupported size {size!r}; expected 'longest_edge' or 'height'+'width'")
+        ratio = max(h0 / max_h, w0 / max_w)
+        if ratio > 1:
+            h, w = int(math.floor(h0 / ratio)), int(math.floor(w0 / ratio))
+        h, w = ((h - 1) // f + 1) * f, ((w - 1) // f + 1) * f
+    elif h0 % f or w0 % f:
+        raise ValueError(f"{who}: do_resize=False needs image sides that are multiples of patch_size*merge_size={f}, "
+                         f"got {w0}x{h0} (WxH); enable do_resize")
+    aff = _Affine(w0, h0)
+    aff.resize(w, h)
+    return aff.grid(h // f, w // f, (w0, h0))
 
 
 # ---------------------------------------------------------------------- Qwen-VL

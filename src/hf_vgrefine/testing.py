@@ -18,16 +18,17 @@ import torch
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 BOI, EOI, IMAGE, VIDEO, VSTART, VEND = 297, 298, 300, 301, 302, 303
+IMG_BREAK, IMG_END = 312, 313       # Mistral 3 / Pixtral row break and image end
 VOCAB_SIZE = 320
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "internvl", "llava_onevision")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "internvl", "llava_onevision", "mistral3")
 
 _SPECIAL = {
     PAD: "<pad>", BOS: "<s>", EOS: "</s>", UNK: "<unk>",
     BOI: "<start_of_image>", EOI: "<end_of_image>", IMAGE: "<image>", VIDEO: "<|video_pad|>",
     VSTART: "<|vision_start|>", VEND: "<|vision_end|>",
     304: "<|user|>", 305: "<|assistant|>", 306: "<|im_start|>", 307: "<|im_end|>",
-    308: "<start_of_turn>", 309: "<end_of_turn>",
+    308: "<start_of_turn>", 309: "<end_of_turn>", IMG_BREAK: "[IMG_BREAK]", IMG_END: "[IMG_END]",
 }
 
 # Words for the in-memory vocabulary (ids 4..296); unknown words map to <unk>.
@@ -193,6 +194,14 @@ def build_tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdp
         with torch.no_grad():
             model.model.image_newline.normal_(std=1.0)
         return TinyVLM(family, model.eval(), image_size=s, patch_size=7)
+    if family == "mistral3":  # Pixtral tower, 7-px patches merged 2x2: one token per 14 px
+        tc = tf.MistralConfig(**_text_config(head_dim=16, **text_over))
+        vc = tf.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    head_dim=16, image_size=112, patch_size=7)
+        cfg = tf.Mistral3Config(vision_config=vc, text_config=tc, image_token_id=IMAGE, spatial_merge_size=2,
+                                vision_feature_layer=-1)
+        model = tf.Mistral3ForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
+        return TinyVLM(family, model.eval(), image_size=112, patch_size=7)
     raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
 
 
@@ -230,6 +239,17 @@ def tiny_inputs(tiny: TinyVLM, prompt_lengths: list[int], grids: list[tuple[int,
         tiles = [t[0] for t in grids] if grids else [1] * B
         extras["pixel_values"] = torch.randn(sum(tiles), 3, tiny.image_size, tiny.image_size, generator=g)
         img = [[BOI] + [IMAGE] * (per_tile * t) + [EOI] for t in tiles]
+        pre = [[BOS, 310, 311]] * B
+    elif fam == "mistral3":  # grids[b] = (rows, cols) of tokens; rows of [IMG] x cols + [IMG_BREAK], last [IMG_END]
+        grids = grids or [(3, 4)] * B
+        f = tiny.patch_size * tiny.model.config.spatial_merge_size
+        hmax, wmax = max(r for r, _ in grids) * f, max(c for _, c in grids) * f
+        pix = torch.zeros(B, 3, hmax, wmax)
+        for b, (r, c) in enumerate(grids):
+            pix[b, :, :r * f, :c * f] = torch.randn(3, r * f, c * f, generator=g)
+        extras["pixel_values"] = pix
+        extras["image_sizes"] = torch.tensor([[r * f, c * f] for r, c in grids])
+        img = [sum(([IMAGE] * c + [IMG_BREAK] for _ in range(r)), [])[:-1] + [IMG_END] for r, c in grids]
         pre = [[BOS, 310, 311]] * B
     elif fam in ("llava_next", "llava_onevision"):
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches

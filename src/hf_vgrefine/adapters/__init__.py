@@ -14,6 +14,7 @@ from .internvl import InternVLAdapter
 from .generic import GenericAdapter, GeometryUnavailableError, token_level_support
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter, llava_next_highres_shape
+from .mistral3 import Mistral3Adapter
 from .paligemma import PaliGemmaAdapter
 from .qwen_vl import QwenVLAdapter
 
@@ -30,7 +31,7 @@ def register_adapter(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
 
 
 for _cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, Gemma3Adapter, PaliGemmaAdapter, InternVLAdapter,
-             LlavaOnevisionAdapter):
+             LlavaOnevisionAdapter, Mistral3Adapter):
     register_adapter(_cls)
 
 
