@@ -308,7 +308,9 @@ def _llava_next_token_count(tiny: TinyVLM, hw: tuple[int, int]) -> int:
 
 
 def tiny_processor(family: str, extra_words: list[str] | None = None, **image_kwargs):
-    """Real HF processor for a tiny ``family`` model (LLaVA, LLaVA-NeXT, Qwen2/2.5-VL) built locally.
+    """Real HF processor for a tiny ``family`` model (LLaVA, LLaVA-NeXT, Qwen2/2.5-VL, PaliGemma, InternVL,
+    LLaVA-OneVision) built locally (the Qwen, InternVL and OneVision processors need torchvision for their video
+    processor class check: without it they raise ``RuntimeError``).
 
     ``image_kwargs`` go to the image processor (e.g. ``do_pad=True``, ``size=...``).
     """
@@ -341,4 +343,34 @@ def tiny_processor(family: str, extra_words: list[str] | None = None, **image_kw
         except AttributeError as e:  # transformers 5.x resolves the video processor class through torchvision
             raise RuntimeError(f"{cls.__name__} cannot be built without torchvision in this environment ({e}); "
                                "use the image processor alone (Qwen2VLImageProcessor) and hand-built ids") from e
-    raise ValueError(f"no tiny processor for {family!r}; available: llava, llava_next, qwen2_vl, qwen2_5_vl")
+    if family == "paligemma":
+        kw = dict(size={"height": 28, "width": 28})
+        kw.update(image_kwargs)
+        ip = tf.SiglipImageProcessorPil(**kw)
+        ip.image_seq_length = 16
+        tok.image_token, tok.image_token_id = "<image>", IMAGE
+        return tf.PaliGemmaProcessor(image_processor=ip, tokenizer=tok, chat_template=_LLAVA_TEMPLATE)
+    if family in ("internvl", "llava_onevision"):
+        if family == "internvl":
+            kw = dict(size={"height": 28, "width": 28}, crop_to_patches=True, min_patches=1, max_patches=4)
+            kw.update(image_kwargs)
+            ip = tf.GotOcr2ImageProcessorPil(**kw)
+            tok.start_image_token, tok.end_image_token, tok.context_image_token = (
+                _SPECIAL[BOI], _SPECIAL[EOI], _SPECIAL[IMAGE])
+            tok.start_image_token_id, tok.end_image_token_id, tok.context_image_token_id = BOI, EOI, IMAGE
+            tok.video_token = _SPECIAL[VIDEO]
+            cls, extra = tf.InternVLProcessor, dict(image_seq_length=4)
+        else:
+            kw = dict(size={"height": 28, "width": 28}, image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]],
+                      do_pad=True)
+            kw.update(image_kwargs)
+            ip = tf.LlavaOnevisionImageProcessorPil(**kw)
+            cls, extra = tf.LlavaOnevisionProcessor, dict(num_image_tokens=16, vision_aspect_ratio="anyres_max_2",
+                                                          vision_feature_select_strategy="full")
+        try:
+            return cls(image_processor=ip, tokenizer=tok, video_processor=None, chat_template=_LLAVA_TEMPLATE, **extra)
+        except AttributeError as e:  # transformers 5.x resolves the video processor class through torchvision
+            raise RuntimeError(f"{cls.__name__} cannot be built without torchvision in this environment ({e}); "
+                               "use the image processor alone and hand-built ids") from e
+    raise ValueError(f"no tiny processor for {family!r}; available: llava, llava_next, qwen2_vl, qwen2_5_vl, "
+                     "paligemma, internvl, llava_onevision")
