@@ -118,3 +118,46 @@ def test_medvqa_runner_paligemma(tmp_path_factory):
     s = rep.summary
     assert s["methods"] == ["baseline", "vgrefine"] and not s["failures"]
     assert s["closed"]["vgrefine"]["micro"]["n"] == s["closed"]["baseline"]["micro"]["n"] > 0
+
+
+def test_paligemma_prefix_lm_paths_equal_full_forwards(ds):
+    """PaliGemma's image tokens attend to the prompt text after them (prefix-LM): the packed generic tail and the
+    search's cached prefixes would reuse image keys computed with another text, so they run full forwards; the
+    default (share_prefix) path equals the plain path, and every search candidate equals the wrapper's answers."""
+    from hf_vgrefine.prompts import build_inputs, to_model_inputs
+    from hf_vgrefine.tuning import SearchSpace, search_knockout
+
+    model, proc = build_tiny_model("paligemma", num_hidden_layers=3).model, family_processor("paligemma")
+    images = [ds[i]["image"].convert("RGB") for i in range(2)]
+    questions = [ds[0]["question"], ds[1]["question"] + " Is it bright?"]
+    inputs = to_model_inputs(build_inputs(proc, images, questions), model)
+    runs = {}
+    for share in (True, False):
+        w = VGRefineWrapper(model, VGRefineConfig(masked_layers=[2], sensitive_heads=[[0, 1], [1, 2]], percentile=50.0,
+                                                  share_prefix=share), processor=proc)
+        out = w.generate(**inputs, max_new_tokens=3, do_sample=False)
+        runs[share] = out, [t.triage_map for t in w.last_triage]
+    assert torch.equal(runs[True][0], runs[False][0])
+    for a, b in zip(runs[True][1], runs[False][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+    tok = proc.tokenizer
+    yes, no = (tok(w, add_special_tokens=False)["input_ids"][0] for w in ("yes", "no"))
+    data = [dict(image=ds[i]["image"].convert("RGB"), question=ds[i]["question"], answer=a)
+            for i, a in zip(range(4), ("yes", "no", "no", "yes"))]
+    base = VGRefineConfig(masked_layers=[2], sensitive_heads=[[0, 1], [1, 2]], percentile=50.0)
+    space = SearchSpace(max_run=1, percentiles=(50.0,), magnitude_thresholds=(), ks=(2,), generic_norms=("layer_mean",),
+                        knockout_heads=("all",))
+    res = search_knockout(model, proc, data, base, space=space, head_ranking=[[0, 1], [1, 2], [2, 3]], batch_size=4,
+                          progress=False)
+    assert res.info["self_check"]["fallback"]
+    for r in res.table:
+        cfg = VGRefineConfig(masked_layers=list(r["masked_layers"]), sensitive_heads=[[0, 1], [1, 2]],
+                             percentile=r["percentile"])
+        w = VGRefineWrapper(model, cfg, processor=proc)
+        inp = to_model_inputs(build_inputs(proc, [d["image"] for d in data], [d["question"] for d in data],
+                                           instruction=cfg.instruction), model)
+        with torch.no_grad():
+            logits = w(**inp).logits[:, -1]
+        want = [("yes" if logits[i, yes] > logits[i, no] else "no") == d["answer"] for i, d in enumerate(data)]
+        assert res.per_example[r["label"]] == want, r["label"]

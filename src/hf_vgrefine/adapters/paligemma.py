@@ -14,6 +14,7 @@ from .base import FamilyAdapter, ImageSpan, several_images_check
 class PaliGemmaAdapter(FamilyAdapter):
     model_types = ("paligemma",)
     family = "paligemma"
+    prefix_lm = True
 
     @property
     def grid_side(self) -> int:

@@ -269,13 +269,14 @@ class VGRefineWrapper:
             if need_generic:
                 keys = [self._generic_key(q_prints[b], g_layout, b) for b in range(B)] if cfg.cache_generic else None
                 tail = None
-                if cfg.share_prefix:
+                pack = cfg.share_prefix and not self.adapter.prefix_lm     # prefix-LM: the image keys see the text
+                if pack:
                     tail = self._generic_tail() if generic_inputs is None else common_tail(layout, g_layout)
                 generic = generic_inputs if generic_inputs is not None else (
                     lambda: self._generic_batch(inputs, [[s] for s in layout.main], list(range(B))))
                 res, g_maps, hits = self.grounding.question_and_generic(
                     inputs, layout, layers, query=cfg.query, generic=generic, generic_layout=g_layout, tail=tail,
-                    keys=keys, record_prefix=record_n, early_exit=cfg.early_exit, pack=cfg.share_prefix)
+                    keys=keys, record_prefix=record_n, early_exit=cfg.early_exit, pack=pack)
             else:
                 res = self.grounding.run(inputs, layout, layers=layers, query=cfg.query, early_exit=cfg.early_exit,
                                          record_prefix=record_n)
