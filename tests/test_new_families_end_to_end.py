@@ -161,3 +161,29 @@ def test_paligemma_prefix_lm_paths_equal_full_forwards(ds):
             logits = w(**inp).logits[:, -1]
         want = [("yes" if logits[i, yes] > logits[i, no] else "no") == d["answer"] for i, d in enumerate(data)]
         assert res.per_example[r["label"]] == want, r["label"]
+
+
+@pytest.mark.parametrize("family", NEW)
+def test_generic_prompt_built_from_the_question_equals_processor_output(family, ds):
+    """The wrapper's generic prompt (question prefix up to the image end + the rendered generic tail) equals the
+    processor's own output for the generic question (PaliGemma's <bos> and final newline, InternVL's </img>)."""
+    model, proc = build_tiny_model(family, num_hidden_layers=3).model, family_processor(family)
+    images = [ds[i]["image"].convert("RGB") for i in range(2)]
+
+    def render(q):
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+        return proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+    proc.tokenizer.padding_side = "left"
+    drop = ("labels", "num_patches", "batch_num_images")
+    inputs = {k: v for k, v in proc(images=images, text=[render("is there a lesion ?"), render("what is left ?")],
+                                    return_tensors="pt", padding=True).items() if k not in drop}
+    w = VGRefineWrapper(model, VGRefineConfig(masked_layers=[1], sensitive_heads=[[0, 1]], percentile=50.0),
+                        processor=proc)
+    built = w._generic_batch(inputs, w.adapter.image_spans(inputs), [0, 1])
+    g_text = render("Write a general description of the image. Answer the question using a single word or phrase.")
+    ref = proc(images=images, text=[g_text, g_text], return_tensors="pt", padding=True)
+    assert torch.equal(built["input_ids"], ref["input_ids"])
+    assert torch.equal(built["pixel_values"], ref["pixel_values"])
+    if "token_type_ids" in built:
+        assert torch.equal(built["token_type_ids"], ref["token_type_ids"])

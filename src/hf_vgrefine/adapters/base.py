@@ -173,6 +173,10 @@ class FamilyAdapter:
         """Text the processor inserts after the expanded image tokens (none for most families)."""
         return ""
 
+    def prompt_end_text(self, processor) -> str:
+        """Text the processor appends at the end of every prompt (none for most families)."""
+        return ""
+
     # ----------------------------------------------------------------- re-batching
     _ID_DERIVED = {"mm_token_type_ids": torch.int32, "token_type_ids": torch.long}
 

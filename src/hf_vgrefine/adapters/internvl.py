@@ -64,22 +64,22 @@ class InternVLAdapter(FamilyAdapter):
         follows from its image tokens)."""
         pv = inputs.get("pixel_values")
         B = inputs["input_ids"].shape[0]
-        if pv is None or pv.shape[0] == B and all(c == 1 for c in self._tiles_per_sample(inputs)):
-            return super().select_images(inputs, samples)
         counts = self._tiles_per_sample(inputs)
+        if pv is None or (pv.shape[0] == B and all(c == 1 for c in counts)):
+            return super().select_images(inputs, samples)
         if sum(counts) != pv.shape[0]:
             raise ValueError(f"pixel_values holds {pv.shape[0]} tiles but the image tokens of the batch need "
                              f"{sum(counts)} ({counts} per sample)")
         starts = [0]
         for c in counts:
             starts.append(starts[-1] + c)
-        out = {k: v for k, v in super().select_images({k: v for k, v in inputs.items() if k != "pixel_values"},
-                                                      samples).items()}
+        out = super().select_images({k: v for k, v in inputs.items() if k != "pixel_values"}, samples)
         out["pixel_values"] = torch.cat([pv[starts[b]:starts[b + 1]] for b in samples])
         return out
 
-    def image_placeholder(self, processor) -> str:
-        return getattr(processor, "start_image_token", None) or super().image_placeholder(processor)
+    def image_suffix_text(self, processor) -> str:
+        """``</img>``: the processor closes the expanded block with it (the span ends before it)."""
+        return getattr(processor, "end_image_token", None) or ""
 
     def _grids(self, processor, image_size):
         from ..processor_geometry import internvl_grids

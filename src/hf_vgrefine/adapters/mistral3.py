@@ -55,6 +55,10 @@ class Mistral3Adapter(FamilyAdapter):
             raise ValueError(f"image_sizes has {len(shapes)} rows but input_ids hold {k} images")
         return out
 
+    def image_suffix_text(self, processor) -> str:
+        """``[IMG_END]``: the processor ends the image's last row with it (the span ends before it)."""
+        return getattr(processor, "image_end_token", None) or "[IMG_END]"
+
     def image_content(self, inputs: dict, b: int) -> dict:
         """``pixel_values[b]`` cropped to ``image_sizes[b]`` (the processor pads a batch to its largest image; the
         tower reads only the image's own patches), and ``image_sizes[b]``."""

@@ -62,6 +62,15 @@ class PaliGemmaAdapter(FamilyAdapter):
         tok = getattr(processor, "image_token", None)
         return tok or "<image>"
 
+    def image_suffix_text(self, processor) -> str:
+        """``<bos>``: the processor puts it right after the last image token."""
+        tok = getattr(processor, "tokenizer", None)
+        return getattr(tok, "bos_token", None) or ""
+
+    def prompt_end_text(self, processor) -> str:
+        """The processor ends every prompt with a newline (the prefix ends there)."""
+        return "\n"
+
     def token_grid(self, processor, image_size, span=None, inputs=None):
         from ..processor_geometry import paligemma_grid
 

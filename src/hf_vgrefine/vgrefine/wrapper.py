@@ -182,7 +182,8 @@ class VGRefineWrapper:
         if placeholder not in rendered:
             raise ValueError(f"the processor's chat template did not emit the image placeholder {placeholder!r}; "
                              "pass generic_inputs= built with your own template")
-        tail = self.adapter.image_suffix_text(self.processor) + rendered.split(placeholder, 1)[1]
+        tail = (self.adapter.image_suffix_text(self.processor) + rendered.split(placeholder, 1)[1]
+                + self.adapter.prompt_end_text(self.processor))
         return self.processor.tokenizer(tail, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
 
     def _generic_batch(self, inputs: dict, spans: list, samples: list) -> dict:
