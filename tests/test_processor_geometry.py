@@ -751,8 +751,7 @@ def test_llava_onevision_capped_grid_matches_pack_image_features_and_token_count
             best = select_best_resolution((h0, w0), pts)
             nh_px, nw_px = get_patch_output_size(np.zeros((h0, w0, 3)), best, input_data_format="channels_last")
             px, py = (best[1] - nw_px) // 2, (best[0] - nh_px) // 2
-            _, _, cw, ch = (0, 0, *g.canvas_size)
-            is_capped = g.rows * 7 != ch
+            is_capped = g.rows * 7 != g.canvas_size[1]       # capped: fewer cells over the same canvas
             capped += is_capped
             for k in range(g.n_tokens):
                 r, c = divmod(k, g.cols)

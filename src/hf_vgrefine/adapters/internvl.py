@@ -3,8 +3,8 @@
 ``side x side`` token grid. Without ``crop_to_patches`` (or when one tile is chosen) the one tile is the stretched
 image; with several tiles the processor appends a thumbnail (the stretched image) after them.
 
-The image's default grid (``block="grid"``; ``token_grid(block="global")``) is that stretched image: the single tile or the thumbnail, the
-last ``side²`` tokens of the block. The tiles (if any) are exposed in ``extra_positions["tiles"]`` (sequence
+The image's default grid (span ``block="grid"``, ``token_grid(block="global")``) is that stretched image: the
+single tile or the thumbnail, the last ``side²`` tokens of the block. The tiles (if any) are exposed in ``extra_positions["tiles"]`` (sequence
 order) with their count; :meth:`InternVLAdapter.tile_span` gives them as a row-major mosaic span once the image
 size is known (the tile layout depends on it)."""
 
