@@ -18,7 +18,8 @@ import torch
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 BOI, EOI, IMAGE, VIDEO, VSTART, VEND = 297, 298, 300, 301, 302, 303
-IMG_BREAK, IMG_END = 312, 313       # Mistral 3 / Pixtral row break and image end
+IMG_BREAK, IMG_END = 312, 313       # Mistral 3 / Pixtral row break and image end (hand-built ids; the tiny
+                                    # vocabulary keeps its filler tokens there, the reference model's tokenizer)
 VOCAB_SIZE = 320
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "internvl", "llava_onevision", "mistral3")
@@ -28,7 +29,7 @@ _SPECIAL = {
     BOI: "<start_of_image>", EOI: "<end_of_image>", IMAGE: "<image>", VIDEO: "<|video_pad|>",
     VSTART: "<|vision_start|>", VEND: "<|vision_end|>",
     304: "<|user|>", 305: "<|assistant|>", 306: "<|im_start|>", 307: "<|im_end|>",
-    308: "<start_of_turn>", 309: "<end_of_turn>", IMG_BREAK: "[IMG_BREAK]", IMG_END: "[IMG_END]",
+    308: "<start_of_turn>", 309: "<end_of_turn>",
 }
 
 # Words for the in-memory vocabulary (ids 4..296); unknown words map to <unk>.
