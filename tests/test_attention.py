@@ -14,7 +14,10 @@ from hf_vgrefine.testing import FAMILIES, build_tiny_model, tiny_inputs
 
 # different image sizes per sample where the family allows it
 GRIDS = {"llava_next": [(40, 70), (60, 30), (28, 28)], "qwen2_vl": [(4, 4), (2, 3), (3, 5)],
-         "qwen2_5_vl": [(4, 4), (2, 3), (3, 5)], "qwen3_vl": [(4, 4), (2, 3), (3, 5)]}
+         "qwen2_5_vl": [(4, 4), (2, 3), (3, 5)], "qwen3_vl": [(4, 4), (2, 3), (3, 5)],
+         "llava_onevision": [(40, 70), (50, 50), (28, 28)],  # (50, 50): capped high-res grid
+         "mistral3": [(3, 4), (2, 2), (4, 3)],
+         "internvl": [(1,), (3,), (5,)]}   # InternVL: tiles per image (1, or 2 / 4 tiles + the thumbnail)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

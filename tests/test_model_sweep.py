@@ -30,7 +30,7 @@ from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 
 # built tiny and swept through the generic adapter
 GENERIC_SWEPT = ("aya_vision", "cohere2_vision", "cosmos3_omni", "exaone4_5", "hyperclovax_vision_v2", "idefics3",
-                 "internvl", "lfm3_vl", "lighton_ocr", "mistral3", "ovis2", "paligemma", "qianfan_ocr",
+                 "lfm3_vl", "lighton_ocr", "ovis2", "qianfan_ocr",
                  "qwen3_vl_moe", "video_llava")
 # unsupported: the image does not enter the decoder's self-attention as placeholder tokens
 UNSUPPORTED = ("blip", "blip-2", "evolla", "florence2", "git", "idefics", "instructblip", "instructblipvideo",
@@ -51,7 +51,7 @@ NOT_TINY = {
     "granite4_vision": _BUILD, "granite_docling": _INPUTS, "hunyuan_vl": _BUILD, "hy_v4_vl": _INPUTS,
     "idefics2": _INPUTS, "inkling2": _INPUTS, "inkling2_loop": _INPUTS, "inkling_mm_model": _INPUTS,
     "janus": _INPUTS, "kimi_k25": _INPUTS, "lfm2_vl": _INPUTS, "llama4": _INPUTS, "llava_next_video": _INPUTS,
-    "llava_onevision": _INPUTS + " (anyres patches)", "minimax_m3_vl": _INPUTS, "mistral_large4": _INPUTS,
+"minimax_m3_vl": _INPUTS, "mistral_large4": _INPUTS,
     "molmo2": _INPUTS, "muse_glimmer": _INPUTS, "muse_spark": _INPUTS, "paddleocr_vl": _INPUTS,
     "perception_lm": "needs timm (not installed)", "pp_chart2table": _INPUTS, "qwen2_5_omni_thinker": _INPUTS,
     "qwen3_5": _INPUTS + " (hybrid linear-attention layers in the eager reference)",

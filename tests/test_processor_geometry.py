@@ -19,6 +19,11 @@ from hf_vgrefine.processor_geometry import (
     llava_grid,
     llava_next_grids,
     llava_next_highres_positions,
+    internvl_grids,
+    internvl_tile_layout,
+    internvl_tile_positions,
+    paligemma_grid,
+    pixtral_grid,
     qwen_vl_grid,
     select_best_resolution,
     smart_resize,
@@ -507,3 +512,350 @@ def test_resize_arithmetic_matches_transformers():
         ref = get_resize_output_image_size(np.zeros((3, h, w)), se, default_to_square=False, input_data_format="channels_first")
         assert _resized_hw(h, w, {"shortest_edge": se}, "t") == tuple(ref)
         assert _resized_hw(h, w, {"max_height": se, "max_width": le}, "t") == get_image_size_for_max_height_width((h, w), se, le)
+
+
+# ---------------------------------------------------------------------- PaliGemma
+@pytest.mark.parametrize("cls", ["SiglipImageProcessor", "SiglipImageProcessorPil"])
+@pytest.mark.parametrize("wh, box, exact", [((112, 84), [28, 21, 84, 63], True), ((120, 240), [0, 150, 60, 210], True),
+                                            ((97, 61), [10, 20, 60, 55], False)])
+def test_paligemma_stretch(cls, wh, box, exact):
+    """SigLIP stretches to size (no crop, no pad); one token per 7-px patch of the 56-px tower input."""
+    ip = proc(cls, size={"height": 56, "width": 56})
+    pv = ip(painted_image(wh, [box]), return_tensors="np")["pixel_values"][0]
+    g = paligemma_grid(ip, wh, patch_size=7, vision_image_size=56)
+    assert (g.rows, g.cols, g.cell_size, g.offset) == (8, 8, (7.0, 7.0), (0.0, 0.0))
+    assert g.scale == pytest.approx((56 / wh[0], 56 / wh[1]))
+    check_box(redness(pv, ip), g, box, exact=exact)
+
+
+def test_paligemma_adapter_grid_matches_processor_token_count():
+    """The adapter's grid has as many cells as the PaliGemma processor inserts image tokens (real processor)."""
+    from hf_vgrefine.adapters import get_adapter
+    from hf_vgrefine.testing import build_tiny_model, tiny_tokenizer
+
+    tiny = build_tiny_model("paligemma")
+    ip = proc("SiglipImageProcessorPil", size={"height": 28, "width": 28})
+    ip.image_seq_length = 16
+    tok = tiny_tokenizer()
+    tok.image_token, tok.image_token_id = "<image>", tiny.model.config.image_token_id
+    processor = transformers.PaliGemmaProcessor(image_processor=ip, tokenizer=tok)
+    out = processor(images=painted_image((90, 50), [[10, 10, 40, 30]]), text="what is shown", return_tensors="pt")
+    adapter = get_adapter(tiny.model)
+    assert type(adapter).__name__ == "PaliGemmaAdapter" and adapter.exact_geometry
+    span = adapter.image_spans(out)[0][0]
+    g = adapter.token_grid(processor, (90, 50), span=span)
+    assert (g.rows, g.cols) == (span.rows, span.cols) == (4, 4)
+    assert int((out["input_ids"] == tiny.model.config.image_token_id).sum()) == g.n_tokens
+    assert out["token_type_ids"].eq(0).all()
+    with torch.no_grad():      # the processor's output runs through the tiny model
+        tiny.model(**out)
+
+
+def test_paligemma_errors():
+    crop = proc("SiglipImageProcessorPil", size={"height": 56, "width": 56})
+    crop.do_center_crop = True
+    with pytest.raises(ValueError, match="do_center_crop"):
+        paligemma_grid(crop, (100, 50), 7, 56)
+    with pytest.raises(ValueError, match="vision tower expects"):
+        paligemma_grid(proc("SiglipImageProcessorPil", size={"height": 56, "width": 56}), (100, 50), 7, 28)
+    with pytest.raises(TypeError, match="unsupported image processor"):
+        paligemma_grid(proc("CLIPImageProcessorPil"), (100, 50), 7, 56)
+
+
+# ---------------------------------------------------------------------- InternVL
+def internvl_proc(cls="GotOcr2ImageProcessorPil", **kw):
+    base = dict(size={"height": 56, "width": 56}, crop_to_patches=True, min_patches=1, max_patches=6)
+    base.update(kw)
+    return proc(cls, **base)
+
+
+def test_internvl_tile_layout_matches_transformers():
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+    ip = internvl_proc(max_patches=12)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        w, h = (int(v) for v in rng.integers(5, 900, 2))
+        assert internvl_tile_layout(ip, (w, h)) == tuple(get_optimal_tiled_canvas((h, w), (56, 56), 1, 12))
+    for w, h in [(112, 56), (56, 112), (100, 100), (168, 56)]:     # exact aspect ties
+        assert internvl_tile_layout(ip, (w, h)) == tuple(get_optimal_tiled_canvas((h, w), (56, 56), 1, 12))
+    assert internvl_tile_layout(internvl_proc(crop_to_patches=False), (300, 100)) == (1, 1)
+
+
+@pytest.mark.parametrize("cls", ["GotOcr2ImageProcessor", "GotOcr2ImageProcessorPil"])
+@pytest.mark.parametrize("wh, box, exact", [((224, 112), [56, 28, 168, 84], True),      # 2x1 tiles + thumbnail
+                                            ((112, 224), [0, 112, 56, 196], True),      # 1x2 tiles
+                                            ((150, 97), [20, 30, 120, 80], False),
+                                            ((84, 84), [21, 21, 63, 63], True)])        # one tile, no thumbnail
+def test_internvl_tiles_and_thumbnail(cls, wh, box, exact):
+    """Tiles re-assembled into the mosaic and the thumbnail: painted cells equal boxes_to_token_mask."""
+    ip = internvl_proc(cls)
+    out = ip(painted_image(wh, [box]), return_tensors="np")
+    pv = out["pixel_values"]
+    g = internvl_grids(ip, wh, patch_size=7, vision_image_size=56, downsample_ratio=0.5)
+    cols, rows = g["layout"]
+    assert g["tile_side"] == 4 and g["global"].shape == (4, 4) and g["global"].cell_size == (14.0, 14.0)
+    n_tiles = cols * rows
+    assert len(pv) == (n_tiles + 1 if n_tiles > 1 else 1)
+    check_box(redness(pv[-1], ip), g["global"], box, exact=exact)           # thumbnail / the single tile
+    if n_tiles > 1:
+        mosaic = np.concatenate([np.concatenate(list(pv[r * cols:(r + 1) * cols]), axis=2) for r in range(rows)], axis=1)
+        tiles = g["tiles"]
+        assert tiles.shape == (rows * 4, cols * 4)
+        check_box(redness(mosaic, ip), tiles, box, exact=exact)
+    else:
+        assert g["tiles"] is None
+
+
+def test_internvl_pixel_shuffle_and_tile_order():
+    """Token k of a tile covers the 2x2 patch block (k // side, k % side) (the model's own pixel shuffle), and
+    internvl_tile_positions lists the tile-by-tile sequence in mosaic row-major order."""
+    from hf_vgrefine.testing import build_tiny_model
+
+    model = build_tiny_model("internvl").model
+    rr, cc = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    feats = torch.stack([rr, cc], -1)[None]                                   # [1, 4 rows, 4 cols, 2]
+    shuffled = model.model.pixel_shuffle(feats, scale_factor=0.5).reshape(4, 4, 2)   # [tokens, 2x2 patches, (r, c)]
+    for k in range(4):
+        assert {tuple(v) for v in shuffled[k].long().tolist()} == {(2 * (k // 2) + a, 2 * (k % 2) + b)
+                                                                   for a in (0, 1) for b in (0, 1)}
+    # 2 columns x 3 rows of 2x2-token tiles: tile t holds sequence offsets [4t, 4t + 4)
+    pos = internvl_tile_positions((2, 3), 2).reshape(6, 4)
+    for r in range(6):
+        for c in range(4):
+            t, rr_, cc_ = (r // 2) * 2 + c // 2, r % 2, c % 2
+            assert pos[r, c] == 4 * t + 2 * rr_ + cc_
+
+
+def test_internvl_adapter_with_the_real_processor():
+    """The adapter's spans and grids on the output of a real InternVLProcessor (token counts, tile mosaic)."""
+    from hf_vgrefine.adapters import get_adapter
+    from hf_vgrefine.testing import build_tiny_model, tiny_tokenizer
+
+    tiny = build_tiny_model("internvl")
+    ip = internvl_proc(size={"height": 28, "width": 28})
+    tok = tiny_tokenizer()
+    # InternVLProcessor needs torchvision for its video processor here: its own image-token expansion on the real
+    # image processor's output stands in for it
+    processor = SimpleNamespace(image_processor=ip, start_image_token="<start_of_image>",
+                                end_image_token="<end_of_image>", image_token="<image>", image_seq_length=4)
+
+    def run_processor(image, text):
+        px = ip(image, return_tensors="pt")
+        block = transformers.InternVLProcessor.replace_image_token(processor, px, 0)
+        enc = tok(text.replace("<image>", block), return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "pixel_values": px["pixel_values"]}
+
+    adapter = get_adapter(tiny.model)
+    assert type(adapter).__name__ == "InternVLAdapter" and adapter.exact_geometry
+    for wh in [(90, 40), (30, 30)]:
+        out = run_processor(painted_image(wh, [[5, 5, 20, 20]]), "<image> what is shown")
+        span = adapter.image_spans(out)[0][0]
+        grid = adapter.token_grid(processor, wh, span=span)
+        assert (grid.rows, grid.cols) == (span.rows, span.cols) == (2, 2)
+        cols, rows = internvl_tile_layout(ip, wh)
+        n_tiles = cols * rows
+        assert span.extra_positions["n_tiles"] == (n_tiles if n_tiles > 1 else 0)
+        assert out["pixel_values"].shape[0] == (n_tiles + 1 if n_tiles > 1 else 1)
+        assert torch.equal(span.positions, torch.arange(span.end - 4, span.end))
+        if n_tiles > 1:
+            mosaic = adapter.tile_span(span, processor, wh)
+            assert (mosaic.rows, mosaic.cols) == (2 * rows, 2 * cols)
+            assert sorted(mosaic.positions.tolist()) == list(range(span.start, span.start + 4 * n_tiles))
+            assert mosaic.positions[1].item() == span.start + 1 and mosaic.positions[2].item() == span.start + 4
+        else:
+            with pytest.raises(ValueError, match="one tile"):
+                adapter.token_grid(processor, wh, span=span, block="tiles")
+        with pytest.raises(ValueError, match="original size"):
+            adapter.token_grid(processor, (300, 30) if n_tiles <= 1 else (30, 30), span=span)
+        with torch.no_grad():
+            tiny.model(**out)
+
+
+def test_internvl_errors():
+    with pytest.raises(ValueError, match="tile size"):
+        internvl_grids(internvl_proc(), (100, 50), 7, 28, 0.5)
+    with pytest.raises(ValueError, match="downsample_ratio"):
+        internvl_grids(internvl_proc(), (100, 50), 7, 56, 0.3)
+    with pytest.raises(TypeError, match="unsupported image processor"):
+        internvl_grids(proc("CLIPImageProcessorPil"), (100, 50), 7, 56, 0.5)
+
+
+# ---------------------------------------------------------------------- LLaVA-OneVision
+OV_PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56]]
+
+
+def ov_proc(cls="LlavaOnevisionImageProcessorPil", pinpoints=OV_PINPOINTS):
+    return proc(cls, size={"height": 28, "width": 28}, image_grid_pinpoints=pinpoints, do_pad=False)
+
+
+@pytest.mark.parametrize("cls", ["LlavaOnevisionImageProcessor", "LlavaOnevisionImageProcessorPil"])
+@pytest.mark.parametrize("wh, box", [((100, 60), [30, 20, 80, 50]), ((60, 100), [10, 30, 45, 90]),
+                                     ((120, 50), [20, 5, 100, 40])])
+def test_llava_onevision_tiles(cls, wh, box):
+    """Base block (stretched image) and high-res tiles of the real OneVision processor (uncapped grids)."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    ip = ov_proc(cls)
+    out = ip(painted_image(wh, [box]), return_tensors="np")
+    pv = out["pixel_values"][0]
+    grids = llava_next_grids(ip, wh, OV_PINPOINTS, patch_size=7, vision_image_size=28, max_num_patches=9)
+    base, hi = grids["base"], grids["highres"]
+    assert (base.rows, base.cols, base.offset) == (4, 4, (0.0, 0.0))
+    check_box(redness(pv[0], ip), base, box, exact=False)
+    n_h, n_w = get_anyres_image_grid_shape((wh[1], wh[0]), OV_PINPOINTS, 28)
+    tiles = pv[1:1 + n_h * n_w]
+    canvas = np.concatenate([np.concatenate(list(tiles[i * n_w:(i + 1) * n_w]), axis=2) for i in range(n_h)], axis=1)
+    red_padded = redness(canvas, ip)
+    feat = torch.from_numpy(painted_cells(red_padded, n_h * 4, n_w * 4)[None].astype(np.float32))
+    got = unpad_image(feat, torch.tensor([wh[1], wh[0]]))[0].numpy() > 0
+    assert got.shape == (hi.rows, hi.cols)
+    pred = token_mask_to_grid(boxes_to_token_mask(box, hi, box_format="xyxy"), hi)
+    assert not ((pred != got) & ~near_edge_cells(box, hi)).any()
+
+
+def test_llava_onevision_capped_grid_matches_pack_image_features_and_token_count():
+    """anyres_max_N: the model's own pack_image_features (bilinear downscale of a (row, col) ramp) samples each
+    cell of the capped grid at its centre; token counts equal the OneVision processor's own count."""
+    from transformers import SiglipVisionConfig
+    from transformers.image_processing_utils import get_patch_output_size
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+    from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+
+    pts = [[28, 28], [28, 56], [56, 28], [56, 56], [84, 84], [28, 84]]
+    ip = ov_proc(pinpoints=pts)
+    newline = torch.tensor([-100.0, -100.0])
+    capped = 0
+    for cap in (1, 2, 9):
+        stub = SimpleNamespace(config=SimpleNamespace(
+            vision_config=SiglipVisionConfig(image_size=28, patch_size=7), image_grid_pinpoints=pts))
+        pstub = SimpleNamespace(image_processor=ip, num_image_tokens=16, vision_aspect_ratio=f"anyres_max_{cap}")
+        pstub._get_unpadded_features = lambda *a, _s=pstub: LlavaOnevisionProcessor._get_unpadded_features(_s, *a)
+        for wh in [(100, 60), (60, 100), (120, 50), (200, 200), (97, 61), (30, 90), (300, 120)]:
+            w0, h0 = wh
+            g = llava_next_grids(ip, wh, pts, 7, 28, max_num_patches=cap)["highres"]
+            n = LlavaOnevisionProcessor._get_number_of_features(pstub, h0, w0, 28, 28)
+            assert n == 16 + g.rows * (g.cols + 1)
+            n_h, n_w = get_anyres_image_grid_shape((h0, w0), pts, 28)
+            rr, cc = np.meshgrid(np.arange(n_h * 4), np.arange(n_w * 4), indexing="ij")
+            padded = torch.tensor(np.stack([rr, cc], -1), dtype=torch.float32)
+            tiles = padded.reshape(n_h, 4, n_w, 4, 2).permute(0, 2, 1, 3, 4).reshape(n_h * n_w, 16, 2)
+            feats = torch.cat([torch.full((1, 16, 2), -5.0), tiles], 0)
+            packed, _ = LlavaOnevisionModel.pack_image_features(stub, [feats], torch.tensor([[h0, w0]]), newline,
+                                                                f"anyres_max_{cap}")
+            hires = packed[0][16:] if isinstance(packed, (list, tuple)) else packed[16:]
+            assert hires.shape[0] == g.rows * (g.cols + 1)
+            pos = llava_next_highres_positions(g)
+            best = select_best_resolution((h0, w0), pts)
+            nh_px, nw_px = get_patch_output_size(np.zeros((h0, w0, 3)), best, input_data_format="channels_last")
+            px, py = (best[1] - nw_px) // 2, (best[0] - nh_px) // 2
+            is_capped = g.rows * 7 != g.canvas_size[1]       # capped: fewer cells over the same canvas
+            capped += is_capped
+            for k in range(g.n_tokens):
+                r, c = divmod(k, g.cols)
+                x, y = g.cell_center(r, c)
+                fy, fx = (y * nh_px / h0 + py) / 7 - 0.5, (x * nw_px / w0 + px) / 7 - 0.5
+                if is_capped:   # bilinear sample of the (row, col) ramp at the cell centre, clamped at the edges
+                    vals = hires[torch.from_numpy(pos)]
+                    want = torch.tensor([fy, fx]).clamp(vals.min(0).values, vals.max(0).values)
+                    torch.testing.assert_close(hires[pos[k]], want, atol=1e-4, rtol=0)
+                else:
+                    assert hires[pos[k]].tolist() == [int(fy + 0.5), int(fx + 0.5)], (wh, cap, r, c)
+    assert capped >= 5
+
+
+def test_llava_onevision_adapter_spans_and_grids():
+    """Adapter spans on a tiny OneVision model agree with the grids of the real image processor (capped or not)."""
+    from hf_vgrefine.adapters import get_adapter
+    from hf_vgrefine.testing import build_tiny_model, tiny_inputs
+
+    tiny = build_tiny_model("llava_onevision")
+    adapter = get_adapter(tiny.model)
+    assert type(adapter).__name__ == "LlavaOnevisionAdapter" and adapter.max_num_patches == 2
+    ip = ov_proc()
+    for hw in [(40, 70), (50, 50), (28, 28)]:
+        span = adapter.image_spans(tiny_inputs(tiny, [2], [hw]))[0][0]
+        hi = adapter.token_grid(ip, (hw[1], hw[0]), block="highres")
+        assert span.extra_positions["highres_grid"] == (hi.rows, hi.cols)
+        assert adapter.token_grid(ip, (hw[1], hw[0])).shape == (4, 4)
+        out = ip(painted_image((hw[1], hw[0]), [[2, 2, 10, 10]]), return_tensors="np")
+        assert out["image_sizes"].tolist() == [list(hw)]
+
+
+# ---------------------------------------------------------------------- Mistral 3 / Pixtral
+@pytest.mark.parametrize("cls", ["PixtralImageProcessor", "PixtralImageProcessorPil"])
+@pytest.mark.parametrize("wh, box, exact", [((112, 56), [28, 14, 84, 42], True),      # fits: no scaling
+                                            ((224, 84), [56, 28, 168, 84], True),     # scaled down 2x
+                                            ((100, 61), [10, 20, 60, 55], False),     # rounded up to whole tokens
+                                            ((300, 170), [100, 40, 171, 113], False)])
+def test_pixtral_resize_and_round_up(cls, wh, box, exact):
+    """Mistral 3 calls the processor with patch_size·spatial_merge_size (7·2 here): painted cells = box cells."""
+    ip = proc(cls, size={"longest_edge": 112}, patch_size={"height": 14, "width": 14})
+    out = ip(painted_image(wh, [box]), return_tensors="np")
+    g = pixtral_grid(ip, wh, patch_size=7, merge_size=2)
+    h, w = out["image_sizes"][0]
+    assert (g.rows * 14, g.cols * 14) == (h, w) and g.cell_size == (14.0, 14.0)
+    pv = out["pixel_values"][0][:, :h, :w]
+    check_box(redness(pv, ip), g, box, exact=exact)
+
+
+def test_pixtral_token_layout_and_patch_merger():
+    """A prompt in PixtralProcessor's row layout ([IMG] x cols + [IMG_BREAK], last [IMG_END]; the processor class
+    itself needs torchvision here) for the real image processor's image_sizes: the model's own get_image_features
+    gives rows·cols tokens, the adapter's spans and grid agree; the model's patch merger makes token k of an R x C
+    grid the 2x2 patch block whose top-left patch is (2·(k // C), 2·(k % C))."""
+    from hf_vgrefine.adapters import get_adapter
+    from hf_vgrefine.testing import BOS, IMAGE, IMG_BREAK, IMG_END, build_tiny_model
+
+    tiny = build_tiny_model("mistral3")
+    ip = proc("PixtralImageProcessorPil", size={"longest_edge": 112}, patch_size={"height": 14, "width": 14})
+    adapter = get_adapter(tiny.model)
+    assert type(adapter).__name__ == "Mistral3Adapter" and adapter.exact_geometry
+    for wh in [(100, 61), (40, 90)]:
+        px = ip(painted_image(wh, [[5, 5, 20, 20]]), return_tensors="pt")
+        h, w = px["image_sizes"][0].tolist()
+        rows, cols = h // 14, w // 14
+        block = sum(([IMAGE] * cols + [IMG_BREAK] for _ in range(rows)), [])[:-1] + [IMG_END]
+        ids = torch.tensor([[BOS, 40, 41] + block + [42, 43]])
+        inputs = {"input_ids": ids, "pixel_values": px["pixel_values"], "image_sizes": px["image_sizes"]}
+        with torch.no_grad():
+            feats = tiny.model.get_image_features(pixel_values=px["pixel_values"], image_sizes=px["image_sizes"])
+        n_model = sum(f.shape[0] for f in feats.pooler_output)
+        assert n_model == rows * cols
+        span = adapter.image_spans(inputs)[0][0]
+        g = adapter.token_grid(ip, wh, span=span)
+        assert (span.rows, span.cols) == (g.rows, g.cols) == (rows, cols)
+        assert torch.equal(span.positions, (ids[0] == IMAGE).nonzero().flatten())
+        assert int(ids[0, span.end]) == IMG_END
+        with torch.no_grad():
+            tiny.model(**inputs)
+        with pytest.raises(ValueError, match="image_sizes"):
+            adapter.image_spans({"input_ids": ids, "image_sizes": torch.tensor([[h + 14, w]])})
+    merger = tiny.model.model.multi_modal_projector.patch_merger
+    lin = merger.merging_layer
+    R, C = 3, 4
+    rr, cc = torch.meshgrid(torch.arange(2.0 * R), torch.arange(2.0 * C), indexing="ij")
+    d = lin.in_features // 4
+    feats = torch.nn.functional.pad(torch.stack([rr, cc], -1).reshape(-1, 2), (0, d - 2))   # patches row-major
+    saved = lin.weight.detach().clone()
+    with torch.no_grad():
+        try:
+            sel = torch.zeros_like(lin.weight)
+            sel[0, 0 * 4 + 0] = sel[1, 1 * 4 + 0] = 1.0        # unfold is channel-major: (channel, kernel position)
+            lin.weight.copy_(sel)
+            out = merger(feats, torch.tensor([[2 * R * 7, 2 * C * 7]]))
+        finally:
+            lin.weight.copy_(saved)
+    for k in range(R * C):
+        assert out[k, :2].tolist() == [2 * (k // C), 2 * (k % C)]
+
+
+def test_pixtral_errors():
+    with pytest.raises(TypeError, match="unsupported image processor"):
+        pixtral_grid(proc("CLIPImageProcessorPil"), (100, 50), 7, 2)
+    ip = proc("PixtralImageProcessorPil", do_resize=False)
+    with pytest.raises(ValueError, match="multiples"):
+        pixtral_grid(ip, (100, 50), 7, 2)
+    assert pixtral_grid(ip, (112, 56), 7, 2).shape == (4, 8)

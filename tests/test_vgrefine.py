@@ -14,7 +14,10 @@ from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 from hf_vgrefine.grounding_pass import PromptLayout
 
 GRIDS = {"llava_next": [(40, 70), (60, 30), (28, 28), (50, 50)], "qwen2_vl": [(4, 4), (2, 3), (3, 5), (4, 2)],
-         "qwen2_5_vl": [(4, 4), (2, 3), (3, 5), (4, 2)], "qwen3_vl": [(4, 4), (2, 3), (3, 5), (4, 2)]}
+         "qwen2_5_vl": [(4, 4), (2, 3), (3, 5), (4, 2)], "qwen3_vl": [(4, 4), (2, 3), (3, 5), (4, 2)],
+         "llava_onevision": [(40, 70), (50, 50), (28, 28), (60, 30)],  # (50, 50): capped high-res grid
+         "mistral3": [(3, 4), (2, 2), (4, 3), (1, 5)],
+         "internvl": [(3,), (1,), (5,), (1,)]}   # InternVL: tiles per image (k tiles + the thumbnail, or 1)
 HEADS = [[0, 1], [1, 2], [2, 3], [1, 0]]
 
 
@@ -50,9 +53,12 @@ def _image_positions(model, inputs):
     out = []
     for row in inputs["input_ids"]:
         pos = (row == cfg.image_token_id).nonzero().flatten()
-        if cfg.model_type == "llava_next":
+        if cfg.model_type in ("llava_next", "llava_onevision"):
             side = cfg.vision_config.image_size // cfg.vision_config.patch_size
             pos = pos[: side * side]
+        if cfg.model_type == "internvl":    # the stretched image: the last tile (the thumbnail when tiled)
+            side = int(cfg.vision_config.image_size[0] * cfg.downsample_ratio) // cfg.vision_config.patch_size[0]
+            pos = pos[-side * side:]
         end = int((row == cfg.image_token_id).nonzero().flatten()[-1]) + 1
         out.append((pos, end))
     return out
@@ -221,7 +227,7 @@ def test_batch_of_four_equals_one_by_one(tiny):
         torch.testing.assert_close(l1, batch_logits[b], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "paligemma"])
 def test_beam_search_and_sampling_match_reference(family):
     tiny = build_tiny_model(family, num_hidden_layers=3)
     model = tiny.model

@@ -227,12 +227,16 @@ def _expand_index(state: _State, B: int) -> int:
 def _query_positions(attention_mask, allowed, q: int, kv: int, off: int, device) -> torch.Tensor:
     """Absolute position of every query row, ``[B|1, q]``, on the device (no host read).
 
-    With a mask it is each row's last allowed key (a causal row always sees itself), which is right for
-    dynamic and static caches alike; without one, ``off + arange(q)``."""
+    With a mask it is read from the rows' last allowed keys, which is right for dynamic and static caches
+    alike: the last query row (the newest token) sees itself last, and row ``i`` sits ``q - 1 - i`` before it.
+    Each row's own last allowed key caps it (left-padding rows see nothing: 0). Rows of a bidirectional prefix
+    (PaliGemma's prefix-LM mask) see keys after themselves, so their own last key alone would place them too
+    late. Without a mask: ``off + arange(q)``."""
     if attention_mask is None:
         return torch.arange(off, off + q, device=device)[None]
     idx = torch.arange(kv, device=device)
-    return torch.where(allowed[:, 0], idx, torch.zeros((), dtype=idx.dtype, device=device)).amax(-1)
+    last = torch.where(allowed[:, 0], idx, torch.zeros((), dtype=idx.dtype, device=device)).amax(-1)   # [B|1, q]
+    return torch.minimum(last, last[:, -1:] - torch.arange(q - 1, -1, -1, device=device))
 
 
 def _blocked(blocks, query, pos: torch.Tensor, kv: int, rep: int):

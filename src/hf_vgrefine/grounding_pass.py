@@ -399,7 +399,7 @@ class GroundingPass:
             mask = torch.ones_like(inputs["input_ids"]) if mask is None else mask
             kwargs["input_ids"] = ids
             kwargs["attention_mask"] = torch.cat([mask, mask.new_ones(B, t)], 1)
-            kwargs.update(adapter.id_derived(ids, inputs))
+            kwargs.update(adapter.id_derived(ids, inputs, appended=t))
             hide = torch.zeros(B, T, dtype=torch.bool)
             for b, s in enumerate(layout.main):
                 hide[b, s.end:] = True

@@ -25,6 +25,11 @@ from .geometry import TokenGrid
 
 __all__ = [
     "llava_grid",
+    "paligemma_grid",
+    "pixtral_grid",
+    "internvl_grids",
+    "internvl_tile_layout",
+    "internvl_tile_positions",
     "qwen_vl_grid",
     "gemma3_grid",
     "llava_next_grids",
@@ -205,6 +210,11 @@ def llava_grid(image_processor: Any, image_size: Any, patch_size: int, vision_im
     who = "llava_grid"
     ip = _unwrap(image_processor)
     _check_family(ip, ("LlavaImageProcessor", "CLIPImageProcessor", "SiglipImageProcessor"), who)
+    return _square_tower_grid(ip, image_size, patch_size, vision_image_size, who)
+
+
+def _square_tower_grid(ip: Any, image_size: Any, patch_size: int, vision_image_size: int, who: str) -> TokenGrid:
+    """Pad-to-square / resize / centre-crop pipeline into a square tower input, one token per patch."""
     w0, h0 = _image_wh(image_size)
     patch = _pos_int(patch_size, "patch_size")
     vision = _vision_side(vision_image_size)
@@ -230,6 +240,157 @@ def llava_grid(image_processor: Any, image_size: Any, patch_size: int, vision_im
             f"{vision}x{vision}; check size/crop_size/do_center_crop against config.vision_config.image_size"
         )
     return aff.grid(n, n, (w0, h0))
+
+
+# ---------------------------------------------------------------------- PaliGemma
+def paligemma_grid(image_processor: Any, image_size: Any, patch_size: int, vision_image_size: int) -> TokenGrid:
+    """TokenGrid of a PaliGemma / PaliGemma 2 image (``SiglipImageProcessor`` and *Pil).
+
+    The SigLIP processor stretches the image to ``size = {"height", "width"}`` (no crop, no pad), which must be
+    the tower input ``vision_image_size²``; every patch is one image token (no pooling), so the grid is
+    ``(vision/patch)²`` tokens (``config.text_config.num_image_tokens``), cell = ``patch_size`` canvas pixels.
+
+    Args:
+        image_processor: the loaded ``SiglipImageProcessor`` (or a ``PaliGemmaProcessor`` holding one).
+        image_size: ``(W0, H0)`` original size (or a PIL image).
+        patch_size, vision_image_size: ``config.vision_config.patch_size`` and ``.image_size``.
+    """
+    who = "paligemma_grid"
+    ip = _unwrap(image_processor)
+    _check_family(ip, ("SiglipImageProcessor",), who)
+    if getattr(ip, "do_center_crop", False):
+        raise ValueError(f"{who}: do_center_crop=True is not a PaliGemma setting (the SigLIP processor stretches); "
+                         "set do_center_crop=False")
+    return _square_tower_grid(ip, image_size, patch_size, vision_image_size, who)
+
+
+# ---------------------------------------------------------------------- InternVL
+def _tile_side(ip: Any, who: str) -> tuple[int, int]:
+    size = getattr(ip, "size", None)
+    hh, ww = _sz(size, "height"), _sz(size, "width")
+    if not hh or not ww:
+        raise ValueError(f"{who}: InternVL processors resize tiles to size={{'height', 'width'}}, got {size!r}")
+    return int(ww), int(hh)
+
+
+def internvl_tile_layout(image_processor: Any, image_size: Any) -> tuple[int, int]:
+    """``(n_cols, n_rows)`` of the tiles the processor cuts an image of ``(W0, H0)`` pixels into: ``(1, 1)`` without
+    ``crop_to_patches``; else the arrangement of ``min_patches..max_patches`` tiles whose aspect ratio is closest to
+    the image's (ties: more tiles while the image area exceeds half the tiles' area), as ``GotOcr2ImageProcessor``
+    chooses it."""
+    who = "internvl_tile_layout"
+    ip = _unwrap(image_processor)
+    _check_family(ip, ("GotOcr2ImageProcessor",), who)
+    w0, h0 = _image_wh(image_size)
+    lo, hi = int(getattr(ip, "min_patches", 1) or 1), int(getattr(ip, "max_patches", 1) or 1)
+    if not getattr(ip, "crop_to_patches", False) or hi <= 1:
+        return 1, 1
+    tw, th = _tile_side(ip, who)
+    layouts = sorted([(c, r) for c in range(1, hi + 1) for r in range(1, hi + 1) if lo <= c * r <= hi],
+                     key=lambda cr: cr[0] * cr[1])     # stable: columns outer, rows inner within a tile count
+    aspect, area = w0 / h0, w0 * h0
+    best, best_diff = (1, 1), float("inf")
+    for c, r in layouts:
+        diff = abs(aspect - c / r)
+        if diff < best_diff:
+            best, best_diff = (c, r), diff
+        elif diff == best_diff and area > 0.5 * th * tw * c * r:
+            best = (c, r)
+    return best
+
+
+def internvl_grids(image_processor: Any, image_size: Any, patch_size: int, vision_image_size: int,
+                   downsample_ratio: float) -> dict[str, Any]:
+    """TokenGrids of an InternVL image (``GotOcr2ImageProcessor`` and *Pil): ``{"global": ..., "tiles": ...,
+    "layout": (n_cols, n_rows), "tile_side": side}``.
+
+    One tile is the tower input ``vision_image_size²`` cut into ``patch_size`` patches; the model's pixel shuffle
+    merges ``1/downsample_ratio`` x ``1/downsample_ratio`` patches into one token, row-major, so a tile is a
+    ``side x side`` token grid, ``side = vision/patch·downsample_ratio`` (cell ``patch/downsample_ratio`` px).
+
+    * ``global``: the whole image stretched to one tile: the single tile without ``crop_to_patches`` (or when one
+      tile is chosen), else the thumbnail the processor appends after the tiles.
+    * ``tiles``: with ``n_cols x n_rows > 1`` tiles, the image stretched to ``(n_cols·S, n_rows·S)`` and cut into
+      tiles: the mosaic grid ``(n_rows·side) x (n_cols·side)`` (the sequence lists it tile by tile:
+      :func:`internvl_tile_positions` gives the row-major order); ``None`` for a single tile.
+    """
+    who = "internvl_grids"
+    ip = _unwrap(image_processor)
+    _check_family(ip, ("GotOcr2ImageProcessor",), who)
+    w0, h0 = _image_wh(image_size)
+    patch = _pos_int(patch_size, "patch_size")
+    vision = _vision_side(vision_image_size)
+    n = _cells(vision, patch, who)
+    inv = 1.0 / float(downsample_ratio)
+    if inv != int(inv) or n % int(inv):
+        raise ValueError(f"{who}: downsample_ratio {downsample_ratio} must be 1/k with k dividing the {n} patches "
+                         "per tile side")
+    side = n // int(inv)
+    if not getattr(ip, "do_resize", True):
+        raise ValueError(f"{who}: do_resize=False keeps the image size, which the InternVL tower (fixed "
+                         f"{vision}x{vision} input) does not take; enable do_resize")
+    tw, th = _tile_side(ip, who)
+    if (tw, th) != (vision, vision):
+        raise ValueError(f"{who}: the processor's tile size {tw}x{th} differs from the vision tower input "
+                         f"{vision}x{vision}; set size={{'height': {vision}, 'width': {vision}}}")
+    glob = _Affine(w0, h0)
+    glob.resize(vision, vision)
+    cols, rows = internvl_tile_layout(ip, (w0, h0))
+    tiles = None
+    if cols * rows > 1:
+        mosaic = _Affine(w0, h0)
+        mosaic.resize(cols * vision, rows * vision)
+        tiles = mosaic.grid(rows * side, cols * side, (w0, h0))
+    return {"global": glob.grid(side, side, (w0, h0)), "tiles": tiles, "layout": (cols, rows), "tile_side": side}
+
+
+def internvl_tile_positions(layout: tuple[int, int], side: int) -> np.ndarray:
+    """Offsets (int64 ``[n_rows·side · n_cols·side]``), in row-major order of the tile mosaic, of its tokens inside
+    the image block, which lists tile after tile (row-major tiles, each ``side x side`` row-major)."""
+    cols, rows = (int(v) for v in layout)
+    r, c = np.divmod(np.arange(rows * side * cols * side, dtype=np.int64), cols * side)
+    tile = (r // side) * cols + (c // side)
+    return tile * side * side + (r % side) * side + (c % side)
+
+
+# ---------------------------------------------------------------------- Pixtral / Mistral 3
+def pixtral_grid(image_processor: Any, image_size: Any, patch_size: int, merge_size: int = 1) -> TokenGrid:
+    """TokenGrid of a Mistral 3 / Pixtral image (``PixtralImageProcessor`` and *Pil).
+
+    The processor scales the image down (never up) so that it fits ``size["longest_edge"]`` (or ``height`` x
+    ``width``): ``r = max(H0/max_h, W0/max_w)``, sides ``floor(side / r)`` when ``r > 1``; then rounds each side up
+    to whole tokens of ``f = patch_size·merge_size`` pixels (``ceil(side / f)`` tokens) and stretches the image to
+    that size. Grid ``(H'/f) x (W'/f)``, cell = ``f`` canvas pixels; batch padding (bottom/right) is dropped by the
+    tower (``image_sizes``).
+
+    Args:
+        image_processor: the loaded image processor (or a ``PixtralProcessor`` holding one).
+        image_size: ``(W0, H0)`` original size (or a PIL image).
+        patch_size: the vision tower's ``patch_size``; merge_size: the model's ``spatial_merge_size`` (Mistral 3: 2,
+            Pixtral: 1). The processor is called with ``patch_size·merge_size`` (as ``PixtralProcessor`` does).
+    """
+    who = "pixtral_grid"
+    ip = _unwrap(image_processor)
+    _check_family(ip, ("PixtralImageProcessor",), who)
+    w0, h0 = _image_wh(image_size)
+    f = _pos_int(patch_size, "patch_size") * _pos_int(merge_size, "merge_size")
+    h, w = h0, w0
+    if getattr(ip, "do_resize", True):
+        size = getattr(ip, "size", None)
+        le = _sz(size, "longest_edge")
+        max_h, max_w = (le, le) if le else (_sz(size, "height"), _sz(size, "width"))
+        if not max_h or not max_w:
+            raise ValueError(f"{who}: unsupported size {size!r}; expected 'longest_edge' or 'height'+'width'")
+        ratio = max(h0 / max_h, w0 / max_w)
+        if ratio > 1:
+            h, w = int(math.floor(h0 / ratio)), int(math.floor(w0 / ratio))
+        h, w = ((h - 1) // f + 1) * f, ((w - 1) // f + 1) * f
+    elif h0 % f or w0 % f:
+        raise ValueError(f"{who}: do_resize=False needs image sides that are multiples of patch_size*merge_size={f}, "
+                         f"got {w0}x{h0} (WxH); enable do_resize")
+    aff = _Affine(w0, h0)
+    aff.resize(w, h)
+    return aff.grid(h // f, w // f, (w0, h0))
 
 
 # ---------------------------------------------------------------------- Qwen-VL
@@ -396,8 +557,9 @@ def llava_next_grids(
     image_grid_pinpoints: Any,
     patch_size: int,
     vision_image_size: int,
+    max_num_patches: int | None = None,
 ) -> dict[str, TokenGrid]:
-    """TokenGrids of a LLaVA-NeXT (anyres) image: ``{"base": ..., "highres": ...}``.
+    """TokenGrids of a LLaVA-NeXT / LLaVA-OneVision (anyres) image: ``{"base": ..., "highres": ...}``.
 
     * ``base``: the image stretched to the processor's base size (then resized/centre-cropped as
       the processor does), which must be the tower input ``vision_image_size²``; grid
@@ -417,10 +579,13 @@ def llava_next_grids(
         image_grid_pinpoints: the model's ``config.image_grid_pinpoints`` (``[h, w]`` pairs); ``None``
             uses the processor's. Must equal the processor's pinpoints.
         patch_size, vision_image_size: the vision tower's ``patch_size`` and ``image_size``.
+        max_num_patches: LLaVA-OneVision's ``anyres_max_N`` cap (``config.vision_aspect_ratio``): a larger unpadded
+            grid is interpolated down to ``(int(rows // r), int(cols // r))`` tokens over the same canvas
+            (``r = sqrt(rows·cols / (N·side²))``, applied when ``r > 1.1``); ``None`` for LLaVA-NeXT.
     """
     who = "llava_next_grids"
     ip = _unwrap(image_processor)
-    _check_family(ip, ("LlavaNextImageProcessor",), who)
+    _check_family(ip, ("LlavaNextImageProcessor", "LlavaOnevisionImageProcessor"), who)
     w0, h0 = _image_wh(image_size)
     patch = _pos_int(patch_size, "patch_size")
     vision = _vision_side(vision_image_size)
@@ -508,6 +673,9 @@ def llava_next_grids(
     hi = _Affine(w0, h0)
     hi.resize(new_w, new_h)
     hi.shift(paste_x - pad_c * patch, paste_y - pad_r * patch, cols * patch, rows * patch)
+    from .adapters.llava_next import anyres_downscaled
+
+    rows, cols = anyres_downscaled(rows, cols, n, max_num_patches)   # same canvas, coarser cells
     return {"base": base.grid(n, n, (w0, h0)), "highres": hi.grid(rows, cols, (w0, h0))}
 
 

@@ -18,9 +18,11 @@ import torch
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 BOI, EOI, IMAGE, VIDEO, VSTART, VEND = 297, 298, 300, 301, 302, 303
+IMG_BREAK, IMG_END = 312, 313       # Mistral 3 / Pixtral row break and image end (hand-built ids; the tiny
+                                    # vocabulary keeps its filler tokens there, the reference model's tokenizer)
 VOCAB_SIZE = 320
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "internvl", "llava_onevision", "mistral3")
 
 _SPECIAL = {
     PAD: "<pad>", BOS: "<s>", EOS: "</s>", UNK: "<unk>",
@@ -164,6 +166,43 @@ def build_tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdp
         with torch.no_grad():  # random init leaves the projector at zero: images would be ignored
             torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.5)
         return TinyVLM(family, model.eval(), image_size=28, patch_size=7)
+    if family == "paligemma":
+        over = dict(head_dim=16)
+        over.update(text_over)
+        tc = tf.GemmaConfig(**_text_config(**over))
+        vc = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=28, patch_size=7)
+        cfg = tf.PaliGemmaConfig(text_config=tc, vision_config=vc, image_token_id=IMAGE, projection_dim=tc.hidden_size)
+        model = tf.PaliGemmaForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
+        return TinyVLM(family, model.eval(), image_size=28, patch_size=7)
+    if family == "internvl":
+        tc = tf.Qwen2Config(**_text_config(**text_over))
+        vc = tf.InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     image_size=[28, 28], patch_size=[7, 7])
+        cfg = tf.InternVLConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE, downsample_ratio=0.5,
+                                image_seq_length=4)
+        model = tf.InternVLForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
+        return TinyVLM(family, model.eval(), image_size=28, patch_size=7)
+    if family == "llava_onevision":  # SigLIP tower (no CLS), anyres pinpoints, high-res grid capped at 2 tiles
+        s = 28
+        tc = tf.Qwen2Config(**_text_config(**text_over))
+        vc = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=s, patch_size=7)
+        cfg = tf.LlavaOnevisionConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE, vision_feature_layer=-1,
+                                      vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_2",
+                                      image_grid_pinpoints=[[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]])
+        model = tf.LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
+        with torch.no_grad():
+            model.model.image_newline.normal_(std=1.0)
+        return TinyVLM(family, model.eval(), image_size=s, patch_size=7)
+    if family == "mistral3":  # Pixtral tower, 7-px patches merged 2x2: one token per 14 px
+        tc = tf.MistralConfig(**_text_config(head_dim=16, **text_over))
+        vc = tf.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    head_dim=16, image_size=112, patch_size=7)
+        cfg = tf.Mistral3Config(vision_config=vc, text_config=tc, image_token_id=IMAGE, spatial_merge_size=2,
+                                vision_feature_layer=-1)
+        model = tf.Mistral3ForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
+        return TinyVLM(family, model.eval(), image_size=112, patch_size=7)
     raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
 
 
@@ -191,7 +230,29 @@ def tiny_inputs(tiny: TinyVLM, prompt_lengths: list[int], grids: list[tuple[int,
         extras["pixel_values"] = torch.randn(B, 3, tiny.image_size, tiny.image_size, generator=g)
         img = [[BOI] + [IMAGE] * n + [EOI] for _ in range(B)]
         pre = [[BOS, 308, 310]] * B
-    elif fam == "llava_next":
+    elif fam == "paligemma":  # the processor's layout: image tokens, <bos>, prompt (prefix-LM)
+        n = (tiny.image_size // tiny.patch_size) ** 2
+        extras["pixel_values"] = torch.randn(B, 3, tiny.image_size, tiny.image_size, generator=g)
+        img = [[IMAGE] * n + [BOS] for _ in range(B)]
+        pre = [[]] * B
+    elif fam == "internvl":  # <img> + tiles x 4 tokens + </img>; grids[b] = (tiles,): 1, or k tiles + a thumbnail
+        per_tile = (tiny.image_size // tiny.patch_size // 2) ** 2
+        tiles = [t[0] for t in grids] if grids else [1] * B
+        extras["pixel_values"] = torch.randn(sum(tiles), 3, tiny.image_size, tiny.image_size, generator=g)
+        img = [[BOI] + [IMAGE] * (per_tile * t) + [EOI] for t in tiles]
+        pre = [[BOS, 310, 311]] * B
+    elif fam == "mistral3":  # grids[b] = (rows, cols) of tokens; rows of [IMG] x cols + [IMG_BREAK], last [IMG_END]
+        grids = grids or [(3, 4)] * B
+        f = tiny.patch_size * tiny.model.config.spatial_merge_size
+        hmax, wmax = max(r for r, _ in grids) * f, max(c for _, c in grids) * f
+        pix = torch.zeros(B, 3, hmax, wmax)
+        for b, (r, c) in enumerate(grids):
+            pix[b, :, :r * f, :c * f] = torch.randn(3, r * f, c * f, generator=g)
+        extras["pixel_values"] = pix
+        extras["image_sizes"] = torch.tensor([[r * f, c * f] for r, c in grids])
+        img = [sum(([IMAGE] * c + [IMG_BREAK] for _ in range(r)), [])[:-1] + [IMG_END] for r, c in grids]
+        pre = [[BOS, 310, 311]] * B
+    elif fam in ("llava_next", "llava_onevision"):
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         sizes = grids or [(40, 70)] * B
@@ -232,20 +293,25 @@ def tiny_inputs(tiny: TinyVLM, prompt_lengths: list[int], grids: list[tuple[int,
         out["mm_token_type_ids"] = (input_ids == IMAGE).int()
     if fam == "gemma3":
         out["token_type_ids"] = (input_ids == IMAGE).long()
+    if fam == "paligemma":  # 0: bidirectional prefix (image + prompt), as the processor returns at inference
+        out["token_type_ids"] = torch.zeros_like(input_ids)
     return out
 
 
 def _llava_next_token_count(tiny: TinyVLM, hw: tuple[int, int]) -> int:
-    from .adapters.llava_next import llava_next_highres_shape
+    from .adapters.llava_next import anyres_max_patches, llava_next_highres_shape
 
     cfg = tiny.model.config
     base = (tiny.image_size // tiny.patch_size) ** 2
-    rows, cols = llava_next_highres_shape(hw, cfg.image_grid_pinpoints, tiny.image_size, tiny.patch_size)
+    cap = anyres_max_patches(getattr(cfg, "vision_aspect_ratio", None))
+    rows, cols = llava_next_highres_shape(hw, cfg.image_grid_pinpoints, tiny.image_size, tiny.patch_size, cap)
     return base + rows * (cols + 1)
 
 
 def tiny_processor(family: str, extra_words: list[str] | None = None, **image_kwargs):
-    """Real HF processor for a tiny ``family`` model (LLaVA, LLaVA-NeXT, Qwen2/2.5-VL) built locally.
+    """Real HF processor for a tiny ``family`` model (LLaVA, LLaVA-NeXT, Qwen2/2.5-VL, PaliGemma, InternVL,
+    LLaVA-OneVision) built locally (the Qwen, InternVL and OneVision processors need torchvision for their video
+    processor class check: without it they raise ``RuntimeError``).
 
     ``image_kwargs`` go to the image processor (e.g. ``do_pad=True``, ``size=...``).
     """
@@ -278,4 +344,34 @@ def tiny_processor(family: str, extra_words: list[str] | None = None, **image_kw
         except AttributeError as e:  # transformers 5.x resolves the video processor class through torchvision
             raise RuntimeError(f"{cls.__name__} cannot be built without torchvision in this environment ({e}); "
                                "use the image processor alone (Qwen2VLImageProcessor) and hand-built ids") from e
-    raise ValueError(f"no tiny processor for {family!r}; available: llava, llava_next, qwen2_vl, qwen2_5_vl")
+    if family == "paligemma":
+        kw = dict(size={"height": 28, "width": 28})
+        kw.update(image_kwargs)
+        ip = tf.SiglipImageProcessorPil(**kw)
+        ip.image_seq_length = 16
+        tok.image_token, tok.image_token_id = "<image>", IMAGE
+        return tf.PaliGemmaProcessor(image_processor=ip, tokenizer=tok, chat_template=_LLAVA_TEMPLATE)
+    if family in ("internvl", "llava_onevision"):
+        if family == "internvl":
+            kw = dict(size={"height": 28, "width": 28}, crop_to_patches=True, min_patches=1, max_patches=4)
+            kw.update(image_kwargs)
+            ip = tf.GotOcr2ImageProcessorPil(**kw)
+            tok.start_image_token, tok.end_image_token, tok.context_image_token = (
+                _SPECIAL[BOI], _SPECIAL[EOI], _SPECIAL[IMAGE])
+            tok.start_image_token_id, tok.end_image_token_id, tok.context_image_token_id = BOI, EOI, IMAGE
+            tok.video_token = _SPECIAL[VIDEO]
+            cls, extra = tf.InternVLProcessor, dict(image_seq_length=4)
+        else:
+            kw = dict(size={"height": 28, "width": 28}, image_grid_pinpoints=[[28, 28], [28, 56], [56, 28], [56, 56]],
+                      do_pad=True)
+            kw.update(image_kwargs)
+            ip = tf.LlavaOnevisionImageProcessorPil(**kw)
+            cls, extra = tf.LlavaOnevisionProcessor, dict(num_image_tokens=16, vision_aspect_ratio="anyres_max_2",
+                                                          vision_feature_select_strategy="full")
+        try:
+            return cls(image_processor=ip, tokenizer=tok, video_processor=None, chat_template=_LLAVA_TEMPLATE, **extra)
+        except AttributeError as e:  # transformers 5.x resolves the video processor class through torchvision
+            raise RuntimeError(f"{cls.__name__} cannot be built without torchvision in this environment ({e}); "
+                               "use the image processor alone and hand-built ids") from e
+    raise ValueError(f"no tiny processor for {family!r}; available: llava, llava_next, qwen2_vl, qwen2_5_vl, "
+                     "paligemma, internvl, llava_onevision")

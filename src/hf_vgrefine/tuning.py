@@ -375,7 +375,8 @@ def search_knockout(model, processor, dataset, base_config, space=None, head_ran
     batches = []
     baseline = np.zeros(n, dtype=bool)
     timings = {"capture_s": 0.0, "prefix_s": 0.0, "candidates_s": 0.0}
-    check = {"done": False, "max_abs_diff": None, "fallback": False}
+    # prefix-LM models (PaliGemma): the image keys depend on the question text, a cached image prefix is not exact
+    check = {"done": False, "max_abs_diff": None, "fallback": bool(adapter.prefix_lm)}
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         batch = [examples[i] for i in idx]

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from .base import FamilyAdapter, ImageSpan, UnsupportedModelError
 from .gemma3 import Gemma3Adapter
+from .internvl import InternVLAdapter
 from .generic import GenericAdapter, GeometryUnavailableError, token_level_support
 from .llava import LlavaAdapter
-from .llava_next import LlavaNextAdapter, llava_next_highres_shape
+from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter, llava_next_highres_shape
+from .mistral3 import Mistral3Adapter
+from .paligemma import PaliGemmaAdapter
 from .qwen_vl import QwenVLAdapter
 
 _REGISTRY: dict[str, type[FamilyAdapter]] = {}
@@ -27,7 +30,8 @@ def register_adapter(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
     return cls
 
 
-for _cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, Gemma3Adapter):
+for _cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, Gemma3Adapter, PaliGemmaAdapter, InternVLAdapter,
+             LlavaOnevisionAdapter, Mistral3Adapter):
     register_adapter(_cls)
 
 

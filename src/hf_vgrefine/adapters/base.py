@@ -55,6 +55,10 @@ class FamilyAdapter:
     # True: token_grid reproduces the processor's exact transform; False: the generic adapter (token level; at
     # most an approximate stretch grid).
     exact_geometry: bool = True
+    # True: the image tokens attend to the prompt text after them (PaliGemma's prefix-LM mask), so their keys
+    # depend on the question: an image prefix cannot be shared between prompts with different text (VGRefine's
+    # generic tail packed behind the question, the search's cached prefixes); those paths run full forwards.
+    prefix_lm: bool = False
 
     def __init__(self, model):
         self.model = model
@@ -169,11 +173,17 @@ class FamilyAdapter:
         """Text the processor inserts after the expanded image tokens (none for most families)."""
         return ""
 
+    def prompt_end_text(self, processor) -> str:
+        """Text the processor appends at the end of every prompt (none for most families)."""
+        return ""
+
     # ----------------------------------------------------------------- re-batching
     _ID_DERIVED = {"mm_token_type_ids": torch.int32, "token_type_ids": torch.long}
 
-    def id_derived(self, input_ids: torch.Tensor, like: dict) -> dict:
-        """Inputs that are functions of ``input_ids`` (image-token type ids), for the keys present in ``like``."""
+    def id_derived(self, input_ids: torch.Tensor, like: dict, appended: int = 0) -> dict:
+        """Inputs that are functions of ``input_ids`` (image-token type ids), for the keys present in ``like``.
+        ``appended``: how many of the last tokens are answer tokens appended after the prompt (PaliGemma marks
+        them as its causal suffix)."""
         out = {}
         for key, dtype in self._ID_DERIVED.items():
             if key in like:
@@ -194,7 +204,8 @@ class FamilyAdapter:
         out = {}
         thw = inputs.get("image_grid_thw")
         for key, val in inputs.items():
-            if key in ("input_ids", "attention_mask") or key in self._ID_DERIVED or not torch.is_tensor(val):
+            # labels: text targets some processors return (PaliGemma's prompt labels), not image inputs
+            if key in ("input_ids", "attention_mask", "labels") or key in self._ID_DERIVED or not torch.is_tensor(val):
                 continue
             if key == "pixel_values" and thw is not None:
                 counts = torch.as_tensor(thw).prod(-1).tolist()

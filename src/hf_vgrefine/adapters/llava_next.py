@@ -4,14 +4,41 @@ block is exposed as a second span with ``block="highres"`` (newline positions ex
 
 from __future__ import annotations
 
+import math
+import re
+
 import torch
 
 from .base import FamilyAdapter, ImageSpan
 
 
-def llava_next_highres_shape(image_hw, pinpoints, tile: int, patch: int) -> tuple[int, int]:
+def anyres_max_patches(vision_aspect_ratio) -> int | None:
+    """``N`` of LLaVA-OneVision's ``vision_aspect_ratio="anyres_max_N"`` (``None`` for LLaVA-NeXT: no cap)."""
+    if vision_aspect_ratio is None:
+        return None
+    m = re.fullmatch(r"anyres_max_(\d+)", str(vision_aspect_ratio))
+    if m is None:
+        raise ValueError(f"unsupported vision_aspect_ratio {vision_aspect_ratio!r}; expected 'anyres_max_N'")
+    return int(m.group(1))
+
+
+def anyres_downscaled(rows: int, cols: int, side: int, max_num_patches: int | None) -> tuple[int, int]:
+    """LLaVA-OneVision's cap on the unpadded high-res grid: above ``max_num_patches`` tiles' worth of tokens (by more
+    than 10 % in side), the grid is interpolated down to ``(int(rows // r), int(cols // r))``,
+    ``r = sqrt(rows·cols / (max_num_patches·side²))``. ``None``: unchanged (LLaVA-NeXT)."""
+    if max_num_patches is None:
+        return rows, cols
+    ratio = math.sqrt(rows * cols / (max_num_patches * side ** 2))
+    if ratio > 1.1:
+        return int(rows // ratio), int(cols // ratio)
+    return rows, cols
+
+
+def llava_next_highres_shape(image_hw, pinpoints, tile: int, patch: int,
+                             max_num_patches: int | None = None) -> tuple[int, int]:
     """(rows, cols) of the unpadded high-res feature grid for an original image of ``(H, W)`` pixels,
-    exactly as ``LlavaNextModel.pack_image_features`` builds it."""
+    exactly as ``LlavaNextModel.pack_image_features`` builds it (LLaVA-OneVision: then capped at
+    ``max_num_patches`` tiles, :func:`anyres_downscaled`)."""
     from transformers.models.llava_next.modeling_llava_next import select_best_resolution
 
     H, W = (int(v) for v in image_hw)
@@ -21,15 +48,22 @@ def llava_next_highres_shape(image_hw, pinpoints, tile: int, patch: int) -> tupl
     if W / H > cw / ch:
         new_h = int(round(H * (cw / W), 7))
         pad = (ch - new_h) // 2
-        return ch - 2 * pad, cw
-    new_w = int(round(W * (ch / H), 7))
-    pad = (cw - new_w) // 2
-    return ch, cw - 2 * pad
+        rows, cols = ch - 2 * pad, cw
+    else:
+        new_w = int(round(W * (ch / H), 7))
+        pad = (cw - new_w) // 2
+        rows, cols = ch, cw - 2 * pad
+    return anyres_downscaled(rows, cols, side, max_num_patches)
 
 
 class LlavaNextAdapter(FamilyAdapter):
     model_types = ("llava_next",)
     family = "llava_next"
+
+    @property
+    def max_num_patches(self) -> int | None:
+        """Cap on the high-res grid (LLaVA-OneVision's ``anyres_max_N``); ``None``: uncapped (LLaVA-NeXT)."""
+        return None
 
     def image_spans(self, inputs, block: str = "base"):
         runs = self.image_runs(inputs["input_ids"])
@@ -45,7 +79,8 @@ class LlavaNextAdapter(FamilyAdapter):
         for b, sample in enumerate(runs):
             spans = []
             for s, e in sample:
-                rows, cols = llava_next_highres_shape(sizes[k], self.config.image_grid_pinpoints, vc.image_size, vc.patch_size)
+                rows, cols = llava_next_highres_shape(sizes[k], self.config.image_grid_pinpoints, vc.image_size,
+                                                      vc.patch_size, self.max_num_patches)
                 width = cols + (1 if has_newline else 0)
                 expected = side * side + rows * width
                 if e - s != expected:
@@ -80,5 +115,18 @@ class LlavaNextAdapter(FamilyAdapter):
         vc = self.config.vision_config
         ip = getattr(processor, "image_processor", processor)
         grids = llava_next_grids(ip, image_size, self.config.image_grid_pinpoints, patch_size=vc.patch_size,
-                                 vision_image_size=vc.image_size)
+                                 vision_image_size=vc.image_size, max_num_patches=self.max_num_patches)
         return grids[block]
+
+
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    """LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``): LLaVA-NeXT's anyres layout (base block, then the
+    unpadded high-res block with one newline per row) with the high-res grid capped at ``anyres_max_N`` tiles
+    (``config.vision_aspect_ratio``) and a SigLIP tower (``vision_feature_select_strategy="full"``: no CLS)."""
+
+    model_types = ("llava_onevision",)
+    family = "llava_onevision"
+
+    @property
+    def max_num_patches(self) -> int | None:
+        return anyres_max_patches(getattr(self.config, "vision_aspect_ratio", None))

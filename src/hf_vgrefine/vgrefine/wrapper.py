@@ -182,7 +182,8 @@ class VGRefineWrapper:
         if placeholder not in rendered:
             raise ValueError(f"the processor's chat template did not emit the image placeholder {placeholder!r}; "
                              "pass generic_inputs= built with your own template")
-        tail = self.adapter.image_suffix_text(self.processor) + rendered.split(placeholder, 1)[1]
+        tail = (self.adapter.image_suffix_text(self.processor) + rendered.split(placeholder, 1)[1]
+                + self.adapter.prompt_end_text(self.processor))
         return self.processor.tokenizer(tail, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
 
     def _generic_batch(self, inputs: dict, layout: PromptLayout, samples: list) -> dict:
@@ -264,13 +265,14 @@ class VGRefineWrapper:
             if need_generic:
                 keys = [self._generic_key(q_prints[b], g_layout, b) for b in range(B)] if cfg.cache_generic else None
                 tail = None
-                if cfg.share_prefix:
+                pack = cfg.share_prefix and not self.adapter.prefix_lm     # prefix-LM: the image keys see the text
+                if pack:
                     tail = self._generic_tail() if generic_inputs is None else common_tail(layout, g_layout)
                 generic = generic_inputs if generic_inputs is not None else (
                     lambda: self._generic_batch(inputs, layout, list(range(B))))
                 res, g_maps, hits = self.grounding.question_and_generic(
                     inputs, layout, layers, query=cfg.query, generic=generic, generic_layout=g_layout, tail=tail,
-                    keys=keys, record_prefix=record_n, early_exit=cfg.early_exit, pack=cfg.share_prefix)
+                    keys=keys, record_prefix=record_n, early_exit=cfg.early_exit, pack=pack)
             else:
                 res = self.grounding.run(inputs, layout, layers=layers, query=cfg.query, early_exit=cfg.early_exit,
                                          record_prefix=record_n)
