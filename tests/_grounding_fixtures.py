@@ -126,3 +126,22 @@ def attention_ratio_by_hand(m, region):
     m = [float(v) for v in m]
     inside = [v for v, r in zip(m, region) if r]
     return sum(inside) / ((sum(m) / len(m)) * len(inside) + 1e-8)
+
+
+def image_positions(model, inputs):
+    """Per sample: (image-grid positions, first position after the image's tokens), read from ``input_ids`` and
+    the config (not from the adapter under test). LLaVA-NeXT/OneVision: the base block = the first side**2 image
+    tokens; InternVL: the stretched image = the last tile (the thumbnail when tiled)."""
+    cfg = model.config
+    out = []
+    for row in inputs["input_ids"]:
+        all_pos = (row == cfg.image_token_id).nonzero().flatten()
+        pos = all_pos
+        if cfg.model_type in ("llava_next", "llava_onevision"):
+            side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+            pos = pos[: side * side]
+        if cfg.model_type == "internvl":
+            side = int(cfg.vision_config.image_size[0] * cfg.downsample_ratio) // cfg.vision_config.patch_size[0]
+            pos = pos[-side * side:]
+        out.append((pos, int(all_pos[-1]) + 1))
+    return out

@@ -8,6 +8,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from _grounding_fixtures import image_positions
+
 from hf_vgrefine.adapters import get_adapter
 from hf_vgrefine.attention import AttentionProbe, KeyBias, capture_image_attention
 from hf_vgrefine.testing import FAMILIES, build_tiny_model, tiny_inputs
@@ -35,19 +37,7 @@ def _eager_attentions(model, inputs):
     return [a.float() for a in out.attentions]
 
 
-def _image_positions(model, inputs):
-    """Per sample: (image-token positions, first position after the image), read here from ``input_ids`` and the
-    config (not from the adapter under test). LLaVA-NeXT: the base block = the first side**2 image tokens."""
-    cfg = model.config
-    out = []
-    for row in inputs["input_ids"]:
-        pos = (row == cfg.image_token_id).nonzero().flatten()
-        v_end = int(pos[-1]) + 1
-        if cfg.model_type == "llava_next":
-            side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-            pos = pos[: side * side]
-        out.append((pos, v_end))
-    return out
+_image_positions = image_positions
 
 
 def _reference_maps(attn, positions, query):

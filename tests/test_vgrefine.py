@@ -8,10 +8,12 @@ from transformers import AttentionInterface, AttentionMaskInterface, LogitsProce
 from transformers.masking_utils import eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from _grounding_fixtures import image_positions
+
 from hf_vgrefine.adapters import get_adapter
 from hf_vgrefine.testing import FAMILIES, build_tiny_model, tiny_inputs, tiny_processor
-from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 from hf_vgrefine.grounding_pass import PromptLayout
+from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 
 GRIDS = {"llava_next": [(40, 70), (60, 30), (28, 28), (50, 50)], "qwen2_vl": [(4, 4), (2, 3), (3, 5), (4, 2)],
          "qwen2_5_vl": [(4, 4), (2, 3), (3, 5), (4, 2)], "qwen3_vl": [(4, 4), (2, 3), (3, 5), (4, 2)],
@@ -47,21 +49,7 @@ def _eager_last_rows(model, inputs):
     return [a.double() for a in att]     # per layer [B, H, T, T]
 
 
-def _image_positions(model, inputs):
-    """Image grid positions per sample, found here from the ids (LLaVA-NeXT: first side**2 = base block)."""
-    cfg = model.config
-    out = []
-    for row in inputs["input_ids"]:
-        pos = (row == cfg.image_token_id).nonzero().flatten()
-        if cfg.model_type in ("llava_next", "llava_onevision"):
-            side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-            pos = pos[: side * side]
-        if cfg.model_type == "internvl":    # the stretched image: the last tile (the thumbnail when tiled)
-            side = int(cfg.vision_config.image_size[0] * cfg.downsample_ratio) // cfg.vision_config.patch_size[0]
-            pos = pos[-side * side:]
-        end = int((row == cfg.image_token_id).nonzero().flatten()[-1]) + 1
-        out.append((pos, end))
-    return out
+_image_positions = image_positions
 
 
 def reference_scores(model, q_inputs, g_inputs, heads, eps=1e-10):
