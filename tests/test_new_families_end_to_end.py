@@ -14,6 +14,7 @@ from _grounding_fixtures import family_processor, load_fixture
 from hf_vgrefine.adapters import get_adapter
 from hf_vgrefine.calibrate import calibrate
 from hf_vgrefine.geometry import boxes_to_token_mask
+from hf_vgrefine.grounding_pass import PromptLayout
 from hf_vgrefine.measure import measure_grounding
 from hf_vgrefine.testing import IMAGE, build_tiny_model
 from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
@@ -180,7 +181,7 @@ def test_generic_prompt_built_from_the_question_equals_processor_output(family, 
                                     return_tensors="pt", padding=True).items() if k not in drop}
     w = VGRefineWrapper(model, VGRefineConfig(masked_layers=[1], sensitive_heads=[[0, 1]], percentile=50.0),
                         processor=proc)
-    built = w._generic_batch(inputs, w.adapter.image_spans(inputs), [0, 1])
+    built = w._generic_batch(inputs, PromptLayout.read(w.adapter, inputs), [0, 1])
     g_text = render("Write a general description of the image. Answer the question using a single word or phrase.")
     ref = proc(images=images, text=[g_text, g_text], return_tensors="pt", padding=True)
     assert torch.equal(built["input_ids"], ref["input_ids"])
