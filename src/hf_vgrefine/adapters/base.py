@@ -195,23 +195,46 @@ class FamilyAdapter:
         same-image checks). Default: :meth:`select_images` of ``[b]``."""
         return self.select_images(inputs, [b])
 
-    def select_images(self, inputs: dict, samples: list[int]) -> dict:
-        """Image inputs (pixel values and their side tensors) of ``samples`` (one image per sample), in order.
+    def square_grid_spans(self, inputs, side: int, later_block: str = "grid") -> list[list[ImageSpan]]:
+        """Spans of a family whose every image block is ``side x side`` tokens in row-major order; the first
+        block of a sample is ``"grid"``, later ones ``later_block`` (Gemma 3's pan-and-scan crops)."""
+        runs = self.image_runs(inputs["input_ids"])
+        self._require_images(runs)
+        out = []
+        for b, sample in enumerate(runs):
+            spans = []
+            for i, (s, e) in enumerate(sample):
+                if e - s != side * side:
+                    several_images_check(b, e - s, side * side)
+                    raise ValueError(f"sample {b}: image run of {e - s} tokens, expected {side * side} "
+                                     f"(grid {side}x{side})")
+                spans.append(ImageSpan(s, e, side, side, torch.arange(s, e), image_index=i,
+                                       block="grid" if i == 0 else later_block))
+            out.append(spans)
+        return out
 
-        Qwen-style flattened patches are sliced with the per-image patch counts of ``image_grid_thw``.
-        """
+    def per_image_rows(self, key: str, inputs: dict) -> list[int] | None:
+        """Rows of input ``key`` per image when that tensor is not batch-major (images' patches flattened into
+        one tensor), else ``None``. Families with such inputs override this."""
+        return None
+
+    # inputs that are model inputs by name but not image inputs of a sample
+    _NOT_IMAGE_INPUTS = ("input_ids", "attention_mask", "labels")
+
+    def select_images(self, inputs: dict, samples: list[int]) -> dict:
+        """Image inputs (pixel values and their side tensors) of ``samples`` (one image per sample), in order:
+        batch-major tensors are indexed by sample, flattened ones sliced with :meth:`per_image_rows`."""
         B = inputs["input_ids"].shape[0]
         out = {}
-        thw = inputs.get("image_grid_thw")
         for key, val in inputs.items():
             # labels: text targets some processors return (PaliGemma's prompt labels), not image inputs
-            if key in ("input_ids", "attention_mask", "labels") or key in self._ID_DERIVED or not torch.is_tensor(val):
+            if key in self._NOT_IMAGE_INPUTS or key in self._ID_DERIVED or not torch.is_tensor(val):
                 continue
-            if key == "pixel_values" and thw is not None:
-                counts = torch.as_tensor(thw).prod(-1).tolist()
+            counts = self.per_image_rows(key, inputs)
+            if counts is not None:
                 if len(counts) != B:
-                    raise ValueError("one image per sample is required (image_grid_thw has "
-                                     f"{len(counts)} rows for a batch of {B})")
+                    raise ValueError(f"one image per sample is required ({key} holds {len(counts)} images for a "
+                                     f"batch of {B})")
                 starts = [0]
                 for c in counts:
                     starts.append(starts[-1] + c)
@@ -222,6 +245,30 @@ class FamilyAdapter:
                 raise ValueError(f"cannot split input {key!r} of shape {tuple(val.shape)} per sample "
                                  f"(batch {B}); pass one image per sample")
         return out
+
+    # forward arguments that are never the prompt's model inputs (generation state, targets, embeddings)
+    _NOT_PROMPT_INPUTS = frozenset({"past_key_values", "cache", "mm_encoder_outputs", "inputs_embeds", "labels",
+                                    "cache_position", "position_ids", "use_cache", "logits_to_keep",
+                                    "output_attentions", "output_hidden_states", "return_dict", "kwargs"})
+
+    @property
+    def model_input_keys(self) -> frozenset:
+        """Names of the prompt's model inputs (``input_ids``, ``attention_mask``, pixel values and their side
+        tensors): the keyword arguments of the model's ``forward`` less generation state and targets."""
+        keys = getattr(self, "_model_input_keys", None)
+        if keys is None:
+            import inspect
+
+            params = inspect.signature(self.model.forward).parameters
+            keys = self._model_input_keys = frozenset(params) - self._NOT_PROMPT_INPUTS
+        return keys
+
+    def side_input(self, inputs: dict, key: str, why: str) -> list:
+        """``inputs[key]`` as a nested list (a small host copy), or a clear error naming ``why`` it is needed."""
+        val = inputs.get(key)
+        if val is None:
+            raise ValueError(f"{self.family or type(self).__name__} inputs need {key} ({why})")
+        return torch.as_tensor(val).tolist()
 
     def _require_images(self, runs):
         if not any(runs):

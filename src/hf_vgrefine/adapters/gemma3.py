@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from .base import FamilyAdapter, ImageSpan, several_images_check
+from .base import FamilyAdapter
 
 
 class Gemma3Adapter(FamilyAdapter):
@@ -22,21 +20,8 @@ class Gemma3Adapter(FamilyAdapter):
         return side
 
     def image_spans(self, inputs):
-        runs = self.image_runs(inputs["input_ids"])
-        self._require_images(runs)
-        side = self.grid_side
-        out = []
-        for b, sample in enumerate(runs):
-            spans = []
-            for i, (s, e) in enumerate(sample):
-                if e - s != side * side:
-                    several_images_check(b, e - s, side * side)
-                    raise ValueError(f"sample {b}: image run of {e - s} tokens, expected {side * side}")
-                # pan-and-scan crops follow the full image as further blocks; block 0 is the full image
-                spans.append(ImageSpan(s, e, side, side, torch.arange(s, e), image_index=i,
-                                       block="grid" if i == 0 else "crop"))
-            out.append(spans)
-        return out
+        # pan-and-scan crops follow the full image as further blocks; block 0 is the full image
+        return self.square_grid_spans(inputs, self.grid_side, later_block="crop")
 
     def image_suffix_text(self, processor) -> str:
         """Text the processor inserts right after the image tokens (``<eoi>`` + blank line)."""

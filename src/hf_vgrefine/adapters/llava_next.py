@@ -1,6 +1,8 @@
-"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): base image block + unpadded anyres block with one
-newline token per row. The base block (first ``side**2`` tokens) is the default grid; the high-res
-block is exposed as a second span with ``block="highres"`` (newline positions excluded)."""
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``) and LLaVA-OneVision: base image block + unpadded anyres
+block with one newline token per row. Each image is one span whose grid is the base block (first ``side**2``
+tokens); the high-res block's positions (newlines excluded), its ``(rows, cols)`` and the newline positions are in
+the span's ``extra_positions`` (``"highres"``, ``"highres_grid"``, ``"newlines"``), and its pixel geometry is
+``token_grid(..., block="highres")``."""
 
 from __future__ import annotations
 
@@ -65,13 +67,10 @@ class LlavaNextAdapter(FamilyAdapter):
         """Cap on the high-res grid (LLaVA-OneVision's ``anyres_max_N``); ``None``: uncapped (LLaVA-NeXT)."""
         return None
 
-    def image_spans(self, inputs, block: str = "base"):
+    def image_spans(self, inputs):
         runs = self.image_runs(inputs["input_ids"])
         self._require_images(runs)
-        sizes = inputs.get("image_sizes")
-        if sizes is None:
-            raise ValueError("LLaVA-NeXT inputs need image_sizes (returned by the processor)")
-        sizes = torch.as_tensor(sizes).tolist()
+        sizes = self.side_input(inputs, "image_sizes", "returned by the processor")
         vc = self.config.vision_config
         side = vc.image_size // vc.patch_size
         has_newline = getattr(getattr(self.model, "model", self.model), "image_newline", None) is not None

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .base import FamilyAdapter, ImageSpan, several_images_check
+from .base import FamilyAdapter
 
 
 class PaliGemmaAdapter(FamilyAdapter):
@@ -26,20 +26,7 @@ class PaliGemmaAdapter(FamilyAdapter):
         return side
 
     def image_spans(self, inputs):
-        runs = self.image_runs(inputs["input_ids"])
-        self._require_images(runs)
-        side = self.grid_side
-        out = []
-        for b, sample in enumerate(runs):
-            spans = []
-            for i, (s, e) in enumerate(sample):
-                if e - s != side * side:
-                    several_images_check(b, e - s, side * side)
-                    raise ValueError(f"sample {b}: image run of {e - s} tokens, expected {side * side} "
-                                     f"(grid {side}x{side})")
-                spans.append(ImageSpan(s, e, side, side, torch.arange(s, e), image_index=i))
-            out.append(spans)
-        return out
+        return self.square_grid_spans(inputs, self.grid_side)
 
     def position_ids(self, inputs):
         """Generate's positions + 1 (PaliGemma positions are 1-indexed: ``prepare_inputs_for_generation`` and the

@@ -20,10 +20,7 @@ class QwenVLAdapter(FamilyAdapter):
     def image_spans(self, inputs):
         runs = self.image_runs(inputs["input_ids"])
         self._require_images(runs)
-        thw = inputs.get("image_grid_thw")
-        if thw is None:
-            raise ValueError("Qwen-VL inputs need image_grid_thw (returned by the processor together with pixel_values)")
-        thw = torch.as_tensor(thw).tolist()
+        thw = self.side_input(inputs, "image_grid_thw", "returned by the processor together with pixel_values")
         m = self.merge_size
         k = 0
         out = []
@@ -43,6 +40,13 @@ class QwenVLAdapter(FamilyAdapter):
         if k != len(thw):
             raise ValueError(f"image_grid_thw has {len(thw)} rows but input_ids hold {k} image blocks")
         return out
+
+    def per_image_rows(self, key, inputs):
+        """``pixel_values`` holds every image's patches flattened: ``t*h*w`` rows per image (``image_grid_thw``)."""
+        thw = inputs.get("image_grid_thw")
+        if key != "pixel_values" or thw is None:
+            return None
+        return torch.as_tensor(thw).prod(-1).tolist()
 
     def position_ids(self, inputs):
         """M-RoPE position ids ``[3, B, T]`` (computed without touching the model's cached rope deltas)."""

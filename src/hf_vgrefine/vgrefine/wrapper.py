@@ -36,8 +36,6 @@ from .logits import VGRefineLogitsProcessor
 from .triage import knockout_set, triage_flags, triage_scores
 
 logger = logging.getLogger(__name__)
-_MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "image_sizes",
-                     "mm_token_type_ids", "token_type_ids", "pixel_attention_mask")
 
 
 @dataclass
@@ -422,9 +420,9 @@ class VGRefineWrapper:
         impl = kwargs.get("cache_implementation", getattr(gc, "cache_implementation", None))
         return impl in (None, "dynamic")
 
-    @staticmethod
-    def _input_keys(kwargs) -> set:
+    def _input_keys(self, kwargs) -> set:
+        """The keys of ``kwargs`` that are the prompt's model inputs (the adapter's ``model_input_keys``)."""
         if "input_ids" not in kwargs:
             raise ValueError("VGRefine needs input_ids with image tokens (the processor's output for an image + "
                              "prompt); inputs_embeds alone are not supported")
-        return set(_MODEL_INPUT_KEYS) & set(kwargs)
+        return set(self.adapter.model_input_keys) & set(kwargs)
