@@ -159,6 +159,15 @@ class GenericAdapter(FamilyAdapter):
             isinstance(rope, dict) and any("mrope" in str(k) for k in rope))
         self.explicit_position_ids = not self.derives_positions
 
+    def per_image_rows(self, key, inputs):
+        """Flattened patches of every image in one tensor (the Qwen-VL convention, used by many newer models): a
+        ``[t, h, w]`` grid per image in ``image_grid_thw`` gives its ``t*h*w`` rows of ``pixel_values``."""
+        thw = inputs.get("image_grid_thw")
+        val = inputs.get(key)
+        if key != "pixel_values" or thw is None or not torch.is_tensor(val) or val.dim() != 2:
+            return None
+        return torch.as_tensor(thw).prod(-1).tolist()
+
     # ----------------------------------------------------------------- decoder structure
     @property
     def decoder_layers(self):
