@@ -195,23 +195,23 @@ class FamilyAdapter:
         same-image checks). Default: :meth:`select_images` of ``[b]``."""
         return self.select_images(inputs, [b])
 
+    def spans_from_runs(self, inputs, make) -> list[list[ImageSpan]]:
+        """Per sample, ``make(sample, index, start, end)`` for each image-token run ``[start, end)``; a clear error
+        when the batch holds no image tokens."""
+        runs = self.image_runs(inputs["input_ids"])
+        self._require_images(runs)
+        return [[make(b, i, s, e) for i, (s, e) in enumerate(sample)] for b, sample in enumerate(runs)]
+
     def square_grid_spans(self, inputs, side: int, later_block: str = "grid") -> list[list[ImageSpan]]:
         """Spans of a family whose every image block is ``side x side`` tokens in row-major order; the first
         block of a sample is ``"grid"``, later ones ``later_block`` (Gemma 3's pan-and-scan crops)."""
-        runs = self.image_runs(inputs["input_ids"])
-        self._require_images(runs)
-        out = []
-        for b, sample in enumerate(runs):
-            spans = []
-            for i, (s, e) in enumerate(sample):
-                if e - s != side * side:
-                    several_images_check(b, e - s, side * side)
-                    raise ValueError(f"sample {b}: image run of {e - s} tokens, expected {side * side} "
-                                     f"(grid {side}x{side})")
-                spans.append(ImageSpan(s, e, side, side, torch.arange(s, e), image_index=i,
-                                       block="grid" if i == 0 else later_block))
-            out.append(spans)
-        return out
+        def span(b, i, s, e):
+            if e - s != side * side:
+                several_images_check(b, e - s, side * side)
+                raise ValueError(f"sample {b}: image run of {e - s} tokens, expected {side * side} "
+                                 f"(grid {side}x{side})")
+            return ImageSpan(s, e, side, side, torch.arange(s, e), image_index=i, block="grid" if i == 0 else later_block)
+        return self.spans_from_runs(inputs, span)
 
     def per_image_rows(self, key: str, inputs: dict) -> list[int] | None:
         """Rows of input ``key`` per image when that tensor is not batch-major (images' patches flattened into

@@ -32,25 +32,19 @@ class InternVLAdapter(FamilyAdapter):
         return n // k
 
     def image_spans(self, inputs):
-        runs = self.image_runs(inputs["input_ids"])
-        self._require_images(runs)
         side = self.tile_side
         per_tile = side * side
-        out = []
-        for b, sample in enumerate(runs):
-            spans = []
-            for i, (s, e) in enumerate(sample):
-                n_blocks, r = divmod(e - s, per_tile)
-                if r or n_blocks == 2:   # two blocks never occur: several tiles always add a thumbnail
-                    raise ValueError(f"sample {b}: image run of {e - s} tokens is not 1 tile or k tiles + a thumbnail "
-                                     f"of {per_tile} tokens each ({side}x{side} per tile)")
-                n_tiles = 0 if n_blocks == 1 else n_blocks - 1
-                glob = torch.arange(e - per_tile, e)
-                extra = {"tiles": torch.arange(s, s + n_tiles * per_tile), "n_tiles": n_tiles}
-                spans.append(ImageSpan(s, e, side, side, glob, image_index=i, block="grid",
-                                       extra_positions=extra))
-            out.append(spans)
-        return out
+
+        def span(b, i, s, e):
+            n_blocks, r = divmod(e - s, per_tile)
+            if r or n_blocks == 2:   # two blocks never occur: several tiles always add a thumbnail
+                raise ValueError(f"sample {b}: image run of {e - s} tokens is not 1 tile or k tiles + a thumbnail "
+                                 f"of {per_tile} tokens each ({side}x{side} per tile)")
+            n_tiles = 0 if n_blocks == 1 else n_blocks - 1
+            extra = {"tiles": torch.arange(s, s + n_tiles * per_tile), "n_tiles": n_tiles}
+            return ImageSpan(s, e, side, side, torch.arange(e - per_tile, e), image_index=i, block="grid",
+                             extra_positions=extra)
+        return self.spans_from_runs(inputs, span)
 
     def _tiles_per_sample(self, inputs) -> list[int]:
         per_tile = self.tile_side ** 2

@@ -17,21 +17,16 @@ class LlavaAdapter(FamilyAdapter):
         return vc.image_size // vc.patch_size
 
     def image_spans(self, inputs):
-        runs = self.image_runs(inputs["input_ids"])
-        self._require_images(runs)
         side = self.grid_side
         n = side * side
-        out = []
-        for b, sample in enumerate(runs):
-            spans = []
-            for i, (s, e) in enumerate(sample):
-                extra = e - s - n  # "full" strategy keeps CLS as the first token
-                if extra not in (0, 1):
-                    several_images_check(b, e - s, n)
-                    raise ValueError(f"sample {b}: image run of {e - s} tokens, expected {n} (grid {side}x{side})")
-                spans.append(ImageSpan(s, e, side, side, torch.arange(s + extra, e), image_index=i))
-            out.append(spans)
-        return out
+
+        def span(b, i, s, e):
+            extra = e - s - n  # "full" strategy keeps CLS as the first token
+            if extra not in (0, 1):
+                several_images_check(b, e - s, n)
+                raise ValueError(f"sample {b}: image run of {e - s} tokens, expected {n} (grid {side}x{side})")
+            return ImageSpan(s, e, side, side, torch.arange(s + extra, e), image_index=i)
+        return self.spans_from_runs(inputs, span)
 
     def token_grid(self, processor, image_size, span=None, inputs=None):
         from ..processor_geometry import llava_grid
