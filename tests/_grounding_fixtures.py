@@ -145,3 +145,55 @@ def image_positions(model, inputs):
             pos = pos[-side * side:]
         out.append((pos, int(all_pos[-1]) + 1))
     return out
+
+
+# ------------------------------------------------------------------ eager knockout reference
+_REF = {}
+
+
+def _ref_attention(module, query, key, value, attention_mask, **kw):
+    """Eager attention with the reference knockout: in the spec's layers, rows at or after each sample's image
+    end get -inf on its blocked key positions (prefill only unless ``all_steps``; ``fresh``: a new causal mask
+    replaces the layer's own, as the released code does)."""
+    import torch
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    spec = _REF.get("spec")
+    q, kv = query.shape[2], key.shape[2]
+    if spec is not None and module.layer_idx in spec["layers"] and (q > 1 or spec["all_steps"]):
+        B = query.shape[0]
+        rep = B // len(spec["blocked"])
+        if attention_mask is None or spec["fresh"]:
+            causal = torch.ones(q, kv, dtype=torch.bool).tril(kv - q)
+            attention_mask = torch.zeros(B, 1, q, kv).masked_fill(~causal, float("-inf"))
+        m = attention_mask[..., :kv].expand(B, 1, q, kv).clone()
+        for bb in range(B):
+            pos, v_end = spec["blocked"][bb // rep]
+            for r in range(q):
+                if kv - q + r >= v_end:
+                    m[bb, 0, r, pos] = float("-inf")
+        attention_mask = m
+    return eager_attention_forward(module, query, key, value, attention_mask, **kw)
+
+
+class RefModel:
+    """Context: the model's text decoder runs the reference knockout above with ``blocked = [(positions, v_end)]``
+    per sample. ``target(name)``: the ``set_attn_implementation`` argument (default ``{"text_config": name}``)."""
+
+    def __init__(self, model, blocked, layers, all_steps=False, fresh=False, target=None):
+        self.model, self.spec = model, {"blocked": blocked, "layers": layers, "all_steps": all_steps, "fresh": fresh}
+        self.target = target or (lambda name: {"text_config": name})
+
+    def __enter__(self):
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import eager_mask
+
+        AttentionInterface.register("test_ref_knockout", _ref_attention)
+        AttentionMaskInterface.register("test_ref_knockout", eager_mask)
+        _REF["spec"] = self.spec
+        self.model.set_attn_implementation(self.target("test_ref_knockout"))
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.set_attn_implementation(self.target("sdpa"))
+        _REF.clear()

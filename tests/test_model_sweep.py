@@ -13,15 +13,13 @@ Each type is either
 """
 
 import functools
-import re
 
 import numpy as np
 import pytest
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.masking_utils import eager_mask
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as MAPPING
-from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from _grounding_fixtures import RefModel
 
 from hf_vgrefine.adapters import UnsupportedModelError, get_adapter, support_level, supported_model_types
 from hf_vgrefine.attention import capture_image_attention
@@ -126,28 +124,6 @@ def test_generic_capture_equals_eager(model_type):
 
 
 # ------------------------------------------------------------------ eager reference of triage + knockout
-_REF = {}
-
-
-def _ref_attention(module, query, key, value, attention_mask, **kw):
-    spec = _REF.get("spec")
-    q, kv = query.shape[2], key.shape[2]
-    if spec is not None and module.layer_idx in spec["layers"] and q > 1:
-        B = query.shape[0]
-        rep = B // len(spec["blocked"])
-        if attention_mask is None:
-            causal = torch.ones(q, kv, dtype=torch.bool).tril(kv - q)
-            attention_mask = torch.zeros(B, 1, q, kv).masked_fill(~causal, float("-inf"))
-        m = attention_mask[..., :kv].expand(B, 1, q, kv).clone()
-        for bb in range(B):
-            pos, v_end = spec["blocked"][bb // rep]
-            for r in range(q):
-                if kv - q + r >= v_end:
-                    m[bb, 0, r, pos] = float("-inf")
-        attention_mask = m
-    return eager_attention_forward(module, query, key, value, attention_mask, **kw)
-
-
 def _reference_knockout(model, inputs, generic, percentile=50.0, eps=1e-10):
     qa, ga = _eager(model, get_adapter(model), inputs), _eager(model, get_adapter(model), generic)
     qpos, gpos = _positions(model, inputs), _positions(model, generic)
@@ -172,16 +148,8 @@ def test_generic_vgrefine_generate_equals_eager_reference(model_type):
     blocked = _reference_knockout(model, inputs, generic)
     for b in range(2):
         assert torch.equal(w.last_triage[b].knocked_out_positions.sort().values, blocked[b][0].sort().values)
-    AttentionInterface.register("test_sweep_ref", _ref_attention)
-    AttentionMaskInterface.register("test_sweep_ref", eager_mask)
-    _REF["spec"] = {"blocked": blocked, "layers": [1]}
-    model.set_attn_implementation(adapter.text_attn_target("test_sweep_ref"))
-    try:
-        with torch.no_grad():
-            ref = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-    finally:
-        model.set_attn_implementation(adapter.text_attn_target("sdpa"))
-        _REF.clear()
+    with RefModel(model, blocked, [1], target=adapter.text_attn_target), torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert torch.equal(out, ref)
 
 

@@ -4,11 +4,9 @@ masked eager attention), on tiny random models of every family."""
 import numpy as np
 import pytest
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface, LogitsProcessor, LogitsProcessorList
-from transformers.masking_utils import eager_mask
-from transformers.models.llama.modeling_llama import eager_attention_forward
+from transformers import LogitsProcessor, LogitsProcessorList
 
-from _grounding_fixtures import image_positions
+from _grounding_fixtures import RefModel, image_positions
 
 from hf_vgrefine.adapters import get_adapter
 from hf_vgrefine.testing import FAMILIES, build_tiny_model, tiny_inputs, tiny_processor
@@ -76,44 +74,7 @@ def reference_triage(model, q_inputs, g_inputs, heads, percentile, eps=1e-10):
     return ko
 
 
-_REF = {}
-
-
-def _ref_attention(module, query, key, value, attention_mask, **kw):
-    spec = _REF.get("spec")
-    q, kv = query.shape[2], key.shape[2]
-    if spec is not None and module.layer_idx in spec["layers"] and (q > 1 or spec["all_steps"]):
-        B = query.shape[0]
-        rep = B // len(spec["blocked"])
-        if attention_mask is None or spec.get("fresh"):
-            causal = torch.ones(q, kv, dtype=torch.bool).tril(kv - q)
-            attention_mask = torch.zeros(B, 1, q, kv).masked_fill(~causal, float("-inf"))
-        m = attention_mask[..., :kv].expand(B, 1, q, kv).clone()
-        for bb in range(B):
-            pos, v_end = spec["blocked"][bb // rep]
-            for r in range(q):
-                if kv - q + r >= v_end:
-                    m[bb, 0, r, pos] = float("-inf")
-        attention_mask = m
-    return eager_attention_forward(module, query, key, value, attention_mask, **kw)
-
-
-class _RefModel:
-    """Context: the model runs the test's masked eager attention with the given blocked keys per sample."""
-
-    def __init__(self, model, blocked, layers, all_steps=False, fresh=False):
-        self.model, self.spec = model, {"blocked": blocked, "layers": layers, "all_steps": all_steps, "fresh": fresh}
-
-    def __enter__(self):
-        AttentionInterface.register("test_ref_vgrefine", _ref_attention)
-        AttentionMaskInterface.register("test_ref_vgrefine", eager_mask)
-        _REF["spec"] = self.spec
-        self.model.set_attn_implementation({"text_config": "test_ref_vgrefine"})
-        return self.model
-
-    def __exit__(self, *exc):
-        self.model.set_attn_implementation({"text_config": "sdpa"})
-        _REF.clear()
+_RefModel = RefModel
 
 
 # ------------------------------------------------------------------ tests
