@@ -140,6 +140,8 @@ class CapturePlan:
     _on: dict = field(default_factory=dict, repr=False)
     _rowmask: dict = field(default_factory=dict, repr=False)
     one_row_per_group: bool = False      # every group is one row (weight 1): captured as is, no averaging
+    pending: list = field(default_factory=list, repr=False)   # (layer, [(scores, ok, add)], extra): see finish()
+    stacked: tuple | None = None         # (layers, [n, B, G, h, N]) when one batched store holds every layer
 
     def on(self, device, rep: int, groups: int):
         key = (str(device), rep, groups)
@@ -151,6 +153,52 @@ class CapturePlan:
             heads = self.heads.to(device, non_blocking=True)
             got = self._on[key] = (move(self.rows), move(self.weights), move(self.cols), heads, heads // groups)
         return got
+
+    def row_index(self, rows, off: int, h: int, d: int) -> torch.Tensor:
+        """Gather index ``[B, h, r, d]`` of the captured rows in a layer's query (memoised per call shape)."""
+        key = (id(rows), off, h, d)
+        got = self._on.get(key)
+        if got is None or got[0] is not rows:
+            got = self._on[key] = (rows, (rows - off)[:, None, :, None].expand(rows.shape[0], h, rows.shape[1], d))
+        return got[1]
+
+    def split_masks(self, ok, add):
+        """Packed call: ``((ok, add) of the question rows over keys [0, T), (ok, add) of the tail rows)``
+        (memoised per row mask, so that layers sharing a mask share these too)."""
+        key = ("split", id(ok), id(add))
+        got = self._on.get(key)
+        if got is None or got[0] is not ok:
+            T, r_q = self.split
+            got = self._on[key] = (ok, ((ok[..., :r_q, :T].contiguous(), None if add is None else add[..., :r_q, :T]),
+                                        (ok[..., r_q:, :], None if add is None else add[..., r_q:, :])))
+        return got[1]
+
+    def store(self, layers: list, img: torch.Tensor, weights) -> None:
+        """``captured[layer]`` = ``[B, G, h, N]`` from image probabilities ``[n, B, h, r, N]`` of ``layers``
+        (``stacked`` keeps the ``[n, B, G, h, N]`` tensor when one store covers every captured layer)."""
+        if self.one_row_per_group:       # one row per group ("last", packed or not): no averaging needed
+            out = img.transpose(-3, -2)
+        else:
+            out = torch.stack([torch.einsum("bhrn,bgr->bghn", x, weights) for x in img.unbind(0)])
+        self.captured.update(zip(layers, out.unbind(0)))
+        self.stacked = (list(layers), out) if len(layers) == len(self.captured) else None
+
+    def finish(self) -> None:
+        """Turn the deferred per-layer scores into probabilities: one batched pass per group of layers that
+        share device, masks and shapes (usually one group; sliding-window and full layers form two)."""
+        groups: dict = {}
+        for layer, parts, extra, weights in self.pending:
+            gkey = tuple((str(s.device), tuple(s.shape), id(o), id(a)) for s, o, a in parts) + extra[:2] + (id(extra[2]),)
+            groups.setdefault(gkey, []).append((layer, parts, extra, weights))
+        self.pending = []
+        for members in groups.values():
+            _, parts0, extra, weights = members[0]
+            imgs = []
+            for i, (_, ok, add) in enumerate(parts0):
+                stacked = torch.stack([m[1][i][0] for m in members]) if len(members) > 1 else parts0[i][0][None]
+                imgs.append(_finish(stacked, ok, add, *extra))
+            img = torch.cat(imgs, -2) if len(imgs) > 1 else imgs[0]             # [n, B, h, r, N]
+            self.store([m[0] for m in members], img, weights)
 
     def row_mask(self, attention_mask, rows, off: int, kv: int, device):
         """Allowed-key mask of the captured rows ``[B, 1, r, kv]`` (bool) and the additive part of a float
@@ -311,51 +359,64 @@ def _compose(attention_mask, biases, query, kv: int, state: _State):
 
 
 # --------------------------------------------------------------------------------------------- capture
+_DEFER_ROWS = 8     # plans with at most this many query rows keep per-layer scores and finish them in one batch
+
+
 def _capture(module, query, key, attention_mask, scaling, plan: CapturePlan, state: _State, kw):
-    """Store ``[B, G, h, N]`` fp32 probabilities of the plan's rows (averaged per group) at its columns."""
+    """Store ``[B, G, h, N]`` fp32 probabilities of the plan's rows (averaged per group) at its columns.
+
+    Plans with few rows (``"last"``: one per group) keep only the raw fp32 scores here (a gather, an
+    index and one matmul per layer) and :meth:`CapturePlan.finish` turns every layer's scores into
+    probabilities in one batched pass after the forward; the numbers are the same."""
     B, H, q, d = query.shape
     kv = key.shape[2]
     dev = query.device
     off = _q_offset(attention_mask, q, kv)
     rows, weights, cols, heads, kv_heads = plan.on(dev, _expand_index(state, B), H // key.shape[1])
-    rows = rows - off
     h, r = heads.shape[0], rows.shape[1]
-    q_sel = query.index_select(1, heads).gather(2, rows[:, None, :, None].expand(B, h, r, d))   # [B, h, r, d]
+    q_sel = query.index_select(1, heads).gather(2, plan.row_index(rows, off, h, d))             # [B, h, r, d]
     k_sel = key.index_select(1, kv_heads)                                                     # [B, h, kv, d]
     if attention_mask is not None and attention_mask.shape[1] != 1:     # per-head float mask (soft bias path)
-        add = attention_mask.index_select(1, heads)[..., :kv].expand(B, h, q, kv).gather(
-            2, rows[:, None, :, None].expand(B, h, r, kv))
+        ridx = (rows - off)[:, None, :, None]
+        add = attention_mask.index_select(1, heads)[..., :kv].expand(B, h, q, kv).gather(2, ridx.expand(B, h, r, kv))
         ok = allowed_matrix(add, r, kv, dev)
         add = torch.where(ok, add.float(), torch.zeros((), dtype=torch.float32, device=dev))
+        deferred = False
     else:
         ok, add = plan.row_mask(attention_mask, rows, off, kv, dev)
-    c = cols[:, None, None, :]
-    n = cols.shape[1]
+        deferred = r <= _DEFER_ROWS
     if plan.split is None:
-        img = _probs(q_sel, k_sel, ok, add, scaling, kw.get("softcap")).gather(-1, c.expand(B, h, r, n))
+        parts = [(_scores(q_sel, k_sel), ok, add)]
     else:   # packed call: the question rows exactly as unpacked (keys [0, T)), the tail rows over all keys
         T, r_q = plan.split
-        add_q = None if add is None else add[..., :r_q, :T]
-        img = torch.cat([
-            _probs(q_sel[:, :, :r_q].contiguous(), k_sel[:, :, :T].contiguous(), ok[..., :r_q, :T].contiguous(),
-                   add_q, scaling, kw.get("softcap")).gather(-1, c.expand(B, h, r_q, n)),
-            _probs(q_sel[:, :, r_q:].contiguous(), k_sel, ok[..., r_q:, :], None if add is None else add[..., r_q:, :],
-                   scaling, kw.get("softcap")).gather(-1, c.expand(B, h, r - r_q, n))], 2)
-    if plan.one_row_per_group:                    # one row per group ("last", packed or not): no averaging needed
-        plan.captured[module.layer_idx] = img.transpose(1, 2)
-    else:
-        plan.captured[module.layer_idx] = torch.einsum("bhrn,bgr->bghn", img, weights)   # [B, G, h, N]
+        (ok_q, add_q), (ok_t, add_t) = plan.split_masks(ok, add)
+        parts = [(_scores(q_sel[:, :, :r_q].contiguous(), k_sel[:, :, :T].contiguous()), ok_q, add_q),
+                 (_scores(q_sel[:, :, r_q:].contiguous(), k_sel), ok_t, add_t)]
+    extra = (float(scaling), kw.get("softcap"), cols)
+    if deferred:
+        plan.pending.append((module.layer_idx, parts, extra, weights))
+        return
+    img = torch.cat([_finish(s, o, a, *extra) for s, o, a in parts], -2)
+    plan.store([module.layer_idx], img[None], weights)
 
 
-def _probs(q_sel, k_sel, ok, add, scaling, softcap):
-    """fp32 softmax probabilities ``[B, h, r, kv]`` of query rows ``q_sel`` over keys ``k_sel`` under the
-    allowed mask ``ok`` (and additive float mask ``add``); fully masked rows (padding) give 0."""
-    scores = torch.matmul(q_sel.float(), k_sel.float().transpose(-1, -2)) * float(scaling)
+def _scores(q_sel, k_sel):
+    """Raw fp32 logits ``[..., r, kv]`` (before scaling)."""
+    return torch.matmul(q_sel.float(), k_sel.float().transpose(-1, -2))
+
+
+def _finish(scores, ok, add, scaling, softcap, cols):
+    """Probabilities at the image columns ``[..., B, h, r, N]`` from raw logits ``[..., B, h, r, kv]``: scale,
+    soft-cap, additive mask, the allowed mask ``ok`` (``[B|1, 1, r, kv]``), fp32 softmax; fully masked rows
+    (padding) give 0."""
+    scores = scores * scaling
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
     if add is not None:
         scores = scores + add
-    return scores.masked_fill(~ok, float("-inf")).softmax(-1).nan_to_num(0.0)
+    probs = scores.masked_fill(~ok, float("-inf")).softmax(-1).nan_to_num(0.0)
+    c = cols[:, None, None, :]
+    return probs.gather(-1, c.expand(*probs.shape[:-1], c.shape[-1]))
 
 
 # --------------------------------------------------------------------------------------------- the function
@@ -388,28 +449,21 @@ def vgrefine_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if capture_here and plan.stop_after == layer:
         raise EarlyExit
     if state.split is not None and q_len == kv and q_len > state.split:
-        return _split_sdpa(module, query, key, value, own_mask, attention_mask, state.split, state.tail_keys_from,
-                           dropout, scaling, kwargs)
+        return _split_sdpa(module, query, key, value, own_mask, attention_mask, state, dropout, scaling, kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
 
 
-def _split_sdpa(module, query, key, value, own_mask, composed, T: int, hidden_from: int | None, dropout, scaling,
-                kwargs):
+def _split_sdpa(module, query, key, value, own_mask, composed, state: _State, dropout, scaling, kwargs):
     """Packed call: rows ``[0, T)`` run exactly as the unpacked prompt (keys ``[0, T)``, the layer's own mask),
     rows ``[T, q)`` (the packed generic tail) with the composed mask over every key except ``[hidden_from, T)``
     (the question's text after the image, which the composed mask hides from every tail row anyway)."""
-    head_mask = None if own_mask is None else own_mask[..., :T, :T]
+    T = state.split
+    head_mask, tail_mask, keep = _split_masks(own_mask, composed, state, query)
     out_q, _ = sdpa_attention_forward(module, query[:, :, :T], key[:, :, :T], value[:, :, :T], head_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
-    tail_mask = composed
-    if tail_mask is None:
-        tail_mask = allowed_matrix(None, query.shape[2], key.shape[2], query.device)
-    tail_mask = tail_mask[..., T:, :]
-    if hidden_from is not None and hidden_from < T:     # drop the hidden key columns: less work per tail row
-        key = torch.cat([key[:, :, :hidden_from], key[:, :, T:]], 2)
-        value = torch.cat([value[:, :, :hidden_from], value[:, :, T:]], 2)
-        tail_mask = torch.cat([tail_mask[..., :hidden_from], tail_mask[..., T:]], -1)
+    if keep is not None:     # drop the hidden key columns: less work per tail row
+        key, value = key.index_select(2, keep), value.index_select(2, keep)
     if query.device.type == "cpu" and kwargs.get("position_bias") is None:
         # CPU kernels take grouped KV heads as they are (no repeat_kv copies); CUDA's masked kernels do not
         out_t = torch.nn.functional.scaled_dot_product_attention(
@@ -419,6 +473,28 @@ def _split_sdpa(module, query, key, value, own_mask, composed, T: int, hidden_fr
         out_t, _ = sdpa_attention_forward(module, query[:, :, T:], key, value, tail_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
     return torch.cat([out_q, out_t], 1), None
+
+
+def _split_masks(own_mask, composed, state: _State, query):
+    """``(question rows' mask [.., T, T] or None, tail rows' mask over the kept keys, kept key index or None)``
+    of a packed call, built once per (layer mask, composed mask, shape, device) and shared by the layers."""
+    q, dev = query.shape[2], query.device
+    key = ("split", id(own_mask), id(composed), q, str(dev))
+    got = state._masks.get(key)
+    if got is not None and got[0] is own_mask and got[1] is composed:
+        return got[2]
+    T, hidden_from = state.split, state.tail_keys_from
+    head_mask = None if own_mask is None else own_mask[..., :T, :T]
+    tail_mask = composed if composed is not None else allowed_matrix(None, q, q, dev)
+    tail_mask = tail_mask[..., T:, :]
+    keep = None
+    if hidden_from is not None and hidden_from < T:
+        keep = torch.cat([torch.arange(hidden_from, device=dev), torch.arange(T, q, device=dev)])
+        tail_mask = tail_mask.index_select(-1, keep)
+    if len(state._masks) > 8:
+        state._masks.clear()
+    state._masks[key] = (own_mask, composed, (head_mask, tail_mask, keep))
+    return head_mask, tail_mask, keep
 
 
 def register_attention() -> str:

@@ -449,12 +449,16 @@ class GroundingPass:
         finally:
             for h in hooks:
                 h.remove()
+        plan.finish()
         missing = [l for l in layers if l not in plan.captured]
         if missing:
             raise RuntimeError(f"layers {missing} were not captured: the model's text attention did not go through the "
                                "registered function (is the text decoder using attn_implementation='vgrefine', and is "
                                "the forward not compiled?)")
-        maps = torch.stack([plan.captured[l].to(dev) for l in layers], 2).float()   # [B, G, nL, h, N]
+        if plan.stacked is not None and plan.stacked[0] == layers and plan.stacked[1].device == dev:
+            maps = plan.stacked[1].permute(1, 2, 0, 3, 4).contiguous()             # [B, G, nL, h, N]
+        else:
+            maps = torch.stack([plan.captured[l].to(dev) for l in layers], 2).float()
         for b, n in enumerate(n_tokens):
             if n < maps.shape[-1]:
                 maps[b, ..., n:] = float("nan")
@@ -466,8 +470,8 @@ class GroundingPass:
                                         spans=layout.spans)
         record = None
         if record_prefix:
-            kv = {l: (k[:, :, :T], v[:, :, :T]) for l, (k, v) in plan.kv.items()}
-            record = PrefixRecord(n_layers=record_prefix, kv=kv, hidden=hidden["h"][:, :T], seq_len=T,
+            kv = {l: (k[:, :, :T], v[:, :, :T]) if t else (k, v) for l, (k, v) in plan.kv.items()}
+            record = PrefixRecord(n_layers=record_prefix, kv=kv, hidden=hidden["h"][:, :T] if t else hidden["h"], seq_len=T,
                                   vision=vision_calls)
         return PassResult(question=question, generic=generic, record=record)
 
