@@ -143,6 +143,9 @@ class CapturePlan:
     pending: list = field(default_factory=list, repr=False)   # (layer, [(scores, ok, add)], extra): see finish()
     stacked: tuple | None = None         # (layers, [n, B, G, h, N]) when one batched store holds every layer
 
+    def __post_init__(self):
+        self.all_heads = bool(torch.equal(self.heads.cpu(), torch.arange(len(self.heads))))
+
     def on(self, device, rep: int, groups: int):
         key = (str(device), rep, groups)
         got = self._on.get(key)
@@ -359,7 +362,7 @@ def _compose(attention_mask, biases, query, kv: int, state: _State):
 
 
 # --------------------------------------------------------------------------------------------- capture
-_DEFER_ROWS = 8     # plans with at most this many query rows keep per-layer scores and finish them in one batch
+_DEFER_ROWS = 4     # plans with at most this many query rows keep per-layer scores and finish them in one batch
 
 
 def _capture(module, query, key, attention_mask, scaling, plan: CapturePlan, state: _State, kw):
@@ -374,7 +377,9 @@ def _capture(module, query, key, attention_mask, scaling, plan: CapturePlan, sta
     off = _q_offset(attention_mask, q, kv)
     rows, weights, cols, heads, kv_heads = plan.on(dev, _expand_index(state, B), H // key.shape[1])
     h, r = heads.shape[0], rows.shape[1]
-    q_sel = query.index_select(1, heads).gather(2, plan.row_index(rows, off, h, d))             # [B, h, r, d]
+    q_sel = query.gather(2, plan.row_index(rows, off, H, d))                                  # [B, H, r, d]
+    if h != H or not plan.all_heads:
+        q_sel = q_sel.index_select(1, heads)                                                  # [B, h, r, d]
     k_sel = key.index_select(1, kv_heads)                                                     # [B, h, kv, d]
     if attention_mask is not None and attention_mask.shape[1] != 1:     # per-head float mask (soft bias path)
         ridx = (rows - off)[:, None, :, None]
@@ -402,7 +407,9 @@ def _capture(module, query, key, attention_mask, scaling, plan: CapturePlan, sta
 
 def _scores(q_sel, k_sel):
     """Raw fp32 logits ``[..., r, kv]`` (before scaling)."""
-    return torch.matmul(q_sel.float(), k_sel.float().transpose(-1, -2))
+    if q_sel.dtype != torch.float32:
+        q_sel, k_sel = q_sel.float(), k_sel.float()
+    return torch.matmul(q_sel, k_sel.transpose(-1, -2))
 
 
 def _finish(scores, ok, add, scaling, softcap, cols):
