@@ -250,6 +250,39 @@ def test_refine_path_reads_nothing_back_between_triage_and_first_token(monkeypat
         hook.remove()
 
 
+class _OnDevice(torch.Tensor):
+    """A tensor that behaves as if it lived on an accelerator: ``.cpu()`` returns a separate host copy."""
+
+    def cpu(self, *a, **k):
+        return self.as_subclass(torch.Tensor).clone()
+
+
+def test_image_sizes_are_read_back_once_per_prompt(monkeypatch):
+    """The caller's ``image_grid_thw`` is read back to the host only by ``.cpu()`` copies (the layout reads, the
+    generic prompt's size check) and nothing computed from it on the device is read back; splitting Qwen's flattened patches per image for the cache fingerprints and
+    the same-image check uses those host copies (on a GPU each extra read is a sync)."""
+    tiny = build_tiny_model("qwen2_vl", num_hidden_layers=3)
+    inputs = tiny_inputs(tiny, [3, 6], _grids("qwen2_vl", 2), seed=4)
+    generic = _generic_like(inputs, tiny.model, [40, 41, 42])
+    q_thw, g_thw = inputs["image_grid_thw"].as_subclass(_OnDevice), inputs["image_grid_thw"].as_subclass(_OnDevice)
+    inputs["image_grid_thw"], generic["image_grid_thw"] = q_thw, g_thw
+    reads = []
+    for meth in _READ_METHODS:
+        orig = getattr(torch.Tensor, meth) if meth != "cpu" else _OnDevice.cpu
+
+        def spy(self, *a, _orig=orig, _m=meth, **k):
+            if isinstance(self, _OnDevice) and _our_caller() is not None and _m != "numpy":
+                reads.append(("question" if self is q_thw else "generic" if self is g_thw else "derived", _m,
+                              _our_caller()))
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(_OnDevice if meth == "cpu" else torch.Tensor, meth, spy)
+    w = VGRefineWrapper(tiny.model, _cfg(masked_layers=[2]))
+    w.refine_inputs(**inputs, generic_inputs=generic)
+    assert [r[1] for r in reads if r[0] == "question"] == ["cpu"], reads
+    assert {r[1] for r in reads if r[0] == "generic"} == {"cpu"}, reads
+    assert [r for r in reads if r[0] == "derived"] == [], reads     # no value read of a device-side result
+
+
 # ------------------------------------------------------------------ CUDA
 cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                           reason="no CUDA device on this machine: the CUDA equality and sync checks need one")

@@ -46,6 +46,7 @@ class PromptLayout:
     device: torch.device
     ids: torch.Tensor                    # host copy [B, T]
     left_padded: bool
+    sizes: dict = field(default_factory=dict)   # host copies of the image-size inputs (image_grid_thw, image_sizes)
 
     @classmethod
     def read(cls, adapter, inputs: dict, spans=None) -> "PromptLayout":
@@ -66,7 +67,9 @@ class PromptLayout:
             left = bool(mask[:, -1].bool().all())
         else:
             starts, left = [0] * B, True
-        return cls(spans=spans, B=B, T=T, starts=starts, device=ids.device, ids=host["input_ids"], left_padded=left)
+        sizes = {k: v for k, v in host.items() if k not in ("input_ids", "attention_mask")}
+        return cls(spans=spans, B=B, T=T, starts=starts, device=ids.device, ids=host["input_ids"], left_padded=left,
+                   sizes=sizes)
 
     @property
     def main(self) -> list:
@@ -163,8 +166,17 @@ def tensor_fingerprint(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def image_fingerprints(adapter, inputs: dict, b: int) -> dict:
-    """``{input name: fingerprint}`` of sample ``b``'s image inputs without batch padding."""
+def host_sizes(inputs: dict) -> dict:
+    """Host copies of the image-size inputs (``image_grid_thw``, ``image_sizes``) present in ``inputs``."""
+    return {k: inputs[k].cpu() for k in _LAYOUT_KEYS[2:] if torch.is_tensor(inputs.get(k))}
+
+
+def image_fingerprints(adapter, inputs: dict, b: int, sizes: dict | None = None) -> dict:
+    """``{input name: fingerprint}`` of sample ``b``'s image inputs without batch padding. ``sizes``: host copies
+    of the image-size inputs (:func:`host_sizes`, :attr:`PromptLayout.sizes`), so that splitting flattened
+    patches per image reads nothing back from the device."""
+    if sizes:
+        inputs = {**inputs, **sizes}
     return {k: tensor_fingerprint(v) for k, v in sorted(adapter.image_content(inputs, b).items())}
 
 

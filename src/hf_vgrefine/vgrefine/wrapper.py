@@ -30,7 +30,7 @@ from ..adapters import get_adapter
 from ..attention import AttentionProbe, KeyBlock
 from ..generic_cache import GenericMapCache, model_fingerprint
 from ..grounding_pass import (GroundingPass, PrefixRecord, PrefixReplay, PromptLayout, common_tail,
-                              eager_if_compiled, image_fingerprints)
+                              eager_if_compiled, host_sizes, image_fingerprints)
 from .config import VGRefineConfig
 from .logits import VGRefineLogitsProcessor
 from .triage import knockout_set, triage_flags, triage_scores
@@ -203,8 +203,9 @@ class VGRefineWrapper:
         if generic_inputs["input_ids"].shape[0] != B:
             raise ValueError(f"generic_inputs has {generic_inputs['input_ids'].shape[0]} samples, the inputs "
                              f"{B}: pass one generic prompt per sample, same order")
+        sizes = host_sizes(generic_inputs)
         for b in range(B):
-            g = image_fingerprints(self.adapter, generic_inputs, b)
+            g = image_fingerprints(self.adapter, generic_inputs, b, sizes)
             for key, val in q_prints[b].items():
                 if g.get(key) != val:
                     raise ValueError(f"generic_inputs sample {b}: {key!r} differs from the question's; the generic "
@@ -254,7 +255,7 @@ class VGRefineWrapper:
             g_layout = None
             q_prints = None
             if need_generic and (generic_inputs is not None or cfg.cache_generic):
-                q_prints = [image_fingerprints(self.adapter, inputs, b) for b in range(B)]
+                q_prints = [image_fingerprints(self.adapter, inputs, b, layout.sizes) for b in range(B)]
             if need_generic and generic_inputs is not None:
                 self._check_same_images(inputs, generic_inputs, q_prints)
                 g_layout = PromptLayout.read(self.adapter, generic_inputs)
