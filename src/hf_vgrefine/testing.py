@@ -351,7 +351,7 @@ def _llava_next_token_count(tiny: TinyVLM, hw: tuple[int, int]) -> int:
 
 
 def tiny_processor(family: str, extra_words: list[str] | None = None, **image_kwargs):
-    """Real HF processor for a tiny ``family`` model (LLaVA, LLaVA-NeXT, Qwen2/2.5-VL, PaliGemma, InternVL,
+    """Real HF processor for a tiny ``family`` model (LLaVA, LLaVA-NeXT, Qwen2/2.5-VL, Qwen 3.5, PaliGemma, InternVL,
     LLaVA-OneVision) built locally (the Qwen, InternVL and OneVision processors need torchvision for their video
     processor class check: without it they raise ``RuntimeError``).
 
@@ -386,6 +386,18 @@ def tiny_processor(family: str, extra_words: list[str] | None = None, **image_kw
         except AttributeError as e:  # transformers 5.x resolves the video processor class through torchvision
             raise RuntimeError(f"{cls.__name__} cannot be built without torchvision in this environment ({e}); "
                                "use the image processor alone (Qwen2VLImageProcessor) and hand-built ids") from e
+    if family in ("qwen3_5", "qwen3_5_moe"):   # Qwen3VLProcessor around Qwen2VLImageProcessorPil, 16-px patches
+        kw = dict(patch_size=16, merge_size=2, temporal_patch_size=2,
+                  size={"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 36})
+        kw.update(image_kwargs)
+        ip = tf.Qwen2VLImageProcessorPil(**kw)
+        tok.image_token, tok.image_token_id = "<image>", IMAGE
+        try:
+            return tf.Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=None,
+                                       chat_template=_QWEN_TEMPLATE)
+        except AttributeError as e:  # transformers 5.x resolves the video processor class through torchvision
+            raise RuntimeError(f"Qwen3VLProcessor cannot be built without torchvision in this environment ({e}); "
+                               "use the image processor alone (Qwen2VLImageProcessorPil) and hand-built ids") from e
     if family == "paligemma":
         kw = dict(size={"height": 28, "width": 28})
         kw.update(image_kwargs)
@@ -416,4 +428,4 @@ def tiny_processor(family: str, extra_words: list[str] | None = None, **image_kw
             raise RuntimeError(f"{cls.__name__} cannot be built without torchvision in this environment ({e}); "
                                "use the image processor alone and hand-built ids") from e
     raise ValueError(f"no tiny processor for {family!r}; available: llava, llava_next, qwen2_vl, qwen2_5_vl, "
-                     "paligemma, internvl, llava_onevision")
+                     "qwen3_5, qwen3_5_moe, paligemma, internvl, llava_onevision")
