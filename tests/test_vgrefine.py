@@ -244,16 +244,17 @@ def test_knocked_out_fraction_matches_percentile():
 
 def test_faithful_mask_replacement_semantics():
     """faithful=True replaces the layer mask with a fresh causal one (Gemma3 loses its bidirectional image
-    block); the default composes with it. LLaVA (causal only): both agree."""
-    for fam, differs in (("gemma3", True), ("llava", False)):
+    block); the default composes with it. LLaVA and the hybrid Qwen 3.5 (causal only): both agree."""
+    for fam, differs in (("gemma3", True), ("llava", False), ("qwen3_5", False)):
         tiny = build_tiny_model(fam, num_hidden_layers=3)
-        inputs = tiny_inputs(tiny, [4], seed=4)
-        generic = tiny_inputs(tiny, [6], seed=4)
-        default = VGRefineWrapper(tiny.model, _cfg())(**inputs, generic_inputs=generic).logits[0, -1]
-        faithful_cfg = _cfg(faithful=True)
+        inputs = tiny_inputs(tiny, [4], _grids(fam, 1), seed=4)
+        generic = tiny_inputs(tiny, [6], _grids(fam, 1), seed=4)
+        heads = _heads(tiny.model)
+        default = VGRefineWrapper(tiny.model, _cfg(sensitive_heads=heads))(**inputs, generic_inputs=generic).logits[0, -1]
+        faithful_cfg = _cfg(faithful=True, sensitive_heads=heads)
         assert faithful_cfg.compose_with_model_mask is False and faithful_cfg.early_exit is False
         faithful = VGRefineWrapper(tiny.model, faithful_cfg)(**inputs, generic_inputs=generic).logits[0, -1]
-        ko = reference_triage(tiny.model, inputs, generic, HEADS, 50.0)
+        ko = reference_triage(tiny.model, inputs, generic, heads, 50.0)
         blocked = [(ko[0], _image_positions(tiny.model, inputs)[0][1])]
         with _RefModel(tiny.model, blocked, [1], fresh=True), torch.no_grad():
             ref = tiny.model(**inputs).logits[0, -1]
