@@ -154,3 +154,20 @@ def test_search_runs_full_forwards_on_attention_layers(tiny):
         want = [("yes" if logits[i, yes] > logits[i, no] else "no") == d["answer"] for i, d in enumerate(data)]
         assert res.per_example[r["label"]] == want, r["label"]
     assert np.isfinite([r["accuracy"] for r in res.table]).all()
+
+
+def test_position_ids_are_the_models_own(tiny):
+    """The adapter's M-RoPE positions (get_rope_index, left-padded batch) are the ones the model derives itself:
+    passing them explicitly leaves the logits unchanged, and they differ from plain 1-D positions."""
+    from hf_vgrefine.adapters import get_adapter
+
+    inputs = tiny_inputs(tiny, [3, 6], GRIDS, seed=3)
+    pos = get_adapter(tiny.model).position_ids(inputs)
+    assert pos.shape == (3, 2, inputs["input_ids"].shape[1])
+    with torch.no_grad():
+        own = tiny.model(**inputs).logits
+        given = tiny.model(**inputs, position_ids=pos).logits
+        flat = tiny.model(**inputs, position_ids=(inputs["attention_mask"].cumsum(-1) - 1).clamp_min(0)).logits
+    valid = inputs["attention_mask"].bool()
+    assert torch.equal(own[valid], given[valid])
+    assert (own[valid] - flat[valid]).abs().max() > 1e-4
