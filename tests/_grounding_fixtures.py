@@ -197,3 +197,21 @@ class RefModel:
     def __exit__(self, *exc):
         self.model.set_attn_implementation(self.target("sdpa"))
         _REF.clear()
+
+
+# ------------------------------------------------------------------ hybrid models (Qwen 3.5)
+def attention_layers(model):
+    """Decoder layers with softmax attention, read from the text config's ``layer_types`` (not from the adapter under
+    test): every layer, except the linear-attention layers of hybrid models."""
+    tc = model.config.get_text_config(decoder=True)
+    kinds = getattr(tc, "layer_types", None) or ["full_attention"] * tc.num_hidden_layers
+    return [i for i, k in enumerate(kinds[: tc.num_hidden_layers]) if k != "linear_attention"]
+
+
+def per_layer(model, attentions):
+    """Eager ``output_attentions`` (one map per softmax-attention layer) as a list indexed by decoder layer, ``None``
+    at the linear-attention layers of a hybrid model."""
+    attn = attention_layers(model)
+    assert len(attentions) == len(attn), (len(attentions), attn)
+    got = dict(zip(attn, attentions))
+    return [got.get(l) for l in range(model.config.get_text_config(decoder=True).num_hidden_layers)]

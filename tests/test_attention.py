@@ -1,4 +1,5 @@
-"""Attention capture and logit bias vs independent eager references, on tiny random models of every family."""
+"""Attention capture and logit bias vs independent eager references, on tiny random models of every family (hybrid
+Qwen 3.5: its softmax-attention layers, read from the config's ``layer_types``)."""
 
 import math
 
@@ -8,7 +9,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import eager_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from _grounding_fixtures import image_positions
+from _grounding_fixtures import attention_layers, image_positions, per_layer
 
 from hf_vgrefine.adapters import get_adapter
 from hf_vgrefine.attention import AttentionProbe, KeyBias, capture_image_attention
@@ -17,6 +18,7 @@ from hf_vgrefine.testing import FAMILIES, build_tiny_model, tiny_inputs
 # different image sizes per sample where the family allows it
 GRIDS = {"llava_next": [(40, 70), (60, 30), (28, 28)], "qwen2_vl": [(4, 4), (2, 3), (3, 5)],
          "qwen2_5_vl": [(4, 4), (2, 3), (3, 5)], "qwen3_vl": [(4, 4), (2, 3), (3, 5)],
+         "qwen3_5": [(4, 4), (2, 3), (3, 5)], "qwen3_5_moe": [(4, 4), (2, 3), (3, 5)],
          "llava_onevision": [(40, 70), (50, 50), (28, 28)],  # (50, 50): capped high-res grid
          "mistral3": [(3, 4), (2, 2), (4, 3)],
          "internvl": [(1,), (3,), (5,)]}   # InternVL: tiles per image (1, or 2 / 4 tiles + the thumbnail)
@@ -34,7 +36,7 @@ def _eager_attentions(model, inputs):
             out = model(**inputs, output_attentions=True)
     finally:
         model.set_attn_implementation({"text_config": "sdpa"})
-    return [a.float() for a in out.attentions]
+    return [None if a is None else a.float() for a in per_layer(model, out.attentions)]   # None: linear layer
 
 
 _image_positions = image_positions
@@ -46,6 +48,8 @@ def _reference_maps(attn, positions, query):
     for b, (pos, v_end) in enumerate(positions):
         per_layer = []
         for A in attn:
+            if A is None:
+                continue
             if query == "last":
                 per_layer.append(A[b, :, -1, pos])
             else:
@@ -63,7 +67,7 @@ def test_capture_equals_eager(tiny, batch, query):
     inputs = tiny_inputs(tiny, lengths, grids)
     cap = capture_image_attention(tiny.model, inputs, query=query)
     ref = _reference_maps(_eager_attentions(tiny.model, inputs), _image_positions(tiny.model, inputs), query)
-    assert cap.maps.shape[:3] == (len(lengths), tiny.model.config.get_text_config().num_hidden_layers, 4)
+    assert cap.maps.shape[:3] == (len(lengths), len(attention_layers(tiny.model)), 4)
     for b in range(len(lengths)):
         torch.testing.assert_close(cap.sample(b), ref[b], atol=1e-5, rtol=0)
         assert torch.isnan(cap.maps[b, ..., cap.n_tokens[b]:]).all()
@@ -74,12 +78,13 @@ def test_capture_subset_explicit_rows_and_early_exit(tiny):
     positions = _image_positions(tiny.model, inputs)
     T = inputs["input_ids"].shape[1]
     rows = [T - 1, T - 2]
-    full = capture_image_attention(tiny.model, inputs, layers=[0], heads=[3, 1], query=rows, early_exit=False)
-    early = capture_image_attention(tiny.model, inputs, layers=[0], heads=[3, 1], query=rows, early_exit=True)
+    l0 = attention_layers(tiny.model)[0]
+    full = capture_image_attention(tiny.model, inputs, layers=[l0], heads=[3, 1], query=rows, early_exit=False)
+    early = capture_image_attention(tiny.model, inputs, layers=[l0], heads=[3, 1], query=rows, early_exit=True)
     torch.testing.assert_close(full.maps, early.maps, equal_nan=True, atol=0, rtol=0)
     attn = _eager_attentions(tiny.model, inputs)
     for b, (pos, _) in enumerate(positions):
-        ref = attn[0][b][[3, 1]][:, rows][:, :, pos].mean(1)
+        ref = attn[l0][b][[3, 1]][:, rows][:, :, pos].mean(1)
         torch.testing.assert_close(early.sample(b)[0], ref, atol=1e-5, rtol=0)
 
 
@@ -173,14 +178,15 @@ def test_inf_bias_equals_masked_eager(tiny):
 
 
 def test_soft_bias_per_head_matches_reference(tiny):
-    """A finite per-head bias equals adding it to the eager logits by hand (layer 0, head 2)."""
+    """A finite per-head bias equals adding it to the eager logits by hand (first attention layer, head 2)."""
     model = tiny.model
     inputs = tiny_inputs(tiny, [4], GRIDS[tiny.family][:1] if tiny.family in GRIDS else None)
     pos, _ = _image_positions(model, inputs)[0]
     T = inputs["input_ids"].shape[1]
-    bias = KeyBias(layers=(0,), batch_index=0, row_start=T - 1, row_stop=T, cols=pos[:3], value=2.5, heads=(2,))
-    cap = capture_image_attention(model, inputs, layers=[0], heads=[2, 0], biases=[bias])
-    attn = _eager_attentions(model, inputs)[0][0]                     # [H, T, T] layer 0, sample 0
+    l0 = attention_layers(model)[0]
+    bias = KeyBias(layers=(l0,), batch_index=0, row_start=T - 1, row_stop=T, cols=pos[:3], value=2.5, heads=(2,))
+    cap = capture_image_attention(model, inputs, layers=[l0], heads=[2, 0], biases=[bias])
+    attn = _eager_attentions(model, inputs)[l0][0]                    # [H, T, T] layer l0, sample 0
     for k, h in enumerate([2, 0]):
         row = attn[h, -1]
         if h == 2:                                                   # softmax(logits + b) from softmax(logits)

@@ -14,14 +14,18 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from _grounding_fixtures import attention_layers
+
 from hf_vgrefine.adapters import get_adapter
 from hf_vgrefine.attention import register_attention
 from hf_vgrefine.testing import FAMILIES, build_tiny_model, tiny_inputs
 from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 
 GRIDS = {"llava_next": [(40, 70), (28, 28), (60, 30)], "qwen2_vl": [(4, 4), (2, 3), (3, 5)],
-         "qwen2_5_vl": [(4, 4), (2, 3), (3, 5)], "qwen3_vl": [(4, 4), (2, 3), (3, 5)]}
+         "qwen2_5_vl": [(4, 4), (2, 3), (3, 5)], "qwen3_vl": [(4, 4), (2, 3), (3, 5)],
+         "qwen3_5": [(4, 4), (2, 3), (3, 5)], "qwen3_5_moe": [(4, 4), (2, 3), (3, 5)]}
 HEADS = [[0, 1], [1, 2], [2, 3], [1, 0]]
+HYBRID_HEADS = [[1, 1], [1, 2], [2, 3], [1, 0]]    # the tiny Qwen 3.5 models: layer 0 is linear attention
 SRC = os.path.dirname(inspect.getfile(VGRefineWrapper)).rsplit(os.sep, 1)[0]     # .../src/hf_vgrefine
 
 
@@ -29,8 +33,9 @@ def _grids(fam, n):
     return GRIDS[fam][:n] if fam in GRIDS else None
 
 
-def _cfg(**kw):
-    base = dict(masked_layers=[1], sensitive_heads=HEADS, percentile=50.0)
+def _cfg(model=None, **kw):
+    hybrid = model is not None and attention_layers(model) != list(range(model.config.get_text_config().num_hidden_layers))
+    base = dict(masked_layers=[1], sensitive_heads=HYBRID_HEADS if hybrid else HEADS, percentile=50.0)
     base.update(kw)
     return VGRefineConfig(**base)
 
@@ -94,7 +99,7 @@ def test_compile_fullgraph_export_strict_and_static_cache(family):
         out = model.generate(**inputs, **kw)
     assert torch.equal(out, want)
     # VGRefine on the same model with a static cache: full prefill (no replay), the knockout still applies
-    w = VGRefineWrapper(model, _cfg(masked_layers=[1]))
+    w = VGRefineWrapper(model, _cfg(model, masked_layers=[1]))
     refined = w.generate(**inputs, generic_inputs=_generic_like(inputs, model, [40, 41]), **kw)
     dynamic = w.generate(**inputs, generic_inputs=_generic_like(inputs, model, [40, 41]),
                          **{**kw, "cache_implementation": "dynamic"})
@@ -161,12 +166,15 @@ def test_shared_prefix_runs_the_vision_encoder_once(family):
         counts, outs = {}, {}
         for share in (True, False):
             calls.clear()
-            outs[share] = VGRefineWrapper(model, _cfg(masked_layers=[2], share_prefix=share)).generate(**inputs, **kw)
+            outs[share] = VGRefineWrapper(model, _cfg(model, masked_layers=[2], share_prefix=share)).generate(**inputs,
+                                                                                                               **kw)
             counts[share] = len(calls)
     finally:
         handle.remove()
-    # prefix-LM (PaliGemma): the image keys depend on the text, so the generic prompt runs its own pass (not packed)
-    shared = 2 if get_adapter(model).prefix_lm else 1
+    # prefix-LM (PaliGemma): the image keys depend on the text, so the generic prompt runs its own pass (not packed);
+    # hybrid (Qwen 3.5: linear-attention layers, from the config's layer_types): no sharing at all, the plain path
+    hybrid = len(attention_layers(model)) < model.config.get_text_config().num_hidden_layers
+    shared = 3 if hybrid else 2 if get_adapter(model).prefix_lm else 1
     assert counts == {True: shared, False: 3}      # unshared: question pass, generic pass, answer
     assert torch.equal(outs[True], outs[False])
     assert getattr(parent, name) is encoder
@@ -309,7 +317,7 @@ def test_cuda_equals_cpu_and_has_no_syncs_on_the_refine_path(family):
     gts = [torch.arange(s[0].n_tokens) % 3 == 0 for s in get_adapter(cpu_model).image_spans(inputs)]
     runs = [dict(do_sample=False), dict(do_sample=False, num_beams=2), dict(do_sample=True, top_k=20)]
     for kw in runs:
-        for cfg in (_cfg(masked_layers=[2]), _cfg(masked_layers=[2], knockout_set="oracle")):
+        for cfg in (_cfg(cpu_model, masked_layers=[2]), _cfg(cpu_model, masked_layers=[2], knockout_set="oracle")):
             extra = {"gt_token_masks": gts} if cfg.knockout_set == "oracle" else {"generic_inputs": generic}
             extra_gpu = {"gt_token_masks": gts} if cfg.knockout_set == "oracle" else \
                 {"generic_inputs": _to(generic, "cuda")}

@@ -52,8 +52,6 @@ NOT_TINY = {
 "minimax_m3_vl": _INPUTS, "mistral_large4": _INPUTS,
     "molmo2": _INPUTS, "muse_glimmer": _INPUTS, "muse_spark": _INPUTS, "paddleocr_vl": _INPUTS,
     "perception_lm": "needs timm (not installed)", "pp_chart2table": _INPUTS, "qwen2_5_omni_thinker": _INPUTS,
-    "qwen3_5": _INPUTS + " (hybrid linear-attention layers in the eager reference)",
-    "qwen3_5_moe": _INPUTS + " (hybrid linear-attention layers in the eager reference)",
     "qwen3_omni_moe_thinker": _INPUTS, "qwen4_exp": _BUILD, "shieldgemma2": _INPUTS, "smolvlm": _INPUTS,
     "step3p7": _BUILD + " (sliding_window)", "unlimited_ocr": _INPUTS, "video_llama_3": _INPUTS, "vipllava": _INPUTS,
 }

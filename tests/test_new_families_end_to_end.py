@@ -1,7 +1,8 @@
 """Measurement, calibration, the Med-VQA runner and VGRefine on processor-built prompts for the exact families
-added after the first six whose real processor builds offline here (PaliGemma, InternVL, LLaVA-OneVision; the
-Pixtral / Mistral 3 processor class needs torchvision): measured attention ratios equal a hand computation from
-eager ``output_attentions``; calibration and the runner run end to end."""
+added after the first six whose real processor builds offline here (PaliGemma, InternVL, LLaVA-OneVision, Qwen 3.5;
+the Pixtral / Mistral 3 processor class needs torchvision): measured attention ratios equal a hand computation from
+eager ``output_attentions`` (hybrid Qwen 3.5: its softmax-attention layers, the only ones eager returns maps of);
+calibration and the runner run end to end."""
 
 import importlib.util
 import json
@@ -9,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _grounding_fixtures import family_processor, load_fixture
+from _grounding_fixtures import attention_layers, family_processor, load_fixture
 
 from hf_vgrefine.adapters import get_adapter
 from hf_vgrefine.calibrate import calibrate
@@ -19,7 +20,7 @@ from hf_vgrefine.measure import measure_grounding
 from hf_vgrefine.testing import IMAGE, build_tiny_model
 from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 
-NEW = ["paligemma", "internvl", "llava_onevision"]
+NEW = ["paligemma", "internvl", "llava_onevision", "qwen3_5"]
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +82,10 @@ def test_calibrate_then_vgrefine_generate(family, ds, tmp_path):
     H = model.config.get_text_config().num_attention_heads
     cfg = calibrate(model, proc, ds, k=4, output_dir=str(tmp_path), progress=False)
     curve = np.array(cfg.calibration["layer_curves"]["attention_ratio"])
-    assert cfg.masked_layers == [int(np.argmax(curve))] and len(cfg.sensitive_heads) == 4
-    assert all(0 <= l < L and 0 <= h < H for l, h in cfg.sensitive_heads)
+    attn = attention_layers(model)                     # hybrid: the curve runs over the softmax-attention layers
+    assert len(curve) == len(attn)
+    assert cfg.masked_layers == [attn[int(np.argmax(curve))]] and len(cfg.sensitive_heads) == 4
+    assert all(l in attn and 0 <= l < L and 0 <= h < H for l, h in cfg.sensitive_heads)
     json.loads((tmp_path / "vgrefine_config.json").read_text())
     # the calibrated config drives VGRefine on processor-built prompts (a padded batch of two)
     w = VGRefineWrapper(model, VGRefineConfig(masked_layers=cfg.masked_layers, sensitive_heads=cfg.sensitive_heads,
@@ -98,8 +101,9 @@ def test_calibrate_then_vgrefine_generate(family, ds, tmp_path):
     assert all(int(t.knocked_out_positions.numel()) > 0 for t in w.last_triage)
 
 
-def test_medvqa_runner_paligemma(tmp_path_factory):
-    """The Med-VQA runner (baseline and VGRefine) on a tiny PaliGemma with its real processor."""
+@pytest.mark.parametrize("family", ["paligemma", "qwen3_5"])
+def test_medvqa_runner(family, tmp_path_factory):
+    """The Med-VQA runner (baseline and VGRefine) on a tiny PaliGemma / hybrid Qwen 3.5 with its real processor."""
     from pathlib import Path
 
     from hf_vgrefine.medvqa import evaluate_medvqa as evaluate
@@ -111,8 +115,9 @@ def test_medvqa_runner_paligemma(tmp_path_factory):
     spec.loader.exec_module(mod)
     data = mod.write_all(tmp_path_factory.mktemp("medvqa_data"))
     items = [*load_benchmark("vqa-rad", data_dir=data)]
-    model, proc = build_tiny_model("paligemma").model, family_processor("paligemma")
-    cfg = VGRefineConfig(masked_layers=[1], sensitive_heads=[[0, 1], [1, 2]], percentile=50.0)
+    model, proc = build_tiny_model(family).model, family_processor(family)
+    heads = [[1, 1], [1, 2]] if family == "qwen3_5" else [[0, 1], [1, 2]]      # Qwen 3.5: layer 0 is linear
+    cfg = VGRefineConfig(masked_layers=[1], sensitive_heads=heads, percentile=50.0)
     out = tmp_path_factory.mktemp("runner")
     rep = evaluate(model, proc, items, methods=("baseline", "vgrefine"), vgrefine_config=cfg.to_json_string(),
                    out_dir=out, batch_size=4, progress=False)
@@ -179,7 +184,7 @@ def test_generic_prompt_built_from_the_question_equals_processor_output(family, 
     drop = ("labels", "num_patches", "batch_num_images")
     inputs = {k: v for k, v in proc(images=images, text=[render("is there a lesion ?"), render("what is left ?")],
                                     return_tensors="pt", padding=True).items() if k not in drop}
-    w = VGRefineWrapper(model, VGRefineConfig(masked_layers=[1], sensitive_heads=[[0, 1]], percentile=50.0),
+    w = VGRefineWrapper(model, VGRefineConfig(masked_layers=[1], sensitive_heads=[[1, 1]], percentile=50.0),
                         processor=proc)
     built = w._generic_batch(inputs, PromptLayout.read(w.adapter, inputs), [0, 1])
     g_text = render("Write a general description of the image. Answer the question using a single word or phrase.")

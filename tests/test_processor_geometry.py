@@ -290,6 +290,38 @@ def test_qwen3vl_patch16():
         check_box(red, g, box, exact=exact)
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe"])
+@pytest.mark.parametrize("settings", ["defaults", "checkpoint"])
+def test_qwen3_5_adapter_grid_on_its_real_processor(model_type, settings):
+    """Qwen 3.5's image processor is the class transformers maps ``qwen3_5`` to (Qwen2VLImageProcessor, Pil backend
+    here), with its defaults or the Qwen 3.5 checkpoints' 16-px patches; the adapter's grid (merge size from the
+    model config) puts a painted box on the cells the processor really paints, and matches the spans."""
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    from hf_vgrefine.adapters import get_adapter
+    from hf_vgrefine.testing import build_tiny_model
+
+    names = IMAGE_PROCESSOR_MAPPING_NAMES[model_type]
+    assert names["pil"] == "Qwen2VLImageProcessorPil"
+    kw = {} if settings == "defaults" else dict(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                                image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    ip = proc(names["pil"], **kw)
+    adapter = get_adapter(build_tiny_model(model_type).model)
+    assert type(adapter).__name__ == "Qwen35Adapter" and adapter.exact_geometry
+    cell = ip.patch_size * ip.merge_size
+    for wh, box, exact in [((250, 170), [60, 30, 190, 130], False),
+                           ((8 * cell, 5 * cell), [2 * cell, cell, 6 * cell, 4 * cell], True)]:
+        out = ip(painted_image(wh, [box]), return_tensors="pt")
+        n = int(out["image_grid_thw"][0].prod()) // ip.merge_size ** 2
+        ids = torch.tensor([[1, 302] + [adapter.image_token_id] * n + [303, 40]])
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "image_grid_thw": out["image_grid_thw"]}
+        span = adapter.image_spans(inputs)[0][0]
+        g = adapter.token_grid(ip, wh, span=span, inputs=inputs)
+        assert (g.rows, g.cols) == (span.rows, span.cols) and g.cell_size == (float(cell), float(cell))
+        red = redness(qwen_unpatchify(out["pixel_values"].numpy(), out["image_grid_thw"].numpy(), ip), ip)
+        check_box(red, g, box, exact=exact)
+
+
 def test_qwen_smart_resize_matches_transformers():
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 

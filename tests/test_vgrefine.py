@@ -1,12 +1,13 @@
 """VGRefine vs an independent eager reference written here (own triage from eager output_attentions, own
-masked eager attention), on tiny random models of every family."""
+masked eager attention), on tiny random models of every family (hybrid Qwen 3.5: heads and masked layers on its
+softmax-attention layers, see ``_heads``)."""
 
 import numpy as np
 import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from _grounding_fixtures import RefModel, image_positions
+from _grounding_fixtures import RefModel, attention_layers, image_positions, per_layer
 
 from hf_vgrefine.adapters import get_adapter
 from hf_vgrefine.testing import FAMILIES, build_tiny_model, tiny_inputs, tiny_processor
@@ -15,10 +16,17 @@ from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 
 GRIDS = {"llava_next": [(40, 70), (60, 30), (28, 28), (50, 50)], "qwen2_vl": [(4, 4), (2, 3), (3, 5), (4, 2)],
          "qwen2_5_vl": [(4, 4), (2, 3), (3, 5), (4, 2)], "qwen3_vl": [(4, 4), (2, 3), (3, 5), (4, 2)],
+         "qwen3_5": [(4, 4), (2, 3), (3, 5), (4, 2)], "qwen3_5_moe": [(4, 4), (2, 3), (3, 5), (4, 2)],
          "llava_onevision": [(40, 70), (50, 50), (28, 28), (60, 30)],  # (50, 50): capped high-res grid
          "mistral3": [(3, 4), (2, 2), (4, 3), (1, 5)],
          "internvl": [(3,), (1,), (5,), (1,)]}   # InternVL: tiles per image (k tiles + the thumbnail, or 1)
 HEADS = [[0, 1], [1, 2], [2, 3], [1, 0]]
+
+
+def _heads(model):
+    """HEADS with every layer moved to the nearest softmax-attention layer (hybrid models; ties -> lower)."""
+    attn = attention_layers(model)
+    return [[l if l in attn else min(attn, key=lambda a: (abs(a - l), a)), h] for l, h in HEADS]
 
 
 def _grids(fam, n):
@@ -44,7 +52,7 @@ def _eager_last_rows(model, inputs):
             att = model(**inputs, output_attentions=True).attentions
     finally:
         model.set_attn_implementation({"text_config": "sdpa"})
-    return [a.double() for a in att]     # per layer [B, H, T, T]
+    return [None if a is None else a.double() for a in per_layer(model, att)]   # per layer [B, H, T, T]
 
 
 _image_positions = image_positions
@@ -83,11 +91,12 @@ def test_equivalence_with_eager_reference(tiny):
     inputs = tiny_inputs(tiny, [3, 6], _grids(tiny.family, 2), seed=1)
     generic = tiny_inputs(tiny, [9, 2], _grids(tiny.family, 2), seed=1)       # same images, other text
     assert torch.equal(inputs["pixel_values"], generic["pixel_values"])
-    cfg = _cfg()
+    heads = _heads(model)
+    cfg = _cfg(sensitive_heads=heads)
     w = VGRefineWrapper(model, cfg)
     out = w.generate(**inputs, generic_inputs=generic, max_new_tokens=4, do_sample=False)
     tri = w.last_triage
-    ref_ko = reference_triage(model, inputs, generic, HEADS, 50.0)
+    ref_ko = reference_triage(model, inputs, generic, heads, 50.0)
     for b in range(2):
         assert torch.equal(tri[b].knocked_out_positions.sort().values, ref_ko[b].sort().values)
     blocked = [(ref_ko[b], p[1]) for b, p in enumerate(_image_positions(model, inputs))]
@@ -153,7 +162,7 @@ def test_batch_of_four_equals_one_by_one(tiny):
     lengths = [3, 7, 2, 5]
     inputs = tiny_inputs(tiny, lengths, _grids(tiny.family, 4), seed=3)
     generic = tiny_inputs(tiny, [4, 4, 4, 4], _grids(tiny.family, 4), seed=3)
-    w = VGRefineWrapper(model, _cfg(percentile=70.0))
+    w = VGRefineWrapper(model, _cfg(percentile=70.0, sensitive_heads=_heads(model)))
     out = w.generate(**inputs, generic_inputs=generic, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     batch_logits = w(**inputs, generic_inputs=generic).logits[:, -1]
     for b in range(4):
@@ -176,14 +185,15 @@ def test_batch_of_four_equals_one_by_one(tiny):
         torch.testing.assert_close(l1, batch_logits[b], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "paligemma"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "paligemma", "qwen3_5"])
 def test_beam_search_and_sampling_match_reference(family):
     tiny = build_tiny_model(family, num_hidden_layers=3)
     model = tiny.model
     inputs = tiny_inputs(tiny, [3, 6], _grids(family, 2), seed=5)
     generic = tiny_inputs(tiny, [5, 5], _grids(family, 2), seed=5)
-    w = VGRefineWrapper(model, _cfg())
-    ko = reference_triage(model, inputs, generic, HEADS, 50.0)
+    heads = _heads(model)
+    w = VGRefineWrapper(model, _cfg(sensitive_heads=heads))
+    ko = reference_triage(model, inputs, generic, heads, 50.0)
     blocked = [(ko[b], p[1]) for b, p in enumerate(_image_positions(model, inputs))]
     beams = w.generate(**inputs, generic_inputs=generic, max_new_tokens=4, num_beams=3, do_sample=False)
     torch.manual_seed(11)
@@ -234,16 +244,17 @@ def test_knocked_out_fraction_matches_percentile():
 
 def test_faithful_mask_replacement_semantics():
     """faithful=True replaces the layer mask with a fresh causal one (Gemma3 loses its bidirectional image
-    block); the default composes with it. LLaVA (causal only): both agree."""
-    for fam, differs in (("gemma3", True), ("llava", False)):
+    block); the default composes with it. LLaVA and the hybrid Qwen 3.5 (causal only): both agree."""
+    for fam, differs in (("gemma3", True), ("llava", False), ("qwen3_5", False)):
         tiny = build_tiny_model(fam, num_hidden_layers=3)
-        inputs = tiny_inputs(tiny, [4], seed=4)
-        generic = tiny_inputs(tiny, [6], seed=4)
-        default = VGRefineWrapper(tiny.model, _cfg())(**inputs, generic_inputs=generic).logits[0, -1]
-        faithful_cfg = _cfg(faithful=True)
+        inputs = tiny_inputs(tiny, [4], _grids(fam, 1), seed=4)
+        generic = tiny_inputs(tiny, [6], _grids(fam, 1), seed=4)
+        heads = _heads(tiny.model)
+        default = VGRefineWrapper(tiny.model, _cfg(sensitive_heads=heads))(**inputs, generic_inputs=generic).logits[0, -1]
+        faithful_cfg = _cfg(faithful=True, sensitive_heads=heads)
         assert faithful_cfg.compose_with_model_mask is False and faithful_cfg.early_exit is False
         faithful = VGRefineWrapper(tiny.model, faithful_cfg)(**inputs, generic_inputs=generic).logits[0, -1]
-        ko = reference_triage(tiny.model, inputs, generic, HEADS, 50.0)
+        ko = reference_triage(tiny.model, inputs, generic, heads, 50.0)
         blocked = [(ko[0], _image_positions(tiny.model, inputs)[0][1])]
         with _RefModel(tiny.model, blocked, [1], fresh=True), torch.no_grad():
             ref = tiny.model(**inputs).logits[0, -1]
@@ -455,7 +466,7 @@ def test_share_prefix_equals_plain_path(tiny, masked):
               return_dict_in_generate=True)
     if tiny.family == "llava":
         kw["num_beams"] = 2
-    outs = [VGRefineWrapper(model, _cfg(masked_layers=masked, share_prefix=share)).generate(**inputs, **kw)
+    outs = [VGRefineWrapper(model, _cfg(masked_layers=masked, share_prefix=share, sensitive_heads=_heads(model))).generate(**inputs, **kw)
             for share in (False, True)]
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     for a, b in zip(outs[0].logits, outs[1].logits):
@@ -463,7 +474,7 @@ def test_share_prefix_equals_plain_path(tiny, masked):
     layers = get_adapter(model).decoder_layers
     assert all(type(layer).__name__ != "_ReplayLayer" for layer in layers)   # originals restored
     # a non-dynamic cache request falls back to the full prefill (same tokens)
-    w = VGRefineWrapper(model, _cfg(masked_layers=masked, share_prefix=True))
+    w = VGRefineWrapper(model, _cfg(masked_layers=masked, share_prefix=True, sensitive_heads=_heads(model)))
     assert not w._can_replay({"cache_implementation": "static"}) and w._can_replay({})
 
 
@@ -515,14 +526,15 @@ def test_shared_generic_pass_equals_full_generic_pass(tiny):
     """share_prefix runs only the generic prompt's tail on the question's cached image prefix; the triage
     map equals the one from a full generic pass, and the model is left untouched."""
     inputs = tiny_inputs(tiny, [3, 6], _grids(tiny.family, 2), seed=13)
+    heads = _heads(tiny.model)
     generic = _generic_like(inputs, tiny, [40, 41, 42, 43, 44, 45])
     # the plain path (share_prefix=False: a full forward of the generic prompt) and the independent eager
     # reference (two full eager forwards with output_attentions, triage written in this file)
-    full = VGRefineWrapper(tiny.model, _cfg(masked_layers=[2], share_prefix=False)).refine_inputs(
+    full = VGRefineWrapper(tiny.model, _cfg(masked_layers=[2], share_prefix=False, sensitive_heads=heads)).refine_inputs(
         generic_inputs=generic, **inputs)
-    ref_s = reference_scores(tiny.model, inputs, generic, HEADS)
-    ref_ko = reference_triage(tiny.model, inputs, generic, HEADS, 50.0)
-    w = VGRefineWrapper(tiny.model, _cfg(masked_layers=[2], share_prefix=True))
+    ref_s = reference_scores(tiny.model, inputs, generic, heads)
+    ref_ko = reference_triage(tiny.model, inputs, generic, heads, 50.0)
+    w = VGRefineWrapper(tiny.model, _cfg(masked_layers=[2], share_prefix=True, sensitive_heads=heads))
     shared = w.refine_inputs(generic_inputs=generic, **inputs)
     for b, (a, s) in enumerate(zip(full.samples, shared.samples)):
         torch.testing.assert_close(a.triage_map, s.triage_map, atol=1e-5, rtol=1e-5)
@@ -537,7 +549,7 @@ def test_shared_generic_pass_equals_full_generic_pass(tiny):
         assert torch.equal(a.triage_map, b.triage_map)
         assert torch.equal(a.knocked_out, b.knocked_out)
     # the triage map really depends on the generic tail
-    other = VGRefineWrapper(tiny.model, _cfg(masked_layers=[2], share_prefix=True)).refine_inputs(
+    other = VGRefineWrapper(tiny.model, _cfg(masked_layers=[2], share_prefix=True, sensitive_heads=heads)).refine_inputs(
         generic_inputs=_generic_like(inputs, tiny, [50, 51, 52]), **inputs)
     assert (other.samples[0].triage_map - shared.samples[0].triage_map).abs().max() > 1e-4
 

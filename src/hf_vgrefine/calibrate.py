@@ -227,7 +227,7 @@ def calibrate(model, processor, dataset, k: int = 20, criterion: str = "attentio
         model_id=str(getattr(model.config, "_name_or_path", "") or "") or None,
         processor_settings=proc_settings, calibration=json_safe(calibration),
         notes=f"calibrated by hf_vgrefine.calibrate on {len(results)} samples ({rank_by}, criterion {criterion})")
-    cfg.check_model(adapter.num_layers, adapter.num_heads)
+    cfg.check_model(adapter.num_layers, adapter.num_heads, adapter.attention_layers)
     if output_dir is not None:
         os.makedirs(output_dir, exist_ok=True)
         png = os.path.join(output_dir, HEATMAP_PNG)

@@ -44,8 +44,9 @@ class PrefixUnit:
     T: int
 
 
-def prefix_units(model, adapter, inputs: dict, spans: list) -> list[PrefixUnit]:
-    """Split a batch into units of rows with the same image end and compute each unit's prefix cache."""
+def prefix_units(model, adapter, inputs: dict, spans: list, cache: bool = True) -> list[PrefixUnit]:
+    """Split a batch into units of rows with the same image end and compute each unit's prefix cache (``cache=False``:
+    no prefix pass, ``kv=None``; the candidates then run full forwards)."""
     import torch
 
     ends = [int(sp[0].end) for sp in spans]
@@ -63,10 +64,12 @@ def prefix_units(model, adapter, inputs: dict, spans: list) -> list[PrefixUnit]:
         sub.update(adapter.id_derived(sub["input_ids"], inputs))
         if pos is not None:
             sub["position_ids"] = pos[..., rows, :s]
-        with torch.no_grad():
-            out = model(**sub, use_cache=True, logits_to_keep=1)
-        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        kv = None
+        if cache:
+            with torch.no_grad():
+                out = model(**sub, use_cache=True, logits_to_keep=1)
+            past = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+            kv = [(layer.keys, layer.values) for layer in past.layers]
         tail = {"input_ids": inputs["input_ids"][rows, s:]}
         if mask is not None:
             tail["attention_mask"] = mask[rows]

@@ -63,7 +63,8 @@ class MeasureSettings:
     """What a grounding measurement computes (recorded in ``run.json``; a rerun must use the same).
 
     Attributes:
-        layers: ``"all"``, ``"0,3,5-7"`` or a list of decoder-layer indices (0-based).
+        layers: ``"all"``, ``"0,3,5-7"`` or a list of decoder-layer indices (0-based); ``"all"`` of a hybrid
+            model (Qwen 3.5) is its softmax-attention layers, a linear-attention layer is refused.
         per_head: also score every (layer, query head) map.
         relative: compute relative maps (needs the generic pass); raw maps are always scored.
         batch_size: prompts per forward pass (left-padded).
@@ -352,6 +353,13 @@ def measure_grounding(model, processor, dataset, settings: MeasureSettings | Non
                         "for an IterableDataset, materialise it first (e.g. Dataset.from_list(list(ds.take(n))))")
     adapter = get_adapter(model)
     layers = parse_layers(s.layers, adapter.num_layers)
+    if adapter.hybrid:
+        if s.layers is None or (isinstance(s.layers, str) and s.layers.strip().lower() == "all"):
+            layers = list(adapter.attention_layers)
+        linear = [l for l in layers if l not in adapter.attention_layers]
+        if linear:
+            raise ValueError(f"layers {linear} are linear-attention layers of this hybrid model (no attention map); "
+                             f"its softmax-attention layers are {adapter.attention_layers}")
     shard = RunShard.current()
 
     ids = dataset_ids(dataset)

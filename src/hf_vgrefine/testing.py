@@ -22,7 +22,10 @@ IMG_BREAK, IMG_END = 312, 313       # Mistral 3 / Pixtral row break and image en
                                     # vocabulary keeps its filler tokens there, the reference model's tokenizer)
 VOCAB_SIZE = 320
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "internvl", "llava_onevision", "mistral3")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "internvl", "llava_onevision", "mistral3",
+            "qwen3_5", "qwen3_5_moe")
+# Qwen-VL-style inputs (flattened patches + image_grid_thw, <|vision_start|> ... <|vision_end|>, mm_token_type_ids)
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe")
 
 _SPECIAL = {
     PAD: "<pad>", BOS: "<s>", EOS: "</s>", UNK: "<unk>",
@@ -154,6 +157,8 @@ def build_tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdp
         cfg = classes[0](text_config=tc, vision_config=vc, **ids)
         model = classes[1]._from_config(cfg, attn_implementation=attn_implementation)
         return TinyVLM(family, model.eval(), image_size=0, patch_size=patch)
+    if family in ("qwen3_5", "qwen3_5_moe"):
+        return _tiny_qwen3_5(family, attn_implementation, text_over)
     if family == "gemma3":
         over = dict(head_dim=16, sliding_window=512, query_pre_attn_scalar=16)
         over.update(text_over)
@@ -204,6 +209,43 @@ def build_tiny_model(family: str, seed: int = 0, attn_implementation: str = "sdp
         model = tf.Mistral3ForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
         return TinyVLM(family, model.eval(), image_size=112, patch_size=7)
     raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
+
+
+def hybrid_layer_types(n: int) -> list[str]:
+    """Layer kinds of the tiny Qwen 3.5 models: linear attention (Gated DeltaNet) at the even layers, full softmax
+    attention at the odd ones, the last layer always full (``["linear_attention", "full_attention"]`` for 2 layers,
+    ``[..., "full_attention", "full_attention"]`` for 3): layer 1 is full attention at every depth."""
+    kinds = ["linear_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    kinds[-1] = "full_attention"
+    return kinds
+
+
+def _tiny_qwen3_5(family: str, attn_implementation: str, text_over: dict) -> TinyVLM:
+    """Qwen 3.5 (dense / MoE): Qwen3-VL's vision tower (16-px patches, 2x2 merge) and a hybrid text decoder
+    (:func:`hybrid_layer_types`), partial interleaved M-RoPE (half of the 32-dim heads rotate)."""
+    import transformers as tf
+
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+            "partial_rotary_factor": 0.5}
+    n = text_over.pop("num_hidden_layers", 2)
+    over = dict(head_dim=32, rope_parameters=rope, num_hidden_layers=n, layer_types=hybrid_layer_types(n),
+                linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                linear_num_value_heads=4)
+    if family == "qwen3_5_moe":
+        over.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+        over.pop("intermediate_size", None)
+    over.update(text_over)
+    tc = _text_config(**over)
+    if family == "qwen3_5_moe":
+        tc.pop("intermediate_size")
+    vc = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=tc["hidden_size"],
+              patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64)
+    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+    classes = ((tf.Qwen3_5Config, tf.Qwen3_5ForConditionalGeneration) if family == "qwen3_5" else
+               (tf.Qwen3_5MoeConfig, tf.Qwen3_5MoeForConditionalGeneration))
+    cfg = classes[0](text_config=tc, vision_config=vc, **ids)
+    model = classes[1]._from_config(cfg, attn_implementation=attn_implementation)
+    return TinyVLM(family, model.eval(), image_size=0, patch_size=16)
 
 
 def _qwen_hw(tiny: TinyVLM, grid: tuple[int, int]) -> tuple[int, int]:
@@ -289,7 +331,7 @@ def tiny_inputs(tiny: TinyVLM, prompt_lengths: list[int], grids: list[tuple[int,
         input_ids[b, T - len(r):] = torch.tensor(r)
         attention_mask[b, T - len(r):] = 1
     out = {"input_ids": input_ids, "attention_mask": attention_mask, **extras}
-    if fam in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    if fam in QWEN_FAMILIES:
         out["mm_token_type_ids"] = (input_ids == IMAGE).int()
     if fam == "gemma3":
         out["token_type_ids"] = (input_ids == IMAGE).long()
@@ -309,7 +351,7 @@ def _llava_next_token_count(tiny: TinyVLM, hw: tuple[int, int]) -> int:
 
 
 def tiny_processor(family: str, extra_words: list[str] | None = None, **image_kwargs):
-    """Real HF processor for a tiny ``family`` model (LLaVA, LLaVA-NeXT, Qwen2/2.5-VL, PaliGemma, InternVL,
+    """Real HF processor for a tiny ``family`` model (LLaVA, LLaVA-NeXT, Qwen2/2.5-VL, Qwen 3.5, PaliGemma, InternVL,
     LLaVA-OneVision) built locally (the Qwen, InternVL and OneVision processors need torchvision for their video
     processor class check: without it they raise ``RuntimeError``).
 
@@ -344,6 +386,18 @@ def tiny_processor(family: str, extra_words: list[str] | None = None, **image_kw
         except AttributeError as e:  # transformers 5.x resolves the video processor class through torchvision
             raise RuntimeError(f"{cls.__name__} cannot be built without torchvision in this environment ({e}); "
                                "use the image processor alone (Qwen2VLImageProcessor) and hand-built ids") from e
+    if family in ("qwen3_5", "qwen3_5_moe"):   # Qwen3VLProcessor around Qwen2VLImageProcessorPil, 16-px patches
+        kw = dict(patch_size=16, merge_size=2, temporal_patch_size=2,
+                  size={"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 36})
+        kw.update(image_kwargs)
+        ip = tf.Qwen2VLImageProcessorPil(**kw)
+        tok.image_token, tok.image_token_id = "<image>", IMAGE
+        try:
+            return tf.Qwen3VLProcessor(image_processor=ip, tokenizer=tok, video_processor=None,
+                                       chat_template=_QWEN_TEMPLATE)
+        except AttributeError as e:  # transformers 5.x resolves the video processor class through torchvision
+            raise RuntimeError(f"Qwen3VLProcessor cannot be built without torchvision in this environment ({e}); "
+                               "use the image processor alone (Qwen2VLImageProcessorPil) and hand-built ids") from e
     if family == "paligemma":
         kw = dict(size={"height": 28, "width": 28})
         kw.update(image_kwargs)
@@ -374,4 +428,4 @@ def tiny_processor(family: str, extra_words: list[str] | None = None, **image_kw
             raise RuntimeError(f"{cls.__name__} cannot be built without torchvision in this environment ({e}); "
                                "use the image processor alone and hand-built ids") from e
     raise ValueError(f"no tiny processor for {family!r}; available: llava, llava_next, qwen2_vl, qwen2_5_vl, "
-                     "paligemma, internvl, llava_onevision")
+                     "qwen3_5, qwen3_5_moe, paligemma, internvl, llava_onevision")

@@ -129,14 +129,21 @@ class SearchSpace:
             return cls(**search)
         raise TypeError(f"search must be True, a dict of SearchSpace fields or a SearchSpace, got {type(search).__name__}")
 
-    def layer_sets(self, num_layers: int) -> list[tuple]:
+    def layer_sets(self, num_layers: int, attention_layers=None) -> list[tuple]:
+        """Masked-layer sets to try: ``layer_runs``, else every run of up to ``max_run`` consecutive layers — of
+        the softmax-attention layers ``attention_layers`` when given (hybrid models: consecutive in that list)."""
+        attn = list(range(num_layers)) if attention_layers is None else [int(x) for x in attention_layers]
         if self.layer_runs is not None:
             out = [tuple(sorted(int(x) for x in run)) for run in self.layer_runs]
             bad = [r for r in out if not r or any(not 0 <= x < num_layers for x in r)]
             if bad:
                 raise ValueError(f"layer_runs {bad} do not fit a model with {num_layers} layers")
+            lin = [r for r in out if any(x not in attn for x in r)]
+            if lin:
+                raise ValueError(f"layer_runs {lin} hold linear-attention layers of this hybrid model; its "
+                                 f"softmax-attention layers are {attn}")
             return list(dict.fromkeys(out))
-        return [tuple(range(a, a + n)) for n in range(1, int(self.max_run) + 1) for a in range(num_layers - n + 1)]
+        return [tuple(attn[a:a + n]) for n in range(1, int(self.max_run) + 1) for a in range(len(attn) - n + 1)]
 
     def thresholds(self) -> list[tuple]:
         return [(float(p), None) for p in self.percentiles] + [(None, float(t)) for t in self.magnitude_thresholds]
@@ -298,9 +305,9 @@ def search_knockout(model, processor, dataset, base_config, space=None, head_ran
     space = SearchSpace.coerce(space)
     adapter = get_adapter(model)
     L, H = adapter.num_layers, adapter.num_heads
-    all_layers = list(range(L))                   # the capture below keeps every layer
+    all_layers = list(adapter.attention_layers)   # the capture below keeps every (softmax-attention) layer
     base = base_config
-    base.check_model(L, H)
+    base.check_model(L, H, all_layers)
     if base.query != "last":
         raise ValueError("the search supports query='last' (the released triage row) only")
     ranking = [list(map(int, x)) for x in (head_ranking if head_ranking is not None else head_ranking_from_config(base))]
@@ -319,7 +326,7 @@ def search_knockout(model, processor, dataset, base_config, space=None, head_ran
                          "questions (give choices= or a 'choices' field)")
 
     # ------------------------------------------------------------------ candidates
-    layer_sets = space.layer_sets(L)
+    layer_sets = space.layer_sets(L, all_layers)
     thresholds = space.thresholds()
     base_k = len(base.sensitive_heads) or 1
     base_thr = (float(base.percentile), None) if base.percentile is not None else (None, float(base.magnitude_threshold))
@@ -375,8 +382,9 @@ def search_knockout(model, processor, dataset, base_config, space=None, head_ran
     batches = []
     baseline = np.zeros(n, dtype=bool)
     timings = {"capture_s": 0.0, "prefix_s": 0.0, "candidates_s": 0.0}
-    # prefix-LM models (PaliGemma): the image keys depend on the question text, a cached image prefix is not exact
-    check = {"done": False, "max_abs_diff": None, "fallback": bool(adapter.prefix_lm)}
+    # prefix-LM models (PaliGemma): the image keys depend on the question text, a cached image prefix is not exact;
+    # hybrid models (Qwen 3.5): the linear-attention layers' cache is a running state, not per-token keys/values
+    check = {"done": False, "max_abs_diff": None, "fallback": bool(adapter.prefix_lm or adapter.hybrid)}
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         batch = [examples[i] for i in idx]
@@ -436,14 +444,15 @@ def search_knockout(model, processor, dataset, base_config, space=None, head_ran
         n_forwards = 0
         for bt in batches:
             t0 = time.perf_counter()
-            units = prefix_units(model, adapter, bt["inputs"], bt["spans"])
+            units = prefix_units(model, adapter, bt["inputs"], bt["spans"], cache=not check["fallback"])
             timings["prefix_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             glob = bt["idx"]
             for u in units:
                 rows_g = [glob[r] for r in u.rows]
                 if bt.get("baseline_done") is None:
-                    logits = knockout_logits(model, adapter, u, None, (), None)
+                    full = rows_inputs(adapter, bt["inputs"], u.rows) if check["fallback"] else None
+                    logits = knockout_logits(model, adapter, u, None, (), None, full_inputs=full)
                     baseline[rows_g] = predict(logits, rows_g)
             bt["baseline_done"] = True
             score_memo, mask_memo, fwd_memo = {}, {}, {}
@@ -593,7 +602,7 @@ def search_knockout(model, processor, dataset, base_config, space=None, head_ran
     cfg = c.to_config(base, ranking, notes=f"tuned by hf_vgrefine.tuning.search_knockout on {n} calibration questions: "
                                            f"{c.label}, calibration gain {chosen['gain']:+.4f}")
     cfg.calibration = dict(base.calibration or {}, search=summary)
-    cfg.check_model(L, H)
+    cfg.check_model(L, H, all_layers)
     per_example = {"baseline": baseline.tolist(), **{c_.label: results[c_]["correct"].tolist() for c_ in cands}}
     result = SearchResult(config=cfg, chosen=chosen, table=table, baseline=baseline_block, info=info,
                           per_example=per_example, ids=[str(e.get("id", i)) for i, e in enumerate(examples)])

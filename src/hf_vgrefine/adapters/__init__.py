@@ -16,7 +16,7 @@ from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter, LlavaOnevisionAdapter, llava_next_highres_shape
 from .mistral3 import Mistral3Adapter
 from .paligemma import PaliGemmaAdapter
-from .qwen_vl import QwenVLAdapter
+from .qwen_vl import Qwen35Adapter, QwenVLAdapter
 
 _REGISTRY: dict[str, type[FamilyAdapter]] = {}
 
@@ -31,7 +31,7 @@ def register_adapter(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
 
 
 for _cls in (LlavaAdapter, LlavaNextAdapter, QwenVLAdapter, Gemma3Adapter, PaliGemmaAdapter, InternVLAdapter,
-             LlavaOnevisionAdapter, Mistral3Adapter):
+             LlavaOnevisionAdapter, Mistral3Adapter, Qwen35Adapter):
     register_adapter(_cls)
 
 

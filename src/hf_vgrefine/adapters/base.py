@@ -94,6 +94,14 @@ class FamilyAdapter:
         return cached
 
     @property
+    def hybrid(self) -> bool:
+        """True when some decoder layers are linear-attention / recurrent layers (Qwen 3.5's Gated DeltaNet): their
+        state carries every earlier token and no attention mask reaches them, so a token cannot be hidden from
+        later rows there. VGRefine then runs the generic prompt as its own pass (no tail packed behind the question)
+        and prefills the answer in full (no shared prefix); the knockout search runs full forwards."""
+        return len(self.attention_layers) < self.num_layers
+
+    @property
     def num_layers(self) -> int:
         return int(self.text_config.num_hidden_layers)
 

@@ -65,3 +65,14 @@ class QwenVLAdapter(FamilyAdapter):
         if span is not None and inputs is not None and inputs.get("image_grid_thw") is not None:
             thw = torch.as_tensor(inputs["image_grid_thw"])[span.image_index].tolist()
         return qwen_vl_grid(ip, image_size, merge_size=self.merge_size, grid_thw=thw)
+
+
+class Qwen35Adapter(QwenVLAdapter):
+    """Qwen 3.5 (dense and MoE): Qwen3-VL's vision side and processor (``image_grid_thw``, ``spatial_merge_size``,
+    M-RoPE from ``get_rope_index``) on a hybrid text decoder: most layers are Gated DeltaNet linear attention, every
+    few a full softmax-attention layer (``text_config.layer_types``). Only the full-attention layers
+    (:attr:`attention_layers`) can be captured or knocked out; :attr:`hybrid` turns off the paths that assume every
+    layer is attention (see :attr:`FamilyAdapter.hybrid`)."""
+
+    model_types = ("qwen3_5", "qwen3_5_moe")
+    family = "qwen3_5"

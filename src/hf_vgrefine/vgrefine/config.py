@@ -149,7 +149,9 @@ class VGRefineConfig:
     prompt, which shares the question's prefix up to the image end, runs only its text tail on the
     cached prefix. Both equal the plain path (tested; bit-identical logits on the tiny models of every
     family). The prefill resume is skipped (full prefill, same result) when ``generate`` is asked for a
-    non-dynamic cache (``cache_implementation``) or is given a cache.
+    non-dynamic cache (``cache_implementation``) or is given a cache. Hybrid models (Qwen 3.5, whose linear-attention
+    layers keep a running state instead of per-token keys/values) always take the plain path: full answer prefill,
+    generic prompt in its own pass (``FamilyAdapter.hybrid``); their results equal ``share_prefix=False``.
 
     ``percentile``: knock out the image tokens whose triage score is strictly below this percentile
     (linear interpolation); ``magnitude_threshold`` is used only when ``percentile is None``
@@ -246,8 +248,10 @@ class VGRefineConfig:
         if not self.masked_layers:
             raise ValueError("masked_layers is empty: give the decoder layer(s) where the knockout applies")
 
-    def check_model(self, num_layers: int, num_heads: int):
-        """Raise a clear error if layers/heads do not exist in a model of this size."""
+    def check_model(self, num_layers: int, num_heads: int, attention_layers=None):
+        """Raise a clear error if layers/heads do not exist in a model of this size; with ``attention_layers`` (the
+        adapter's softmax-attention layers) also if a masked layer, a sensitive head's layer or ``att_map_layer`` is
+        a linear-attention layer of a hybrid model (Qwen 3.5)."""
         bad_l = [l for l in self.masked_layers if not 0 <= l < num_layers]
         bad_h = [(l, h) for l, h in self.sensitive_heads if not (0 <= l < num_layers and 0 <= h < num_heads)]
         if self.att_map_layer is not None and not 0 <= self.att_map_layer < num_layers:
@@ -256,6 +260,18 @@ class VGRefineConfig:
             raise ValueError(f"config does not fit the model ({num_layers} layers x {num_heads} query heads): "
                              f"layers out of range {bad_l}, (layer, head) out of range {bad_h}. "
                              "Was the preset made for another model? Recalibrate with hf_vgrefine.calibrate.")
+        if attention_layers is None or len(attention_layers) == num_layers:
+            return
+        attn = set(attention_layers)
+        lin_m = sorted({l for l in self.masked_layers if l not in attn})
+        lin_h = [[l, h] for l, h in self.sensitive_heads if l not in attn]
+        if self.att_map_layer is not None and self.att_map_layer not in attn:
+            lin_m.append(self.att_map_layer)
+        if lin_m or lin_h:
+            raise ValueError(f"config does not fit this hybrid model: masked_layers / att_map_layer {lin_m} and "
+                             f"sensitive_heads {lin_h} are on linear-attention layers, which have no attention map to "
+                             f"read or block; choose among its softmax-attention layers {sorted(attn)} "
+                             "(hf_vgrefine.calibrate picks only those).")
 
     @property
     def triage_layers(self) -> list:

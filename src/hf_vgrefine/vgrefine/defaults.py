@@ -11,7 +11,10 @@
     28-layer HuatuoGPT-Vision-7B at the same relative depth (≈ 0.57 L);
   - sensitive heads: every head of layers ``m-1`` and ``m`` (only ``m`` when ``m = 0``) — the published
     heads cluster at layers 15-16 of that model;
-  - percentile 80 and every other knob at its default.
+  - percentile 80 and every other knob at its default;
+  - hybrid models (Qwen 3.5: linear-attention layers between softmax-attention ones): ``m`` is the
+    softmax-attention layer nearest to that depth (ties -> the lower one) and the heads are those of ``m`` and
+    of the attention layer before it, so the default never names a linear-attention layer.
 
   This is a starting point, not a calibration: run ``hf_vgrefine.calibrate`` on a few grounding
   samples (e.g. ``load_vgmed("atlas")``) for the model's own layer and heads.
@@ -56,16 +59,23 @@ def preset_for_model(model_or_name) -> str | None:
     return None
 
 
-def depth_default_config(num_layers: int, num_heads: int) -> VGRefineConfig:
-    """The documented default for a model of ``num_layers`` decoder layers with ``num_heads`` query heads."""
+def depth_default_config(num_layers: int, num_heads: int, attention_layers=None) -> VGRefineConfig:
+    """The documented default for a model of ``num_layers`` decoder layers with ``num_heads`` query heads;
+    ``attention_layers``: its softmax-attention layers when some layers are not (hybrid models)."""
     if num_layers < 1 or num_heads < 1:
         raise ValueError(f"a model needs >= 1 layer and head, got {num_layers} layers x {num_heads} heads")
-    m = min(num_layers - 1, max(0, round(num_layers * DEPTH_FRACTION)))
-    layers = [m - 1, m] if m >= 1 else [m]
+    target = min(num_layers - 1, max(0, round(num_layers * DEPTH_FRACTION)))
+    attn = list(range(num_layers)) if attention_layers is None else sorted(int(x) for x in attention_layers)
+    if not attn:
+        raise ValueError("the model has no softmax-attention layer: VGRefine has nothing to read or block")
+    i = min(range(len(attn)), key=lambda j: (abs(attn[j] - target), attn[j]))
+    m = attn[i]
+    layers = attn[max(0, i - 1):i + 1]
     heads = [[l, h] for l in layers for h in range(num_heads)]
+    rule = (f"masked layer round({num_layers}*16/28)" if m == target else
+            f"masked layer {m}, the softmax-attention layer nearest to round({num_layers}*16/28) = {target}")
     return VGRefineConfig(masked_layers=[m], sensitive_heads=heads, percentile=80.0,
-                          notes=f"depth default (no calibration): masked layer round({num_layers}*16/28), all heads "
-                                f"of layers {layers}")
+                          notes=f"depth default (no calibration): {rule}, all heads of layers {layers}")
 
 
 def default_config(model, adapter) -> VGRefineConfig:
@@ -73,7 +83,7 @@ def default_config(model, adapter) -> VGRefineConfig:
     preset = preset_for_model(model)
     if preset is not None:
         return VGRefineConfig.from_preset(preset)
-    cfg = depth_default_config(adapter.num_layers, adapter.num_heads)
+    cfg = depth_default_config(adapter.num_layers, adapter.num_heads, adapter.attention_layers)
     m = cfg.masked_layers[0]
     warnings.warn(DEFAULT_CONFIG_WARNING.format(
         name=_model_name(model) or type(model).__name__, m=m, L=adapter.num_layers, H=adapter.num_heads,

@@ -137,7 +137,7 @@ class VGRefineWrapper:
         self.config = config
         self.processor = processor
         self.adapter = get_adapter(model)
-        config.check_model(self.adapter.num_layers, self.adapter.num_heads)
+        config.check_model(self.adapter.num_layers, self.adapter.num_heads, self.adapter.attention_layers)
         self._cache = GenericMapCache(cache_size, directory=cache_dir, namespace=lambda: model_fingerprint(model))
         self.grounding = GroundingPass(model, adapter=self.adapter, cache=self._cache)
         self._tail_memo: tuple | None = None
@@ -260,11 +260,14 @@ class VGRefineWrapper:
                 self._check_same_images(inputs, generic_inputs, q_prints)
                 g_layout = PromptLayout.read(self.adapter, generic_inputs)
             layers = cfg.triage_layers
-            record_n = min(cfg.masked_layers) if cfg.share_prefix and min(cfg.masked_layers) > 0 else 0
+            # hybrid models (Qwen 3.5): no shared prefix, the answer's prefill runs in full (FamilyAdapter.hybrid)
+            share = cfg.share_prefix and not self.adapter.hybrid
+            record_n = min(cfg.masked_layers) if share and min(cfg.masked_layers) > 0 else 0
             if need_generic:
                 keys = [self._generic_key(q_prints[b], g_layout, b) for b in range(B)] if cfg.cache_generic else None
                 tail = None
-                pack = cfg.share_prefix and not self.adapter.prefix_lm     # prefix-LM: the image keys see the text
+                # prefix-LM: the image keys see the text; hybrid: the linear layers' state carries the question
+                pack = share and not self.adapter.prefix_lm
                 if pack:
                     tail = self._generic_tail() if generic_inputs is None else common_tail(layout, g_layout)
                 generic = generic_inputs if generic_inputs is not None else (
