@@ -142,9 +142,7 @@ class CapturePlan:
     one_row_per_group: bool = False      # every group is one row (weight 1): captured as is, no averaging
     pending: list = field(default_factory=list, repr=False)   # (layer, [(scores, ok, add)], extra): see finish()
     stacked: tuple | None = None         # (layers, [n, B, G, h, N]) when one batched store holds every layer
-
-    def __post_init__(self):
-        self.all_heads = bool(torch.equal(self.heads.cpu(), torch.arange(len(self.heads))))
+    all_heads: bool = False              # heads == 0..h-1 (every head of the layer when h == H): no head index
 
     def on(self, device, rep: int, groups: int):
         key = (str(device), rep, groups)

@@ -433,7 +433,8 @@ class GroundingPass:
                             heads=torch.tensor(heads), rows=rows, weights=w, cols=cols,
                             stop_after=stop if (early_exit or record_prefix) else None,
                             record_kv_below=record_prefix, split=(T, r_q) if t else None,
-                            one_row_per_group=rows.shape[1] == groups)   # a one-row group's weight is 1
+                            one_row_per_group=rows.shape[1] == groups,   # a one-row group's weight is 1
+                            all_heads=heads == list(range(len(heads))))
         kwargs["use_cache"] = False
         if not (early_exit or record_prefix):
             kwargs["logits_to_keep"] = 1
