@@ -442,8 +442,10 @@ def vgrefine_attention(module, query, key, value, attention_mask, dropout=0.0, s
     biases = state.biases_for(layer) if state.biases else ()
     plan = state.capture
     capture_here = plan is not None and q_len > 1 and layer in plan.layers
+    packed = state.split is not None and q_len == kv and q_len > state.split
+    head_kv = (key[:, :, :state.split], value[:, :, :state.split]) if packed else (key, value)  # the question's
     if plan is not None and layer < plan.record_kv_below and q_len > 1:
-        plan.kv[layer] = (key, value)
+        plan.kv[layer] = head_kv
     if capture_here and not plan.after_bias:
         _capture(module, query, key, attention_mask, scaling, plan, state, kwargs)
     if biases:
@@ -453,29 +455,31 @@ def vgrefine_attention(module, query, key, value, attention_mask, dropout=0.0, s
         _capture(module, query, key, attention_mask, scaling, plan, state, kwargs)
     if capture_here and plan.stop_after == layer:
         raise EarlyExit
-    if state.split is not None and q_len == kv and q_len > state.split:
-        return _split_sdpa(module, query, key, value, own_mask, attention_mask, state, dropout, scaling, kwargs)
+    if packed:
+        return _split_sdpa(module, query, key, value, head_kv, own_mask, attention_mask, state, dropout, scaling,
+                           kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
 
 
-def _split_sdpa(module, query, key, value, own_mask, composed, state: _State, dropout, scaling, kwargs):
+def _split_sdpa(module, query, key, value, head_kv, own_mask, composed, state: _State, dropout, scaling, kwargs):
     """Packed call: rows ``[0, T)`` run exactly as the unpacked prompt (keys ``[0, T)``, the layer's own mask),
     rows ``[T, q)`` (the packed generic tail) with the composed mask over every key except ``[hidden_from, T)``
     (the question's text after the image, which the composed mask hides from every tail row anyway)."""
     T = state.split
     head_mask, tail_mask, keep = _split_masks(own_mask, composed, state, query)
-    out_q, _ = sdpa_attention_forward(module, query[:, :, :T], key[:, :, :T], value[:, :, :T], head_mask,
-                                      dropout=dropout, scaling=scaling, **kwargs)
+    q_head, q_tail = query.split([T, query.shape[2] - T], 2)
+    out_q, _ = sdpa_attention_forward(module, q_head, head_kv[0], head_kv[1], head_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
     if keep is not None:     # drop the hidden key columns: less work per tail row
         key, value = key.index_select(2, keep), value.index_select(2, keep)
     if query.device.type == "cpu" and kwargs.get("position_bias") is None:
         # CPU kernels take grouped KV heads as they are (no repeat_kv copies); CUDA's masked kernels do not
         out_t = torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, T:], key, value, attn_mask=tail_mask, dropout_p=dropout, scale=scaling,
+            q_tail, key, value, attn_mask=tail_mask, dropout_p=dropout, scale=scaling,
             enable_gqa=key.shape[1] != query.shape[1]).transpose(1, 2)
     else:
-        out_t, _ = sdpa_attention_forward(module, query[:, :, T:], key, value, tail_mask, dropout=dropout,
+        out_t, _ = sdpa_attention_forward(module, q_tail, key, value, tail_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
     return torch.cat([out_q, out_t], 1), None
 

@@ -483,7 +483,7 @@ class GroundingPass:
                                         spans=layout.spans)
         record = None
         if record_prefix:
-            kv = {l: (k[:, :, :T], v[:, :, :T]) if t else (k, v) for l, (k, v) in plan.kv.items()}
+            kv = dict(plan.kv)          # the question's keys/values only (a packed call records [0, T))
             record = PrefixRecord(n_layers=record_prefix, kv=kv, hidden=hidden["h"][:, :T] if t else hidden["h"], seq_len=T,
                                   vision=vision_calls)
         return PassResult(question=question, generic=generic, record=record)
