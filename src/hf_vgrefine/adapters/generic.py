@@ -132,9 +132,13 @@ def token_level_support(model) -> str | None:
     if config_image_token_id(config) is None:
         return (f"{mt}: the config names no image placeholder token (image_token_id / image_token_index), so the "
                 "image does not enter the decoder as placeholder tokens of input_ids")
-    if not any(layer_attention(layer) is not None for layer in layers):
+    attns = [a for a in (layer_attention(layer) for layer in layers) if a is not None]
+    if not attns:
         return (f"{mt}: the decoder's attention does not go through transformers' attention registry "
                 "(ALL_ATTENTION_FUNCTIONS with module.layer_idx), which the package's capture and knockout use")
+    if any(torch.is_tensor(getattr(a, "sinks", None)) for a in attns):
+        return (f"{mt}: the decoder's attention has attention sinks (module.sinks, passed as s_aux), which the "
+                "package's SDPA-based capture and knockout attention do not model")
     return None
 
 
@@ -161,12 +165,14 @@ class GenericAdapter(FamilyAdapter):
 
     def per_image_rows(self, key, inputs):
         """Flattened patches of every image in one tensor (the Qwen-VL convention, used by many newer models): a
-        ``[t, h, w]`` grid per image in ``image_grid_thw`` gives its ``t*h*w`` rows of ``pixel_values``."""
+        ``[t, h, w]`` grid per image in ``image_grid_thw`` gives its ``t*h*w`` rows of ``pixel_values`` (rows of
+        flattened patches, or of ``[channels, patch, patch]`` patches as PaddleOCR-VL's processor makes them)."""
         thw = inputs.get("image_grid_thw")
         val = inputs.get(key)
-        if key != "pixel_values" or thw is None or not torch.is_tensor(val) or val.dim() != 2:
+        if key != "pixel_values" or thw is None or not torch.is_tensor(val) or val.dim() < 2:
             return None
-        return torch.as_tensor(thw).prod(-1).tolist()
+        counts = torch.as_tensor(thw).prod(-1).tolist()
+        return counts if sum(counts) == val.shape[0] else None
 
     # ----------------------------------------------------------------- decoder structure
     @property
