@@ -20,7 +20,9 @@ _TEXT = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_att
              moe_intermediate_size=32, shared_expert_intermediate_size=32, max_position_embeddings=2048,
              first_k_dense_replace=1, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
              qk_nope_head_dim=8, v_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-             linear_key_head_dim=16, linear_value_head_dim=16, hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB)
+             linear_key_head_dim=16, linear_value_head_dim=16, hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB,
+             linear_head_dim=16, linear_num_heads=2, index_head_dim=16, index_n_heads=2,
+             index_topk=6)      # sparse attention (DSA): top-6 keys per query row, less than the tiny prompts
 _VISION = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, depth=2,
                embed_dim=32, num_heads=2, num_key_value_heads=2, head_dim=16)
 
@@ -74,6 +76,7 @@ def tiny_config(model_type: str):
 
     cfg = AutoConfig.for_model(model_type)
     text = cfg.get_text_config(decoder=True)
+    default_text = text.to_dict()
     text_hidden = 64
     subs = [getattr(cfg, name, None) for name in (getattr(cfg, "sub_configs", None) or {})]
     subs = [s for s in subs if isinstance(s, PretrainedConfig)]
@@ -85,7 +88,42 @@ def tiny_config(model_type: str):
     for c in [cfg] + subs:
         _remap_ids(c, nxt)
     _shrink_vision_image(cfg)
+    # sizes the default config keeps equal stay equal (MLA: rotary embedding sized by head_dim; latent attention
+    # whose KV heads are its query heads)
+    for key, ref in (("head_dim", "qk_rope_head_dim"), ("num_key_value_heads", "num_attention_heads")):
+        if default_text.get(key) and default_text.get(key) == default_text.get(ref):
+            _set(text, key, getattr(text, ref))
+    _fit_rope_sections(cfg, text)
     return cfg
+
+
+def _fit_rope_sections(cfg, text):
+    """Multi-axis (M-RoPE) sections must sum to half the rotary dimension: scale the model's sections (the
+    config's, else the default its rotary embedding falls back to) down to the tiny head size."""
+    import importlib
+    import inspect
+    import re
+
+    try:
+        src = inspect.getsource(importlib.import_module(type(text).__module__.replace(".configuration_", ".modeling_")))
+    except (ImportError, OSError, TypeError):
+        return
+    found = re.search(r"mrope_section\"?\]?,? *\[(\d+), *(\d+), *(\d+)\]", src)
+    rope = getattr(text, "rope_parameters", None)
+    if not found or not rope or not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+        return
+    default = rope.get("mrope_section") or [int(x) for x in found.groups()]
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    partial = rope.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", None)) or 1.0
+    half = int(head_dim * partial) // 2
+    share = [half * d / sum(default) for d in default]
+    sections = [max(1, int(x)) for x in share]
+    while sum(sections) < half:            # the largest shortfalls first
+        i = max(range(3), key=lambda j: share[j] - sections[j])
+        sections[i] += 1
+    while sum(sections) > half:
+        sections[sections.index(max(sections))] -= 1
+    text.rope_parameters = {**rope, "mrope_section": sections}
 
 
 def build_tiny(model_type: str, class_name: str, seed: int = 0, attn_implementation="sdpa", device=None):
@@ -135,43 +173,121 @@ def _vision(cfg):
     return None
 
 
-def tiny_image_batch(model, n_images: int, seed: int = 0) -> dict:
-    """Image inputs for ``n_images`` images (one per sample), shaped for ``model``'s vision tower."""
-    g = torch.Generator().manual_seed(seed)
+def _int(vc, *names, default=None):
+    for name in names:
+        val = getattr(vc, name, None)
+        if isinstance(val, (list, tuple)) and val and isinstance(val[0], int):
+            val = val[0]
+        if isinstance(val, int) and not isinstance(val, bool):
+            return val
+    return default
+
+
+def _hand_built_layouts(model, n_images: int, g):
+    """Candidate image inputs built from the vision config alone (the first layouts tried)."""
     vc = _vision(model.config)
     if vc is None:
-        raise ValueError(f"{type(model.config).__name__} has no vision_config")
-    if hasattr(vc, "temporal_patch_size") and hasattr(vc, "spatial_merge_size"):
-        p, tp, m = int(vc.patch_size), int(vc.temporal_patch_size), int(vc.spatial_merge_size)
-        c = int(getattr(vc, "in_channels", getattr(vc, "num_channels", 3)))
-        h = w = 2 * m
-        return {"pixel_values": torch.randn(n_images * h * w, c * tp * p * p, generator=g),
-                "image_grid_thw": torch.tensor([[1, h, w]] * n_images)}
-    size = getattr(vc, "image_size", None)
-    if isinstance(size, (list, tuple)):
-        size = size[0]
+        return
+    c = _int(vc, "num_channels", "in_channels", "in_chans", default=3)
+    p = _int(vc, "patch_size", "spatial_patch_size")
+    size = _int(vc, "image_size")
+    params = _image_feature_params(model)
+    if "image_grid_thw" in params and isinstance(p, int):
+        # flattened patches of a 4x4 (merged: 2x2) grid per image; the row width depends on the tower
+        m = _int(vc, "spatial_merge_size", "merge_size", "merge_kernel_size", default=1)
+        tp = _int(vc, "temporal_patch_size", "patch_temporal", default=1)
+        h = w = 4 if m <= 2 else 2 * m
+        thw = torch.tensor([[1, h, w]] * n_images)
+        rows = n_images * h * w
+        for width in dict.fromkeys((c * tp * p * p, c * p * p)):
+            yield {"pixel_values": torch.randn(rows, width, generator=g), "image_grid_thw": thw}
+        yield {"pixel_values": torch.randn(rows, c, p, p, generator=g), "image_grid_thw": thw}
     if not isinstance(size, int):
-        raise ValueError(f"{type(vc).__name__} has no fixed image_size")
-    c = int(getattr(vc, "num_channels", 3) or 3)
+        return
     pix = torch.randn(n_images, c, size, size, generator=g)
     sizes = torch.tensor([[size, size]] * n_images)
-    variants = [{"pixel_values": pix}, {"pixel_values": pix, "image_sizes": sizes},
-                {"pixel_values": pix[:, None], "image_sizes": sizes}, {"pixel_values": pix[:, None]}]
+    yield {"pixel_values": pix}
+    yield {"pixel_values": pix, "image_sizes": sizes}
+    yield {"pixel_values": pix[:, None], "image_sizes": sizes}
+    yield {"pixel_values": pix[:, None]}
+    # tiled towers: one tile per image, with its all-valid pixel mask
+    yield {"pixel_values": pix[:, None], "pixel_attention_mask": torch.ones(n_images, 1, size, size, dtype=torch.bool)}
+
+
+def _processor_layouts(model, n_images: int, g):
+    """Candidate image inputs made by the model type's own image processor class (defaults, no hub files) from a
+    small random image: at its default output size, and without resizing / tiling at the tower's input size."""
+    import transformers
+    from transformers.utils import is_torchvision_available
+
+    names = _processor_names(model)
+    name = names.get("torchvision") if is_torchvision_available() else None
+    name = name or names.get("pil")
+    if name is None:
+        return
+    cls = getattr(transformers, name)
+    vc = _vision(model.config)
+    side = _int(vc, "image_size", default=None) if vc is not None else None
+    p = _int(vc, "patch_size", default=14) if vc is not None else 14
+    side = side or 4 * p * max(1, _int(vc, "spatial_merge_size", "merge_size", default=1) if vc is not None else 1)
+    img = (torch.rand(side, side, 3, generator=g) * 255).to(torch.uint8).numpy()
+    for kwargs in ({"do_resize": False, "do_center_crop": False, "do_image_splitting": False, "do_pad": False},
+                   {}):
+        ip = cls()
+        call = {k: v for k, v in kwargs.items() if hasattr(ip, k)}
+        out = ip(images=[img] * n_images, return_tensors="pt", **call)
+        yield {k: v for k, v in out.items() if torch.is_tensor(v)}
+
+
+def _image_feature_params(model) -> set:
+    import inspect
+
+    fn = _image_feature_fn(model)
+    return set(inspect.signature(fn).parameters) if fn is not None else set()
+
+
+def _image_feature_fn(model):
+    """The model's ``get_image_features`` (on the wrapper, else on its inner ``model``)."""
+    for owner in (model, getattr(model, "model", None)):
+        fn = getattr(owner, "get_image_features", None)
+        if fn is not None:
+            return fn
+    return None
+
+
+def tiny_image_batch(model, n_images: int, seed: int = 0) -> dict:
+    """Image inputs for ``n_images`` images (one per sample) that the model's own ``get_image_features`` accepts:
+    hand-built layouts from the vision config first, then the outputs of the type's image processor class."""
+    g = torch.Generator().manual_seed(seed)
+    if _vision(model.config) is None and not _processor_names(model):
+        raise ValueError(f"{type(model.config).__name__} has no vision_config")
     errors = []
-    for v in variants:       # the first layout the model's own get_image_features accepts
+    for layouts in (_hand_built_layouts, _processor_layouts):
         try:
-            image_token_count(model, v, n_images)
-            return v
-        except Exception as e:  # noqa: BLE001 - the next layout is tried; all failures are reported below
-            errors.append(f"{sorted(v)} {tuple(v['pixel_values'].shape)}: {type(e).__name__}: {str(e)[:100]}")
-    raise ValueError(f"no hand-built image input layout fits {type(model).__name__}: " + " | ".join(errors))
+            for v in layouts(model, n_images, g):
+                try:
+                    image_token_count(model, v, n_images)
+                    return v
+                except Exception as e:  # noqa: BLE001 - the next layout is tried; all failures are reported below
+                    errors.append(f"{sorted(v)} {tuple(v['pixel_values'].shape)}: {type(e).__name__}: {str(e)[:100]}")
+        except Exception as e:  # noqa: BLE001 - a processor that cannot run here: reported below
+            errors.append(f"{layouts.__name__}: {type(e).__name__}: {str(e).strip()[:100]}")
+    raise ValueError(f"no image input layout fits {type(model).__name__}: " + " | ".join(errors))
+
+
+def _processor_names(model) -> dict:
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    return IMAGE_PROCESSOR_MAPPING_NAMES.get(model.config.model_type) or {}
 
 
 def image_token_count(model, image_inputs: dict, n_images: int) -> int:
     """Image placeholder tokens per image: the text-hidden rows of the model's own ``get_image_features``."""
     hidden = int(model.config.get_text_config(decoder=True).hidden_size)
+    fn = _image_feature_fn(model)
+    params = _image_feature_params(model)
     with torch.no_grad():
-        out = model.get_image_features(**image_inputs)
+        out = fn(**{k: v for k, v in image_inputs.items() if k in params})
     feats = getattr(out, "pooler_output", None)
     if feats is None:
         feats = out[0] if isinstance(out, (tuple, list)) else getattr(out, "last_hidden_state", out)
