@@ -376,6 +376,7 @@ def sparse_index_mask(attention_mask, indices, query, key):
 def vgrefine_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Registered attention function: SDPA output, plus capture/blocking when a probe state is active."""
     indices = kwargs.pop("indices", None)
+    dense_mask = attention_mask           # query positions are read from the dense mask (rows' last allowed key)
     if indices is not None:
         attention_mask = sparse_index_mask(attention_mask, indices, query, key)
     if torch.compiler.is_compiling():      # traced graphs are plain SDPA (no context-variable lookup)
@@ -398,7 +399,9 @@ def vgrefine_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if capture_here and not plan.after_bias:
         _capture(module, query, key, attention_mask, scaling, plan, state, kwargs)
     if biases:
-        attention_mask = _compose(attention_mask, biases, query, kv, state)
+        attention_mask = _compose(dense_mask, biases, query, kv, state)
+        if indices is not None:
+            attention_mask = sparse_index_mask(attention_mask, indices, query, key)
         state.calls[layer] = state.calls.get(layer, 0) + 1
     if capture_here and plan.after_bias:
         _capture(module, query, key, attention_mask, scaling, plan, state, kwargs)
