@@ -110,6 +110,23 @@ def layer_attention(layer):
     return None
 
 
+_CACHE_UPDATE = re.compile(r"\.update\(\s*(\w+)\s*,\s*(\w+)")
+_ATTN_CALL = re.compile(r"attention_interface\(\s*self\s*,\s*\w+\s*,\s*(\w+)\s*,\s*(\w+)")
+
+
+def caches_attention_keys(attn_module) -> bool:
+    """True when the attention module's forward writes to the cache the very key/value tensors it hands the
+    attention function (what a replayed prefix writes); False for latent caches (multi-head latent attention
+    caches the compressed KV and expands it afterwards: DeepSeek-V3, Kimi-K2.5, Mistral Large 4) or when the
+    source does not show it."""
+    try:
+        src = inspect.getsource(type(attn_module).forward)
+    except (OSError, TypeError):
+        return False
+    updates, call = _CACHE_UPDATE.findall(src), _ATTN_CALL.search(src)
+    return bool(updates) and call is not None and all(u == call.groups() for u in updates)
+
+
 def token_level_support(model) -> str | None:
     """``None`` when ``model``'s image enters its decoder's self-attention as placeholder tokens of ``input_ids``
     (the generic adapter works); otherwise the reason it does not, as one sentence ("... because ...")."""
@@ -159,6 +176,8 @@ class GenericAdapter(FamilyAdapter):
         self._end_id = _first_attr(self.config, _END_ATTRS)
         inner = getattr(model, "model", model)
         rope = getattr(self.text_config, "rope_parameters", None) or getattr(self.text_config, "rope_scaling", None)
+        self.can_replay_prefix = all(caches_attention_keys(a) for a in
+                                     (layer_attention(layer) for layer in self._layers) if a is not None)
         self.derives_positions = hasattr(inner, "get_rope_index") or (
             isinstance(rope, dict) and any("mrope" in str(k) for k in rope))
         self.explicit_position_ids = not self.derives_positions

@@ -259,7 +259,8 @@ class VGRefineWrapper:
                 self._check_same_images(inputs, generic_inputs, q_prints)
                 g_layout = PromptLayout.read(self.adapter, generic_inputs)
             layers = cfg.triage_layers
-            record_n = min(cfg.masked_layers) if cfg.share_prefix and min(cfg.masked_layers) > 0 else 0
+            record_n = (min(cfg.masked_layers) if cfg.share_prefix and self.adapter.can_replay_prefix
+                        and min(cfg.masked_layers) > 0 else 0)
             if need_generic:
                 keys = [self._generic_key(q_prints[b], g_layout, b) for b in range(B)] if cfg.cache_generic else None
                 tail = None
