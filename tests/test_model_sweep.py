@@ -29,8 +29,9 @@ from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 # built tiny and swept through the generic adapter
 GENERIC_SWEPT = ("aya_vision", "cohere2_vision", "cosmos3_edge", "cosmos3_omni", "deepseek_vl", "ernie4_5_vl_moe",
                  "exaone4_5", "glm46v", "glm4v", "glm4v_moe", "glm5_next", "glm_ocr", "glmga", "got_ocr2",
-                 "hyperclovax_vision_v2", "idefics3", "janus", "lfm3_vl", "lighton_ocr", "mistral_large4", "ovis2",
-                 "paddleocr_vl", "pp_chart2table", "qianfan_ocr", "qwen3_vl_moe", "smolvlm", "video_llava")
+                 "hyperclovax_vision_v2", "idefics3", "janus", "kimi_k25", "lfm3_vl", "lighton_ocr", "minimax_m3_vl",
+                 "mistral_large4", "muse_glimmer", "muse_spark", "ovis2", "paddleocr_vl", "pp_chart2table",
+                 "qianfan_ocr", "qwen3_vl_moe", "smolvlm", "video_llava")
 # unsupported: the image does not enter the decoder's self-attention as placeholder tokens (or, hy_v4_vl, the decoder
 # attention has sinks, which the package's attention does not model)
 UNSUPPORTED = ("blip", "blip-2", "evolla", "florence2", "git", "hy_v4_vl", "idefics", "instructblip",
@@ -47,9 +48,8 @@ NOT_TINY = {
     "gemma3n": "needs timm (not installed)", "gemma4": _BUILD + " (per-layer head_dim)",
     "gemma4_unified": _BUILD + " (per-layer head_dim)",
     "granite4_vision": _BUILD, "granite_docling": _INPUTS, "hunyuan_vl": _BUILD,
-    "idefics2": _INPUTS, "inkling2": _INPUTS, "inkling2_loop": _INPUTS, "inkling_mm_model": _INPUTS, "kimi_k25": _INPUTS, "lfm2_vl": _INPUTS, "llama4": _INPUTS, "llava_next_video": _INPUTS,
-"minimax_m3_vl": _INPUTS,
-    "molmo2": _INPUTS, "muse_glimmer": _INPUTS, "muse_spark": _INPUTS,
+    "idefics2": _INPUTS, "inkling2": _INPUTS, "inkling2_loop": _INPUTS, "inkling_mm_model": _INPUTS, "lfm2_vl": _INPUTS, "llama4": _INPUTS, "llava_next_video": _INPUTS,
+    "molmo2": _INPUTS,
     "perception_lm": "needs timm (not installed)", "qwen2_5_omni_thinker": _INPUTS,
     "qwen3_5": _INPUTS + " (hybrid linear-attention layers in the eager reference)",
     "qwen3_5_moe": _INPUTS + " (hybrid linear-attention layers in the eager reference)",

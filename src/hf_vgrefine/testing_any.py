@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 
 import torch
 
@@ -21,7 +22,7 @@ _TEXT = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_att
              first_k_dense_replace=1, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
              qk_nope_head_dim=8, v_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
              linear_key_head_dim=16, linear_value_head_dim=16, hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB,
-             linear_head_dim=16, linear_num_heads=2, index_head_dim=16, index_n_heads=2,
+             linear_head_dim=16, linear_num_heads=2, n_group=1, topk_group=1, index_head_dim=16, index_n_heads=2,
              index_topk=6)      # sparse attention (DSA): top-6 keys per query row, less than the tiny prompts
 _VISION = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, depth=2,
                embed_dim=32, num_heads=2, num_key_value_heads=2, head_dim=16)
@@ -58,6 +59,42 @@ def _shrink(cfg, text: bool, text_hidden: int = 64):
         _set(cfg, "projection_dim", 32)
 
 
+def _mlp_ratio(cfg):
+    """``intermediate_size / hidden_size`` of a default config when it is a whole number, else ``None``."""
+    i, h = getattr(cfg, "intermediate_size", None), getattr(cfg, "hidden_size", None)
+    if isinstance(i, int) and isinstance(h, int) and h and i % h == 0:
+        return i // h
+    return None
+
+
+_PROJECTOR_DIM = re.compile(r"(hidden_size|hidden_dim|output_dim|input_dim)$")
+
+
+def _shrink_projectors(cfg, text, subs):
+    """Projector widths outside the text config (``projector_hidden_size``, ``out_hidden_size``,
+    ``text_hidden_size``, ``merged_hidden_size``...): those the default sets to a multiple of the text or vision
+    hidden size keep that multiple of the tiny sizes; other large ones become 64."""
+    vision = _vision(cfg)
+    t_hid = getattr(text, "hidden_size", None)
+    v_hid = getattr(vision, "hidden_size", None) if vision is not None else None
+    for c in [cfg] + subs:
+        if c is text:
+            continue
+        for k, v in c.to_dict().items():
+            if (isinstance(v, bool) or not isinstance(v, int) or v < 256 or k == "hidden_size" or k in _VISION
+                    or not _PROJECTOR_DIM.search(k)):
+                continue
+            if isinstance(t_hid, int) and v % t_hid == 0:
+                new = 64 * (v // t_hid)
+            elif isinstance(v_hid, int) and v % v_hid == 0:
+                new = 32 * (v // v_hid)
+            else:
+                new = 64
+            _set(c, k, new)
+        if isinstance(getattr(c, "projector_output_dim", None), int):    # Llama 4: the tower's output is the
+            _set(c, "vision_output_dim", c.projector_output_dim)          # projector's
+
+
 def _remap_ids(cfg, nxt):
     for k, v in list(cfg.to_dict().items()):
         if isinstance(v, bool) or not isinstance(v, int) or v < VOCAB:
@@ -80,8 +117,15 @@ def tiny_config(model_type: str):
     text_hidden = 64
     subs = [getattr(cfg, name, None) for name in (getattr(cfg, "sub_configs", None) or {})]
     subs = [s for s in subs if isinstance(s, PretrainedConfig)]
+    _shrink_projectors(cfg, text, subs)
+    ratios = {id(sub): _mlp_ratio(sub) for sub in subs}
     for sub in subs:
         _shrink(sub, sub is text, text_hidden)
+        if sub is not text and ratios[id(sub)]:       # towers whose MLP width is a fixed multiple
+            _set(sub, "intermediate_size", ratios[id(sub)] * sub.hidden_size)
+        shuffle = getattr(sub, "pixel_shuffle_ratio", None)
+        if sub is not text and isinstance(shuffle, float) and shuffle > 0:    # Llama 4: the pixel-shuffled width
+            _set(sub, "intermediate_size", int(sub.hidden_size / shuffle ** 2))   # feeds the MLP of that width
     if text is cfg:
         _shrink(cfg, True)
     nxt = [400]
@@ -93,6 +137,9 @@ def tiny_config(model_type: str):
     for key, ref in (("head_dim", "qk_rope_head_dim"), ("num_key_value_heads", "num_attention_heads")):
         if default_text.get(key) and default_text.get(key) == default_text.get(ref):
             _set(text, key, getattr(text, ref))
+    if default_text.get("qk_head_dim") and default_text.get("qk_head_dim") == (
+            default_text.get("qk_nope_head_dim", 0) + default_text.get("qk_rope_head_dim", 0)):
+        _set(text, "qk_head_dim", text.qk_nope_head_dim + text.qk_rope_head_dim)
     _fit_rope_sections(cfg, text)
     return cfg
 
