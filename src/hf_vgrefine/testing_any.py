@@ -107,11 +107,19 @@ def _remap_ids(cfg, nxt):
                 pass
 
 
+# Default configs that lack a value their own modeling code reads: the Omni thinkers' get_rope_index reads
+# vision_start_token_id, which only the outer Omni config defines (Qwen's <|vision_start|>).
+_CONFIG_FIXES = {"qwen2_5_omni_thinker": {"vision_start_token_id": 151652},
+                 "qwen3_omni_moe_thinker": {"vision_start_token_id": 151652}}
+
+
 def tiny_config(model_type: str):
     """The default config of ``model_type`` shrunk to a tiny model (see the module docstring)."""
     from transformers import AutoConfig, PretrainedConfig
 
     cfg = AutoConfig.for_model(model_type)
+    for key, value in _CONFIG_FIXES.get(model_type, {}).items():
+        setattr(cfg, key, value)
     text = cfg.get_text_config(decoder=True)
     default_text = text.to_dict()
     text_hidden = 64
@@ -119,8 +127,13 @@ def tiny_config(model_type: str):
     subs = [s for s in subs if isinstance(s, PretrainedConfig)]
     _shrink_projectors(cfg, text, subs)
     ratios = {id(sub): _mlp_ratio(sub) for sub in subs}
+    # sub-configs other than the vision tower that work at the text width (Idefics2's perceiver resampler)
+    text_wide = [sub for sub in subs if sub is not text and sub is not _vision(cfg)
+                 and getattr(sub, "hidden_size", None) == getattr(text, "hidden_size", 0)]
     for sub in subs:
         _shrink(sub, sub is text, text_hidden)
+        if sub in text_wide:
+            _set(sub, "hidden_size", text_hidden)
         if sub is not text and ratios[id(sub)]:       # towers whose MLP width is a fixed multiple
             _set(sub, "intermediate_size", ratios[id(sub)] * sub.hidden_size)
         shuffle = getattr(sub, "pixel_shuffle_ratio", None)
@@ -132,6 +145,7 @@ def tiny_config(model_type: str):
     for c in [cfg] + subs:
         _remap_ids(c, nxt)
     _shrink_vision_image(cfg)
+    _fit_vision_readout(cfg)
     # sizes the default config keeps equal stay equal (MLA: rotary embedding sized by head_dim; latent attention
     # whose KV heads are its query heads)
     for key, ref in (("head_dim", "qk_rope_head_dim"), ("num_key_value_heads", "num_attention_heads")):
@@ -142,6 +156,37 @@ def tiny_config(model_type: str):
         _set(text, "qk_head_dim", text.qk_nope_head_dim + text.qk_rope_head_dim)
     _fit_rope_sections(cfg, text)
     return cfg
+
+
+def _fit_vision_readout(cfg):
+    """Settings that read the tower's output by layer or patch count, fitted to the tiny tower (2 layers, 4x4
+    patches): feature-layer indices clamped to the layers there are, pooled token counts and patch-count keyed
+    query tables (Gemma 3's mm_tokens_per_image, Aria's projector_patch_to_query_dict) resized."""
+    from transformers import PretrainedConfig
+
+    vc = _vision(cfg)
+    layers = getattr(vc, "num_hidden_layers", None) if vc is not None else None
+    for c in [cfg] + [getattr(cfg, n, None) for n in (getattr(cfg, "sub_configs", None) or {})]:
+        if not isinstance(c, PretrainedConfig) or not isinstance(layers, int):
+            continue
+        for key in ("vision_feature_layer", "vision_feature_layers"):
+            val = getattr(c, key, None)
+            fit = lambda i: max(-(layers + 1), min(layers, i))     # noqa: E731 - hidden states: embeddings + layers
+            if isinstance(val, int) and not isinstance(val, bool):
+                setattr(c, key, fit(val))
+            elif isinstance(val, (list, tuple)) and all(isinstance(i, int) for i in val):
+                setattr(c, key, [fit(i) for i in val])
+    size, patch = _int(vc, "image_size"), _int(vc, "patch_size")
+    if not (isinstance(size, int) and isinstance(patch, int) and size % patch == 0):
+        return
+    side = size // patch
+    if isinstance(getattr(cfg, "mm_tokens_per_image", None), int) and cfg.mm_tokens_per_image > side * side:
+        cfg.mm_tokens_per_image = (side // 2) ** 2                          # 2x2 pooling of the 4x4 patches
+    if isinstance(getattr(cfg, "image_grid_pinpoints", None), list):           # any-resolution tiling: one tile
+        cfg.image_grid_pinpoints = [[size, size]]
+    if isinstance(getattr(cfg, "projector_patch_to_query_dict", None), dict):
+        cfg.projector_patch_to_query_dict = {side * side: side}
+        _set(cfg, "max_value_projector_patch_to_query_dict", side)
 
 
 def _fit_rope_sections(cfg, text):
@@ -257,6 +302,8 @@ def _hand_built_layouts(model, n_images: int, g):
     yield {"pixel_values": pix, "image_sizes": sizes}
     yield {"pixel_values": pix[:, None], "image_sizes": sizes}
     yield {"pixel_values": pix[:, None]}
+    # any-resolution towers: the base view and one tile (image_grid_pinpoints of one tile, see tiny_config)
+    yield {"pixel_values": torch.stack([pix, pix.flip(-1)], 1), "image_sizes": sizes}
     # tiled towers: one tile per image, with its all-valid pixel mask
     yield {"pixel_values": pix[:, None], "pixel_attention_mask": torch.ones(n_images, 1, size, size, dtype=torch.bool)}
 
