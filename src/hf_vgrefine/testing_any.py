@@ -25,7 +25,8 @@ _TEXT = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_att
              linear_head_dim=16, linear_num_heads=2, n_group=1, topk_group=1, index_head_dim=16, index_n_heads=2,
              index_topk=6)      # sparse attention (DSA): top-6 keys per query row, less than the tiny prompts
 _VISION = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, depth=2,
-               embed_dim=32, num_heads=2, num_key_value_heads=2, head_dim=16)
+               embed_dim=32, num_heads=2, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts=4,
+               moe_intermediate_size=32)
 
 
 def _set(cfg, key, value):
@@ -67,7 +68,7 @@ def _mlp_ratio(cfg):
     return None
 
 
-_PROJECTOR_DIM = re.compile(r"(hidden_size|hidden_dim|output_dim|input_dim)$")
+_PROJECTOR_DIM = re.compile(r"(hidden_size|hidden_dim|output_dim|input_dim|_in_dim|_out_dim)$")
 
 
 def _shrink_projectors(cfg, text, subs):
@@ -120,11 +121,16 @@ def tiny_config(model_type: str):
     cfg = AutoConfig.for_model(model_type)
     for key, value in _CONFIG_FIXES.get(model_type, {}).items():
         setattr(cfg, key, value)
+    for name, sub_cls in (getattr(cfg, "sub_configs", None) or {}).items():
+        if "vision" in name and getattr(cfg, name, False) is None and isinstance(sub_cls, type):
+            setattr(cfg, name, sub_cls())          # a vision tower the default leaves out (Gemma 4): its defaults
     text = cfg.get_text_config(decoder=True)
-    default_text = text.to_dict()
-    text_hidden = 64
     subs = [getattr(cfg, name, None) for name in (getattr(cfg, "sub_configs", None) or {})]
     subs = [s for s in subs if isinstance(s, PretrainedConfig)]
+    per_layer = {id(c): (c, c.to_dict().get("layer_types"), _take_per_layer_overrides(c))
+                 for c in [cfg, text] + subs}
+    default_text = text.to_dict()
+    text_hidden = 64
     _shrink_projectors(cfg, text, subs)
     ratios = {id(sub): _mlp_ratio(sub) for sub in subs}
     # sub-configs other than the vision tower that work at the text width (Idefics2's perceiver resampler)
@@ -155,7 +161,47 @@ def tiny_config(model_type: str):
             default_text.get("qk_nope_head_dim", 0) + default_text.get("qk_rope_head_dim", 0)):
         _set(text, "qk_head_dim", text.qk_nope_head_dim + text.qk_rope_head_dim)
     _fit_rope_sections(cfg, text)
+    for c, default_types, taken in per_layer.values():
+        if taken:
+            _put_per_layer_overrides(c, default_types, *taken)
     return cfg
+
+
+def _take_per_layer_overrides(text):
+    """Heterogeneous text configs (per-layer head_dim, heads...: Gemma 4, Dots3): their per-layer overrides by
+    original layer index and the global values they override, removed from ``text`` (shrunk as a plain config,
+    then :func:`_put_per_layer_overrides` puts them back scaled); ``None`` for a homogeneous config."""
+    if not getattr(text, "is_heterogeneous", False):
+        return None
+    text.serialize_explicit_per_layer_config = True
+    overrides = {int(i): o for i, o in (text.to_dict().get("per_layer_config") or {}).items()}
+    text.serialize_explicit_per_layer_config = False
+    glob = {k: text._getattr_without_heterogeneous_validation(k) for k in text.per_layer_attributes}
+    text.per_layer_config = None
+    return overrides, glob
+
+
+def _put_per_layer_overrides(text, default_types, overrides: dict, glob: dict):
+    """Per-layer overrides of the kept layers (layer ``i`` of the tiny model stands for the first layer of its
+    kind in the default), each size scaled like its global value: e.g. Gemma 4's 512-wide full-attention heads
+    (global 256) become 32 wide (global 16)."""
+    kinds = getattr(text, "layer_types", None)
+    reps = list(range(text.num_hidden_layers))
+    if isinstance(kinds, list) and isinstance(default_types, list):
+        reps = [default_types.index(k) for k in kinds]
+    out = {}
+    for i, rep in enumerate(reps):
+        layer = {}
+        for k, v in overrides.get(rep, {}).items():
+            tiny, ref = getattr(text, k, None), glob.get(k)
+            if isinstance(v, int) and not isinstance(v, bool) and isinstance(tiny, int) and isinstance(ref, int) and ref:
+                v = max(1, round(tiny * v / ref))
+            if v != getattr(text, k, None):
+                layer[k] = v
+        if layer:
+            out[i] = layer
+    if out:
+        text.per_layer_config = out
 
 
 def _fit_vision_readout(cfg):
@@ -291,9 +337,10 @@ def _hand_built_layouts(model, n_images: int, g):
         h = w = 4 if m <= 2 else 2 * m
         thw = torch.tensor([[1, h, w]] * n_images)
         rows = n_images * h * w
+        side = {"image_merge_sizes": torch.tensor([max(m, 1)] * n_images)} if "image_merge_sizes" in params else {}
         for width in dict.fromkeys((c * tp * p * p, c * p * p)):
-            yield {"pixel_values": torch.randn(rows, width, generator=g), "image_grid_thw": thw}
-        yield {"pixel_values": torch.randn(rows, c, p, p, generator=g), "image_grid_thw": thw}
+            yield {"pixel_values": torch.randn(rows, width, generator=g), "image_grid_thw": thw, **side}
+        yield {"pixel_values": torch.randn(rows, c, p, p, generator=g), "image_grid_thw": thw, **side}
     if not isinstance(size, int):
         return
     pix = torch.randn(n_images, c, size, size, generator=g)
@@ -321,9 +368,12 @@ def _processor_layouts(model, n_images: int, g):
         return
     cls = getattr(transformers, name)
     vc = _vision(model.config)
+    ip = cls()
     side = _int(vc, "image_size", default=None) if vc is not None else None
-    p = _int(vc, "patch_size", default=14) if vc is not None else 14
-    side = side or 4 * p * max(1, _int(vc, "spatial_merge_size", "merge_size", default=1) if vc is not None else 1)
+    p = _int(ip, "patch_size") or (_int(vc, "patch_size", default=14) if vc is not None else 14)
+    m = _int(ip, "merge_size", "spatial_merge_size", "pooling_kernel_size") or (
+        _int(vc, "spatial_merge_size", "merge_size", "pooling_kernel_size", default=1) if vc is not None else 1)
+    side = side or 4 * p * max(1, m)          # 4x4 merged / pooled tokens
     img = (torch.rand(side, side, 3, generator=g) * 255).to(torch.uint8).numpy()
     for kwargs in ({"do_resize": False, "do_center_crop": False, "do_image_splitting": False, "do_pad": False},
                    {}):
@@ -334,10 +384,16 @@ def _processor_layouts(model, n_images: int, g):
 
 
 def _image_feature_params(model) -> set:
+    """Named arguments of ``get_image_features`` (the wrapper's and its inner model's, which some wrappers pass
+    through ``**kwargs``: VideoLLaMA 3's image_merge_sizes)."""
     import inspect
 
-    fn = _image_feature_fn(model)
-    return set(inspect.signature(fn).parameters) if fn is not None else set()
+    out = set()
+    for owner in (model, getattr(model, "model", None)):
+        fn = getattr(owner, "get_image_features", None)
+        if fn is not None:
+            out |= {n for n, prm in inspect.signature(fn).parameters.items() if prm.kind != prm.VAR_KEYWORD}
+    return out
 
 
 def _image_feature_fn(model):
