@@ -27,13 +27,13 @@ from hf_vgrefine.testing_any import build_tiny, tiny_any_inputs
 from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 
 # built tiny and swept through the generic adapter
-GENERIC_SWEPT = ("aria", "aya_vision", "cohere2_vision", "cosmos3_edge", "cosmos3_omni", "deepseek_vl",
-                 "ernie4_5_vl_moe", "exaone4_5", "gemma4", "glm46v", "glm4v", "glm4v_moe", "glm5_next", "glm_ocr",
-                 "glmga", "got_ocr2", "hyperclovax_vision_v2", "idefics2", "idefics3", "janus", "kimi_k25",
-                 "lfm3_vl", "lighton_ocr", "llava_next_video", "minimax_m3_vl", "mistral_large4", "muse_glimmer",
-                 "muse_spark", "ovis2", "paddleocr_vl", "pp_chart2table", "qianfan_ocr", "qwen2_5_omni_thinker",
-                 "qwen3_omni_moe_thinker", "qwen3_vl_moe", "shieldgemma2", "smolvlm", "video_llama_3", "video_llava",
-                 "vipllava")
+GENERIC_SWEPT = ("aria", "aya_vision", "cohere2_vision", "cohere_compass", "cosmos3_edge", "cosmos3_omni",
+                 "deepseek_vl", "deepseek_vl_hybrid", "ernie4_5_vl_moe", "exaone4_5", "gemma4", "glm46v", "glm4v",
+                 "glm4v_moe", "glm5_next", "glm_ocr", "glmga", "got_ocr2", "hyperclovax_vision_v2", "idefics2",
+                 "idefics3", "janus", "kimi_k25", "lfm2_vl", "lfm3_vl", "lighton_ocr", "llava_next_video",
+                 "minimax_m3_vl", "mistral_large4", "muse_glimmer", "muse_spark", "ovis2", "paddleocr_vl",
+                 "pp_chart2table", "qianfan_ocr", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_vl_moe",
+                 "shieldgemma2", "smolvlm", "step3p7", "video_llama_3", "video_llava", "vipllava")
 # unsupported: the image does not enter the decoder's self-attention as placeholder tokens (or, hy_v4_vl, the decoder
 # attention has sinks, which the package's attention does not model)
 UNSUPPORTED = ("blip", "blip-2", "evolla", "florence2", "git", "hy_v4_vl", "idefics", "instructblip",
@@ -43,18 +43,16 @@ UNSUPPORTED = ("blip", "blip-2", "evolla", "florence2", "git", "hy_v4_vl", "idef
 _BUILD = "its default config does not build tiny offline here"
 _INPUTS = "the hand-built image inputs do not fit its vision tower / processor layout"
 NOT_TINY = {
-    "apertus1p5": _INPUTS, "chameleon": _BUILD + " (vq_config)",
-    "cohere_compass": _BUILD, "deepseek_ocr2": _BUILD + " (too large)", "deepseek_vl_hybrid": _INPUTS, "diffusion_gemma": _BUILD + " (per-layer head_dim)",
+    "apertus1p5": _INPUTS, "chameleon": _BUILD + " (vq_config)", "deepseek_ocr2": _BUILD + " (too large)", "diffusion_gemma": _BUILD + " (per-layer head_dim)",
     "dots3_note": _BUILD + " (per-layer heads)", "emu3": _BUILD + " (vq_config)",
     "fast_vlm": "needs timm (not installed)", "fuyu": _INPUTS + " (patch inputs, no vision_config)",
     "gemma3n": "needs timm (not installed)",
     "gemma4_unified": _BUILD + " (per-layer head_dim)",
-    "granite4_vision": _BUILD, "granite_docling": _INPUTS, "hunyuan_vl": _BUILD, "inkling2": _INPUTS, "inkling2_loop": _INPUTS, "inkling_mm_model": _INPUTS, "lfm2_vl": _INPUTS, "llama4": _INPUTS,
+    "granite4_vision": _BUILD, "granite_docling": _INPUTS, "hunyuan_vl": _BUILD, "inkling2": _INPUTS, "inkling2_loop": _INPUTS, "inkling_mm_model": _INPUTS, "llama4": _INPUTS,
     "molmo2": _INPUTS,
     "perception_lm": "needs timm (not installed)",
     "qwen3_5": _INPUTS + " (hybrid linear-attention layers in the eager reference)",
-    "qwen3_5_moe": _INPUTS + " (hybrid linear-attention layers in the eager reference)", "qwen4_exp": _BUILD,
-    "step3p7": _BUILD + " (sliding_window)", "unlimited_ocr": _INPUTS,
+    "qwen3_5_moe": _INPUTS + " (hybrid linear-attention layers in the eager reference)", "qwen4_exp": _BUILD, "unlimited_ocr": _INPUTS,
 }
 HEADS = [[0, 1], [1, 2], [0, 3], [1, 0]]
 

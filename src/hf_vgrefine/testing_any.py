@@ -160,6 +160,11 @@ def tiny_config(model_type: str):
     if default_text.get("qk_head_dim") and default_text.get("qk_head_dim") == (
             default_text.get("qk_nope_head_dim", 0) + default_text.get("qk_rope_head_dim", 0)):
         _set(text, "qk_head_dim", text.qk_nope_head_dim + text.qk_rope_head_dim)
+    if "sliding_window" in default_text and default_text["sliding_window"] is None:
+        text.sliding_window = 4096     # Step3p7 builds its sliding-window mask always (longer than any tiny prompt)
+    rope = getattr(text, "rope_parameters", None)
+    if rope == {} and isinstance(getattr(text, "layer_types", None), list):     # Cohere Compass: none by default
+        text.rope_parameters = {k: {"rope_type": "default", "rope_theta": 10000.0} for k in set(text.layer_types)}
     _fit_rope_sections(cfg, text)
     for c, default_types, taken in per_layer.values():
         if taken:
@@ -222,6 +227,9 @@ def _fit_vision_readout(cfg):
                 setattr(c, key, fit(val))
             elif isinstance(val, (list, tuple)) and all(isinstance(i, int) for i in val):
                 setattr(c, key, [fit(i) for i in val])
+        idx = getattr(c, "global_attn_indexes", None)            # SAM towers: their global-attention layers
+        if isinstance(idx, (list, tuple)) and isinstance(getattr(c, "num_hidden_layers", None), int):
+            c.global_attn_indexes = sorted({min(i, c.num_hidden_layers - 1) for i in idx})
     size, patch = _int(vc, "image_size"), _int(vc, "patch_size")
     if not (isinstance(size, int) and isinstance(patch, int) and size % patch == 0):
         return
@@ -341,10 +349,20 @@ def _hand_built_layouts(model, n_images: int, g):
         for width in dict.fromkeys((c * tp * p * p, c * p * p)):
             yield {"pixel_values": torch.randn(rows, width, generator=g), "image_grid_thw": thw, **side}
         yield {"pixel_values": torch.randn(rows, c, p, p, generator=g), "image_grid_thw": thw, **side}
+    if "spatial_shapes" in params and isinstance(p, int):
+        # NaViT-style towers (SigLIP 2): padded patch sequences, their 4x4 grids and patch masks
+        yield {"pixel_values": torch.randn(n_images, 16, c * p * p, generator=g),
+               "spatial_shapes": torch.tensor([[4, 4]] * n_images),
+               "pixel_attention_mask": torch.ones(n_images, 16, dtype=torch.long)}
     if not isinstance(size, int):
         return
     pix = torch.randn(n_images, c, size, size, generator=g)
     sizes = torch.tensor([[size, size]] * n_images)
+    high = getattr(model.config, "high_res_vision_config", None)
+    if "high_res_pixel_values" in params and isinstance(getattr(high, "image_size", None), int):
+        # a second, high-resolution tower (DeepSeek-VL hybrid's SAM encoder) sees the same image at its size
+        yield {"pixel_values": pix, "high_res_pixel_values": torch.randn(n_images, c, high.image_size,
+                                                                          high.image_size, generator=g)}
     yield {"pixel_values": pix}
     yield {"pixel_values": pix, "image_sizes": sizes}
     yield {"pixel_values": pix[:, None], "image_sizes": sizes}
