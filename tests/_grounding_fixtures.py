@@ -187,7 +187,14 @@ def _ref_attention(module, query, key, value, attention_mask, **kw):
                 if kv - q + r >= v_end:
                     m[bb, 0, r, pos] = float("-inf")
         attention_mask = m
-    return eager_attention_forward(module, query, key, value, attention_mask, **kw)
+    missing = not hasattr(module, "num_key_value_groups")    # Persimmon (Fuyu) names no KV-head grouping
+    if missing:
+        module.num_key_value_groups = query.shape[1] // key.shape[1]
+    try:
+        return eager_attention_forward(module, query, key, value, attention_mask, **kw)
+    finally:
+        if missing:
+            del module.num_key_value_groups
 
 
 class RefModel:

@@ -8,8 +8,12 @@ Each type is either
   eager ``output_attentions`` on a left-padded batch (<= 1e-5) and ``VGRefineWrapper.generate`` equals an
   eager reference of triage + knockout written here;
 * **unsupported** — ``get_adapter`` raises ``UnsupportedModelError`` saying why;
-* or listed in ``NOT_TINY`` with the reason its tiny model or hand-built inputs cannot be made offline here (a
-  limit of this harness, not a claim about the package); the partition test keeps the lists complete.
+* or listed in ``NOT_TINY`` with the reason its tiny model or its image inputs (hand-built from the vision config,
+  or made by the type's image processor class) cannot be made offline here (a limit of this harness, not a claim
+  about the package); the partition test keeps the lists complete.
+
+Hybrid decoders (linear-attention layers) are compared on their softmax-attention layers; sparse-attention (DSA)
+types run with top-k below the prompt length, so the sparse key selection is part of the comparison.
 """
 
 import functools
@@ -28,31 +32,45 @@ from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 
 # built tiny and swept through the generic adapter
 GENERIC_SWEPT = ("aria", "aya_vision", "cohere2_vision", "cohere_compass", "cosmos3_edge", "cosmos3_omni",
-                 "deepseek_vl", "deepseek_vl_hybrid", "ernie4_5_vl_moe", "exaone4_5", "gemma4", "glm46v", "glm4v",
-                 "glm4v_moe", "glm5_next", "glm_ocr", "glmga", "got_ocr2", "hyperclovax_vision_v2", "idefics2",
-                 "idefics3", "janus", "kimi_k25", "lfm2_vl", "lfm3_vl", "lighton_ocr", "llava_next_video",
-                 "minimax_m3_vl", "mistral_large4", "muse_glimmer", "muse_spark", "ovis2", "paddleocr_vl",
-                 "pp_chart2table", "qianfan_ocr", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_vl_moe",
-                 "shieldgemma2", "smolvlm", "step3p7", "video_llama_3", "video_llava", "vipllava")
+                 "deepseek_vl", "deepseek_vl_hybrid", "ernie4_5_vl_moe", "exaone4_5", "fuyu", "gemma4", "glm46v",
+                 "glm4v", "glm4v_moe", "glm5_next", "glm_ocr", "glmga", "got_ocr2", "hyperclovax_vision_v2",
+                 "idefics2", "idefics3", "janus", "kimi_k25", "lfm2_vl", "lfm3_vl", "lighton_ocr",
+                 "llava_next_video", "minimax_m3_vl", "mistral_large4", "muse_glimmer", "muse_spark", "ovis2",
+                 "paddleocr_vl", "pp_chart2table", "qianfan_ocr", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker",
+                 "qwen3_vl_moe", "shieldgemma2", "smolvlm", "step3p7", "video_llama_3", "video_llava", "vipllava")
 # unsupported: the image does not enter the decoder's self-attention as placeholder tokens (or, hy_v4_vl, the decoder
 # attention has sinks, which the package's attention does not model)
 UNSUPPORTED = ("blip", "blip-2", "evolla", "florence2", "git", "hy_v4_vl", "idefics", "instructblip",
                "instructblipvideo", "kosmos-2", "kosmos-2.5", "minicpm_ocr", "minicpmv4_6", "minicpmv4_7",
                "mistral4", "mllama", "nemotron_h_omni", "pi0", "pix2struct", "pp_formulanet", "t5gemma2", "udop",
                "vision-encoder-decoder")
-_BUILD = "its default config does not build tiny offline here"
-_INPUTS = "the hand-built image inputs do not fit its vision tower / processor layout"
+_TV = "its image processor class needs torchvision (not installed here)"
+_TIMM = "its vision tower needs timm (not installed here)"
 NOT_TINY = {
-    "apertus1p5": _INPUTS, "chameleon": _BUILD + " (vq_config)", "deepseek_ocr2": _BUILD + " (too large)", "diffusion_gemma": _BUILD + " (per-layer head_dim)",
-    "dots3_note": _BUILD + " (per-layer heads)", "emu3": _BUILD + " (vq_config)",
-    "fast_vlm": "needs timm (not installed)", "fuyu": _INPUTS + " (patch inputs, no vision_config)",
-    "gemma3n": "needs timm (not installed)",
-    "gemma4_unified": _BUILD + " (per-layer head_dim)",
-    "granite4_vision": _BUILD, "granite_docling": _INPUTS, "hunyuan_vl": _BUILD, "inkling2": _INPUTS, "inkling2_loop": _INPUTS, "inkling_mm_model": _INPUTS, "llama4": _INPUTS,
-    "molmo2": _INPUTS,
-    "perception_lm": "needs timm (not installed)",
-    "qwen3_5": _INPUTS + " (hybrid linear-attention layers in the eager reference)",
-    "qwen3_5_moe": _INPUTS + " (hybrid linear-attention layers in the eager reference)", "qwen4_exp": _BUILD, "unlimited_ocr": _INPUTS,
+    "apertus1p5": "its vision tokenizer config names no image size and " + _TV,
+    "chameleon": "the model reads config.vocabulary_map (the checkpoint's image-token vocabulary), None by default",
+    "deepseek_ocr2": "building it from the shrunk default config exhausts this machine's memory (process killed)",
+    "diffusion_gemma": "its default config builds a MoE router with num_experts=None",
+    "dots3_note": "the tiny forward fails in its attention (size mismatch): its per-layer MLA heads / LoRA ranks "
+                  "do not scale to one consistent tiny layout",
+    "emu3": "the model reads config.vocabulary_map (the checkpoint's image-token vocabulary), None by default",
+    "fast_vlm": _TIMM, "gemma3n": _TIMM, "perception_lm": _TIMM,
+    "gemma4_unified": "its vision config names no image size and " + _TV,
+    "granite4_vision": "its default config leaves deepstack_layer_map None (the model takes its len())",
+    "granite_docling": "the hand-built one-tile inputs fail its pixel_attention_mask check and its processor's "
+                       "512-px tiles do not fit the 4x4-patch tiny tower",
+    "hunyuan_vl": "its default config leaves head_dim None (read by the attention) and no multimodal RoPE axes",
+    "inkling2": "the hand-built flattened patches do not fit its tower's pixel layout and " + _TV,
+    "inkling2_loop": "the hand-built flattened patches do not fit its tower's pixel layout and " + _TV,
+    "inkling_mm_model": "its vision config names no image size and " + _TV,
+    "llama4": "Llama4ForConditionalGeneration.forward fails in this transformers ('MoeCausalLMOutputWithPast' object "
+              "has no attribute 'image_outputs')",
+    "molmo2": "get_image_features needs image_token_pooling and image_grids, which only its image processor makes; "
+              + _TV,
+    "qwen3_5": "exact adapter in progress elsewhere (hybrid linear-attention decoder)",
+    "qwen3_5_moe": "exact adapter in progress elsewhere (hybrid linear-attention decoder)",
+    "qwen4_exp": "its default config leaves the sparse indexer's token_budget / compress_ratio None",
+    "unlimited_ocr": "its vision config names no image size or patch size and " + _TV,
 }
 HEADS = [[0, 1], [1, 2], [0, 3], [1, 0]]
 

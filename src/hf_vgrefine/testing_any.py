@@ -2,9 +2,13 @@
 
 Used by the model-type sweep test and by ``scripts/coverage_table.py``. :func:`tiny_config` shrinks every
 sub-config of a type's default config (2 text layers, hidden 64, 4 query / 2 KV heads, 2-layer 32-wide vision
-towers, 512-token vocabulary with every special-token id remapped below it); :func:`tiny_image_inputs` builds a
-left-padded batch by hand: pixel values shaped for the vision tower, the number of image placeholder tokens
-read from the model's own ``get_image_features`` output, start/end markers where the config names them.
+towers with 4x4 patch grids, 512-token vocabulary with every special-token id remapped below it) and keeps the
+sizes the model ties together consistent (M-RoPE sections, MLA rotary / KV head sizes, projector widths,
+per-layer sizes of heterogeneous configs, feature-layer indices and pooled token counts of the tiny tower).
+:func:`tiny_image_batch` finds image inputs the model's own ``get_image_features`` accepts: layouts built from the
+vision config first, then the outputs of the type's image processor class (instantiated with its defaults, no
+hub files). :func:`tiny_any_inputs` builds a left-padded batch: the number of image placeholder tokens read from
+``get_image_features``' output, start/end markers where the config names them.
 """
 
 from __future__ import annotations
@@ -333,6 +337,9 @@ def _hand_built_layouts(model, n_images: int, g):
     """Candidate image inputs built from the vision config alone (the first layouts tried)."""
     vc = _vision(model.config)
     if vc is None:
+        p, c = _int(model.config, "patch_size"), _int(model.config, "num_channels", default=3)
+        if isinstance(p, int):    # no vision tower: patches linearly embedded by the model (Fuyu), 16 per image
+            yield {"pixel_values": torch.randn(n_images, 16, c * p * p, generator=g)}
         return
     c = _int(vc, "num_channels", "in_channels", "in_chans", default=3)
     p = _int(vc, "patch_size", "spatial_patch_size")
