@@ -233,3 +233,16 @@ def test_prefix_replay_only_where_the_cache_holds_the_attention_keys():
     compressed KV) runs the answer prefill in full (its generate equality is tested above)."""
     assert get_adapter(_tiny("video_llava")).can_replay_prefix
     assert not get_adapter(_tiny("kimi_k25")).can_replay_prefix
+
+
+def test_readme_coverage_table_agrees_with_the_sweep():
+    """The README table (scripts/coverage_table.py) calls every swept type generic and every unsupported one
+    unsupported."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `([^`]+)` \| `[^`]+` \| (.+) \|$", readme, re.M))
+    assert set(rows) == set(MAPPING)
+    assert [t for t in GENERIC_SWEPT if not rows[t].startswith("generic")] == []
+    assert [t for t in UNSUPPORTED if not rows[t].startswith("unsupported")] == []
