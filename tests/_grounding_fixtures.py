@@ -160,6 +160,20 @@ def _ref_attention(module, query, key, value, attention_mask, **kw):
 
     spec = _REF.get("spec")
     q, kv = query.shape[2], key.shape[2]
+    indices = kw.pop("indices", None)
+    if indices is not None:
+        # sparse-attention models (Mistral Large 4, GLM-5) mask the unselected keys themselves for eager/SDPA only
+        # and pass other attention functions the selected ``indices`` [B, q, top-k]: mask here as their eager path
+        B = query.shape[0]
+        if attention_mask is None:
+            causal = torch.ones(q, kv, dtype=torch.bool).tril(kv - q)
+            attention_mask = torch.zeros(B, 1, q, kv).masked_fill(~causal, float("-inf"))
+        m = attention_mask[..., :kv].expand(B, 1, q, kv).clone()
+        for bb in range(B):
+            for r in range(q):
+                drop = sorted(set(range(kv)) - set(indices[bb, r].tolist()))
+                m[bb, 0, r, drop] = float("-inf")
+        attention_mask = m
     if spec is not None and module.layer_idx in spec["layers"] and (q > 1 or spec["all_steps"]):
         B = query.shape[0]
         rep = B // len(spec["blocked"])
@@ -173,7 +187,14 @@ def _ref_attention(module, query, key, value, attention_mask, **kw):
                 if kv - q + r >= v_end:
                     m[bb, 0, r, pos] = float("-inf")
         attention_mask = m
-    return eager_attention_forward(module, query, key, value, attention_mask, **kw)
+    missing = not hasattr(module, "num_key_value_groups")    # Persimmon (Fuyu) names no KV-head grouping
+    if missing:
+        module.num_key_value_groups = query.shape[1] // key.shape[1]
+    try:
+        return eager_attention_forward(module, query, key, value, attention_mask, **kw)
+    finally:
+        if missing:
+            del module.num_key_value_groups
 
 
 class RefModel:
@@ -191,11 +212,12 @@ class RefModel:
         AttentionInterface.register("test_ref_knockout", _ref_attention)
         AttentionMaskInterface.register("test_ref_knockout", eager_mask)
         _REF["spec"] = self.spec
+        self._before = self.model.config.get_text_config(decoder=True)._attn_implementation
         self.model.set_attn_implementation(self.target("test_ref_knockout"))
         return self.model
 
     def __exit__(self, *exc):
-        self.model.set_attn_implementation(self.target("sdpa"))
+        self.model.set_attn_implementation(self.target(self._before))    # sdpa, or eager where it has none
         _REF.clear()
 
 

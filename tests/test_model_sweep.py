@@ -8,8 +8,12 @@ Each type is either
   eager ``output_attentions`` on a left-padded batch (<= 1e-5) and ``VGRefineWrapper.generate`` equals an
   eager reference of triage + knockout written here;
 * **unsupported** — ``get_adapter`` raises ``UnsupportedModelError`` saying why;
-* or listed in ``NOT_TINY`` with the reason its tiny model or hand-built inputs cannot be made offline here (a
-  limit of this harness, not a claim about the package); the partition test keeps the lists complete.
+* or listed in ``NOT_TINY`` with the reason its tiny model or its image inputs (hand-built from the vision config,
+  or made by the type's image processor class) cannot be made offline here (a limit of this harness, not a claim
+  about the package); the partition test keeps the lists complete.
+
+Hybrid decoders (linear-attention layers) are compared on their softmax-attention layers; sparse-attention (DSA)
+types run with top-k below the prompt length, so the sparse key selection is part of the comparison.
 """
 
 import functools
@@ -27,33 +31,44 @@ from hf_vgrefine.testing_any import build_tiny, tiny_any_inputs
 from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 
 # built tiny and swept through the generic adapter
-GENERIC_SWEPT = ("aya_vision", "cohere2_vision", "cosmos3_omni", "exaone4_5", "hyperclovax_vision_v2", "idefics3",
-                 "lfm3_vl", "lighton_ocr", "ovis2", "qianfan_ocr",
-                 "qwen3_vl_moe", "video_llava")
-# unsupported: the image does not enter the decoder's self-attention as placeholder tokens
-UNSUPPORTED = ("blip", "blip-2", "evolla", "florence2", "git", "idefics", "instructblip", "instructblipvideo",
-               "kosmos-2", "kosmos-2.5", "minicpm_ocr", "minicpmv4_6", "minicpmv4_7", "mistral4", "mllama",
-               "nemotron_h_omni", "pi0", "pix2struct", "pp_formulanet", "t5gemma2", "udop", "vision-encoder-decoder")
-_BUILD = "its default config does not build tiny offline here"
-_INPUTS = "the hand-built image inputs do not fit its vision tower / processor layout"
+GENERIC_SWEPT = ("aria", "aya_vision", "cohere2_vision", "cohere_compass", "cosmos3_edge", "cosmos3_omni",
+                 "deepseek_vl", "deepseek_vl_hybrid", "ernie4_5_vl_moe", "exaone4_5", "fuyu", "gemma4", "glm46v",
+                 "glm4v", "glm4v_moe", "glm5_next", "glm_ocr", "glmga", "got_ocr2", "hyperclovax_vision_v2",
+                 "idefics2", "idefics3", "janus", "kimi_k25", "lfm2_vl", "lfm3_vl", "lighton_ocr",
+                 "llava_next_video", "minimax_m3_vl", "mistral_large4", "muse_glimmer", "muse_spark", "ovis2",
+                 "paddleocr_vl", "pp_chart2table", "qianfan_ocr", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker",
+                 "qwen3_vl_moe", "shieldgemma2", "smolvlm", "step3p7", "video_llama_3", "video_llava", "vipllava")
+# unsupported: the image does not enter the decoder's self-attention as placeholder tokens (or, hy_v4_vl, the decoder
+# attention has sinks, which the package's attention does not model)
+UNSUPPORTED = ("blip", "blip-2", "evolla", "florence2", "git", "hy_v4_vl", "idefics", "instructblip",
+               "instructblipvideo", "kosmos-2", "kosmos-2.5", "minicpm_ocr", "minicpmv4_6", "minicpmv4_7",
+               "mistral4", "mllama", "nemotron_h_omni", "pi0", "pix2struct", "pp_formulanet", "t5gemma2", "udop",
+               "vision-encoder-decoder")
+_TV = "its image processor class needs torchvision (not installed here)"
+_TIMM = "its vision tower needs timm (not installed here)"
 NOT_TINY = {
-    "apertus1p5": _INPUTS, "aria": _INPUTS + " (patch_to_query_dict sizes)", "chameleon": _BUILD + " (vq_config)",
-    "cohere_compass": _BUILD, "cosmos3_edge": _INPUTS + " (dynamic-resolution tower)", "deepseek_ocr2": _BUILD + " (too large)",
-    "deepseek_vl": _INPUTS, "deepseek_vl_hybrid": _INPUTS, "diffusion_gemma": _BUILD + " (per-layer head_dim)",
-    "dots3_note": _BUILD + " (per-layer heads)", "emu3": _BUILD + " (vq_config)", "ernie4_5_vl_moe": _INPUTS,
-    "fast_vlm": "needs timm (not installed)", "fuyu": _INPUTS + " (patch inputs, no vision_config)",
-    "gemma3n": "needs timm (not installed)", "gemma4": _BUILD + " (per-layer head_dim)",
-    "gemma4_unified": _BUILD + " (per-layer head_dim)", "glm46v": _INPUTS + " (rope sections)",
-    "glm4v": _INPUTS + " (rope sections)", "glm4v_moe": _INPUTS + " (rope sections)", "glm5_next": _INPUTS,
-    "glm_ocr": _INPUTS + " (rope sections)", "glmga": _INPUTS + " (rope sections)", "got_ocr2": _INPUTS,
-    "granite4_vision": _BUILD, "granite_docling": _INPUTS, "hunyuan_vl": _BUILD, "hy_v4_vl": _INPUTS,
-    "idefics2": _INPUTS, "inkling2": _INPUTS, "inkling2_loop": _INPUTS, "inkling_mm_model": _INPUTS,
-    "janus": _INPUTS, "kimi_k25": _INPUTS, "lfm2_vl": _INPUTS, "llama4": _INPUTS, "llava_next_video": _INPUTS,
-"minimax_m3_vl": _INPUTS, "mistral_large4": _INPUTS,
-    "molmo2": _INPUTS, "muse_glimmer": _INPUTS, "muse_spark": _INPUTS, "paddleocr_vl": _INPUTS,
-    "perception_lm": "needs timm (not installed)", "pp_chart2table": _INPUTS, "qwen2_5_omni_thinker": _INPUTS,
-    "qwen3_omni_moe_thinker": _INPUTS, "qwen4_exp": _BUILD, "shieldgemma2": _INPUTS, "smolvlm": _INPUTS,
-    "step3p7": _BUILD + " (sliding_window)", "unlimited_ocr": _INPUTS, "video_llama_3": _INPUTS, "vipllava": _INPUTS,
+    "apertus1p5": "its vision tokenizer config names no image size and " + _TV,
+    "chameleon": "the model reads config.vocabulary_map (the checkpoint's image-token vocabulary), None by default",
+    "deepseek_ocr2": "building it from the shrunk default config exhausts this machine's memory (process killed)",
+    "diffusion_gemma": "its default config builds a MoE router with num_experts=None",
+    "dots3_note": "the tiny forward fails in its attention (size mismatch): its per-layer MLA heads / LoRA ranks "
+                  "do not scale to one consistent tiny layout",
+    "emu3": "the model reads config.vocabulary_map (the checkpoint's image-token vocabulary), None by default",
+    "fast_vlm": _TIMM, "gemma3n": _TIMM, "perception_lm": _TIMM,
+    "gemma4_unified": "its vision config names no image size and " + _TV,
+    "granite4_vision": "its default config leaves deepstack_layer_map None (the model takes its len())",
+    "granite_docling": "the hand-built one-tile inputs fail its pixel_attention_mask check and its processor's "
+                       "512-px tiles do not fit the 4x4-patch tiny tower",
+    "hunyuan_vl": "its default config leaves head_dim None (read by the attention) and no multimodal RoPE axes",
+    "inkling2": "the hand-built flattened patches do not fit its tower's pixel layout and " + _TV,
+    "inkling2_loop": "the hand-built flattened patches do not fit its tower's pixel layout and " + _TV,
+    "inkling_mm_model": "its vision config names no image size and " + _TV,
+    "llama4": "Llama4ForConditionalGeneration.forward fails in this transformers ('MoeCausalLMOutputWithPast' object "
+              "has no attribute 'image_outputs')",
+    "molmo2": "get_image_features needs image_token_pooling and image_grids, which only its image processor makes; "
+              + _TV,
+    "qwen4_exp": "its default config leaves the sparse indexer's token_budget / compress_ratio None",
+    "unlimited_ocr": "its vision config names no image size or patch size and " + _TV,
 }
 HEADS = [[0, 1], [1, 2], [0, 3], [1, 0]]
 
@@ -78,18 +93,29 @@ def test_unsupported_types_raise_a_clear_error(model_type):
     level, reason = support_level(model)
     assert level == "unsupported"
     with pytest.raises(UnsupportedModelError, match=r"not supported, because .*(cross-attention|encoder-decoder|"
-                                                    r"placeholder token|decoder's layer list)"):
+                                                    r"placeholder token|decoder's layer list|attention sinks)"):
         get_adapter(model)
 
 
 def _eager(model, adapter, inputs):
+    """Eager ``output_attentions`` of the decoder's softmax-attention layers (``adapter.attention_layers``: every
+    layer, or a hybrid model's attention layers, whose linear-attention layers output none)."""
+    before = adapter.text_config._attn_implementation
     model.set_attn_implementation(adapter.text_attn_target("eager"))
     try:
         with torch.no_grad():
             att = model(**inputs, output_attentions=True).attentions
     finally:
-        model.set_attn_implementation(adapter.text_attn_target("sdpa"))
+        model.set_attn_implementation(adapter.text_attn_target(before))
+    att = [a for a in att if a is not None]
+    assert len(att) == len(adapter.attention_layers)
     return [a.double() for a in att]
+
+
+def _heads(adapter):
+    """``HEADS`` on the decoder's softmax-attention layers (the same heads where every layer is one)."""
+    layers = list(adapter.attention_layers)
+    return [[layers[l % len(layers)], h] for l, h in HEADS]
 
 
 def _positions(model, inputs):
@@ -123,11 +149,14 @@ def test_generic_capture_equals_eager(model_type):
 
 # ------------------------------------------------------------------ eager reference of triage + knockout
 def _reference_knockout(model, inputs, generic, percentile=50.0, eps=1e-10):
-    qa, ga = _eager(model, get_adapter(model), inputs), _eager(model, get_adapter(model), generic)
+    adapter = get_adapter(model)
+    qa, ga = _eager(model, adapter, inputs), _eager(model, adapter, generic)
+    at = list(adapter.attention_layers).index
     qpos, gpos = _positions(model, inputs), _positions(model, generic)
     blocked = []
     for b in range(inputs["input_ids"].shape[0]):
-        rel = [(qa[l][b, h, -1, qpos[b][0]] / (ga[l][b, :, -1, gpos[b][0]].mean(0) + eps)).numpy() for l, h in HEADS]
+        rel = [(qa[at(l)][b, h, -1, qpos[b][0]] / (ga[at(l)][b, :, -1, gpos[b][0]].mean(0) + eps)).numpy()
+               for l, h in _heads(adapter)]
         s = np.mean(rel, 0)
         blocked.append((qpos[b][0][torch.from_numpy(s < np.percentile(s, percentile))], qpos[b][1]))
     return blocked
@@ -141,12 +170,13 @@ def test_generic_vgrefine_generate_equals_eager_reference(model_type):
     generic = tiny_any_inputs(model, [7, 2], seed=2, image_inputs={k: v for k, v in inputs.items()
                                                                     if k not in ("input_ids", "attention_mask",
                                                                                  "mm_token_type_ids")})
-    w = VGRefineWrapper(model, VGRefineConfig(masked_layers=[1], sensitive_heads=HEADS, percentile=50.0))
+    masked = [adapter.attention_layers[-1]]
+    w = VGRefineWrapper(model, VGRefineConfig(masked_layers=masked, sensitive_heads=_heads(adapter), percentile=50.0))
     out = w.generate(**inputs, generic_inputs=generic, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     blocked = _reference_knockout(model, inputs, generic)
     for b in range(2):
         assert torch.equal(w.last_triage[b].knocked_out_positions.sort().values, blocked[b][0].sort().values)
-    with RefModel(model, blocked, [1], target=adapter.text_attn_target), torch.no_grad():
+    with RefModel(model, blocked, masked, target=adapter.text_attn_target), torch.no_grad():
         ref = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert torch.equal(out, ref)
 
@@ -170,3 +200,47 @@ def test_generic_geometry_is_refused_or_approximate():
     qspan = qwen.image_spans(tiny_any_inputs(_tiny("qwen3_vl_moe"), [2]))[0][0]
     with pytest.raises(GeometryUnavailableError, match=r"does not stretch to a fixed square.*token level only"):
         qwen.token_grid(Qwen2VLImageProcessor(), (80, 40), span=qspan)
+
+
+def test_generic_flattened_patch_rows_are_sliced_per_image():
+    """``pixel_values`` as ``[rows, c, p, p]`` patches (PaddleOCR-VL's layout) with ``image_grid_thw``: each
+    sample's image is its grid's ``t*h*w`` rows; a row count that does not add up is not sliced."""
+    model = _tiny("paddleocr_vl")
+    adapter = get_adapter(model)
+    inputs = tiny_any_inputs(model, [3, 6])
+    pv, thw = inputs["pixel_values"], inputs["image_grid_thw"]
+    n0, n1 = int(thw[0].prod()), int(thw[1].prod())
+    assert pv.dim() == 4 and adapter.per_image_rows("pixel_values", inputs) == [n0, n1]
+    sel = adapter.select_images(inputs, [1])
+    assert torch.equal(sel["pixel_values"], pv[n0:]) and torch.equal(sel["image_grid_thw"], thw[1:])
+    assert adapter.per_image_rows("pixel_values", dict(inputs, pixel_values=pv[:-1])) is None
+
+
+@pytest.mark.parametrize("model_type", ["mistral_large4", "glm5_next"])
+def test_sparse_attention_types_select_fewer_keys_than_the_prompt(model_type):
+    """The DSA types of the sweep run with top-k below the prompt length, so their capture / knockout equality
+    above covers the sparse key selection (``hf_vgrefine.attention.sparse_index_mask``)."""
+    model = _tiny(model_type)
+    inputs = tiny_any_inputs(model, [3, 6], seed=1)
+    assert model.config.get_text_config(decoder=True).index_topk < inputs["input_ids"].shape[1]
+
+
+def test_prefix_replay_only_where_the_cache_holds_the_attention_keys():
+    """VGRefine's shared prefix is replayed into the generation cache only where the decoder caches the keys and
+    values its attention function receives; latent-KV attention (Kimi-K2.5's DeepSeek-V3 decoder caches the
+    compressed KV) runs the answer prefill in full (its generate equality is tested above)."""
+    assert get_adapter(_tiny("video_llava")).can_replay_prefix
+    assert not get_adapter(_tiny("kimi_k25")).can_replay_prefix
+
+
+def test_readme_coverage_table_agrees_with_the_sweep():
+    """The README table (scripts/coverage_table.py) calls every swept type generic and every unsupported one
+    unsupported."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `([^`]+)` \| `[^`]+` \| (.+) \|$", readme, re.M))
+    assert set(rows) == set(MAPPING)
+    assert [t for t in GENERIC_SWEPT if not rows[t].startswith("generic")] == []
+    assert [t for t in UNSUPPORTED if not rows[t].startswith("unsupported")] == []

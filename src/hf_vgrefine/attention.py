@@ -425,8 +425,26 @@ def _finish(scores, ok, add, scaling, softcap, cols):
 
 
 # --------------------------------------------------------------------------------------------- the function
+def sparse_index_mask(attention_mask, indices, query, key):
+    """``attention_mask`` restricted to the keys that sparse-attention models (DeepSeek sparse attention: Mistral
+    Large 4, GLM-5) select per query row, ``indices`` ``[B, q, top-k]``. Those models apply this restriction to
+    the mask themselves for eager/SDPA only and hand any other attention function the ``indices``; this does for
+    the package's function what their eager/SDPA path does (a bool mask stays bool, an additive one additive)."""
+    B, q, kv = query.shape[0], query.shape[2], key.shape[2]
+    keep = torch.zeros(B, 1, q, kv, dtype=torch.bool, device=query.device)
+    keep.scatter_(-1, indices.long()[:, None].to(query.device), True)
+    mask = allowed_matrix(None, q, kv, query.device) if attention_mask is None else attention_mask
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.masked_fill(~keep, torch.finfo(mask.dtype).min)
+
+
 def vgrefine_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Registered attention function: SDPA output, plus capture/blocking when a probe state is active."""
+    indices = kwargs.pop("indices", None)
+    dense_mask = attention_mask           # query positions are read from the dense mask (rows' last allowed key)
+    if indices is not None:
+        attention_mask = sparse_index_mask(attention_mask, indices, query, key)
     if torch.compiler.is_compiling():      # traced graphs are plain SDPA (no context-variable lookup)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -449,7 +467,9 @@ def vgrefine_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if capture_here and not plan.after_bias:
         _capture(module, query, key, attention_mask, scaling, plan, state, kwargs)
     if biases:
-        attention_mask = _compose(attention_mask, biases, query, kv, state)
+        attention_mask = _compose(dense_mask, biases, query, kv, state)
+        if indices is not None:
+            attention_mask = sparse_index_mask(attention_mask, indices, query, key)
         state.calls[layer] = state.calls.get(layer, 0) + 1
     if capture_here and plan.after_bias:
         _capture(module, query, key, attention_mask, scaling, plan, state, kwargs)

@@ -443,7 +443,8 @@ class GroundingPass:
         vision_calls = []
         if record_prefix:
             hooks.append(adapter.decoder_layers[record_prefix - 1].register_forward_hook(
-                lambda mod, args, out: hidden.__setitem__("h", out[0] if isinstance(out, tuple) else out)))
+                lambda mod, args, out: hidden.update(h=out[0] if isinstance(out, tuple) else out,
+                                                     tuple=isinstance(out, tuple))))
             encoder = adapter.vision_encoder()
             if encoder is not None:
                 hooks.append(getattr(*encoder).register_forward_hook(
@@ -486,6 +487,10 @@ class GroundingPass:
             kv = dict(plan.kv)          # the question's keys/values only (a packed call records [0, T))
             record = PrefixRecord(n_layers=record_prefix, kv=kv, hidden=hidden["h"][:, :T] if t else hidden["h"], seq_len=T,
                                   vision=vision_calls)
+            if hidden["tuple"]:
+                # decoder layers that return a tuple hand more than the hidden states to the next layer (Mistral
+                # Large 4's sparse-attention top-k): the stand-ins of PrefixReplay cannot, so no replay
+                record = None
         return PassResult(question=question, generic=generic, record=record)
 
     # ------------------------------------------------------------------ question + generic maps

@@ -2,15 +2,20 @@
 
 Used by the model-type sweep test and by ``scripts/coverage_table.py``. :func:`tiny_config` shrinks every
 sub-config of a type's default config (2 text layers, hidden 64, 4 query / 2 KV heads, 2-layer 32-wide vision
-towers, 512-token vocabulary with every special-token id remapped below it); :func:`tiny_image_inputs` builds a
-left-padded batch by hand: pixel values shaped for the vision tower, the number of image placeholder tokens
-read from the model's own ``get_image_features`` output, start/end markers where the config names them.
+towers with 4x4 patch grids, 512-token vocabulary with every special-token id remapped below it) and keeps the
+sizes the model ties together consistent (M-RoPE sections, MLA rotary / KV head sizes, projector widths,
+per-layer sizes of heterogeneous configs, feature-layer indices and pooled token counts of the tiny tower).
+:func:`tiny_image_batch` finds image inputs the model's own ``get_image_features`` accepts: layouts built from the
+vision config first, then the outputs of the type's image processor class (instantiated with its defaults, no
+hub files). :func:`tiny_any_inputs` builds a left-padded batch: the number of image placeholder tokens read from
+``get_image_features``' output, start/end markers where the config names them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import re
 
 import torch
 
@@ -20,9 +25,12 @@ _TEXT = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_att
              moe_intermediate_size=32, shared_expert_intermediate_size=32, max_position_embeddings=2048,
              first_k_dense_replace=1, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
              qk_nope_head_dim=8, v_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-             linear_key_head_dim=16, linear_value_head_dim=16, hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB)
+             linear_key_head_dim=16, linear_value_head_dim=16, hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB,
+             linear_head_dim=16, linear_num_heads=2, n_group=1, topk_group=1, index_head_dim=16, index_n_heads=2,
+             index_topk=6)      # sparse attention (DSA): top-6 keys per query row, less than the tiny prompts
 _VISION = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, depth=2,
-               embed_dim=32, num_heads=2, num_key_value_heads=2, head_dim=16)
+               embed_dim=32, num_heads=2, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts=4,
+               moe_intermediate_size=32)
 
 
 def _set(cfg, key, value):
@@ -56,6 +64,42 @@ def _shrink(cfg, text: bool, text_hidden: int = 64):
         _set(cfg, "projection_dim", 32)
 
 
+def _mlp_ratio(cfg):
+    """``intermediate_size / hidden_size`` of a default config when it is a whole number, else ``None``."""
+    i, h = getattr(cfg, "intermediate_size", None), getattr(cfg, "hidden_size", None)
+    if isinstance(i, int) and isinstance(h, int) and h and i % h == 0:
+        return i // h
+    return None
+
+
+_PROJECTOR_DIM = re.compile(r"(hidden_size|hidden_dim|output_dim|input_dim|_in_dim|_out_dim)$")
+
+
+def _shrink_projectors(cfg, text, subs):
+    """Projector widths outside the text config (``projector_hidden_size``, ``out_hidden_size``,
+    ``text_hidden_size``, ``merged_hidden_size``...): those the default sets to a multiple of the text or vision
+    hidden size keep that multiple of the tiny sizes; other large ones become 64."""
+    vision = _vision(cfg)
+    t_hid = getattr(text, "hidden_size", None)
+    v_hid = getattr(vision, "hidden_size", None) if vision is not None else None
+    for c in [cfg] + subs:
+        if c is text:
+            continue
+        for k, v in c.to_dict().items():
+            if (isinstance(v, bool) or not isinstance(v, int) or v < 256 or k == "hidden_size" or k in _VISION
+                    or not _PROJECTOR_DIM.search(k)):
+                continue
+            if isinstance(t_hid, int) and v % t_hid == 0:
+                new = 64 * (v // t_hid)
+            elif isinstance(v_hid, int) and v % v_hid == 0:
+                new = 32 * (v // v_hid)
+            else:
+                new = 64
+            _set(c, k, new)
+        if isinstance(getattr(c, "projector_output_dim", None), int):    # Llama 4: the tower's output is the
+            _set(c, "vision_output_dim", c.projector_output_dim)          # projector's
+
+
 def _remap_ids(cfg, nxt):
     for k, v in list(cfg.to_dict().items()):
         if isinstance(v, bool) or not isinstance(v, int) or v < VOCAB:
@@ -68,24 +112,168 @@ def _remap_ids(cfg, nxt):
                 pass
 
 
+# Default configs that lack a value their own modeling code reads: the Omni thinkers' get_rope_index reads
+# vision_start_token_id, which only the outer Omni config defines (Qwen's <|vision_start|>).
+_CONFIG_FIXES = {"qwen2_5_omni_thinker": {"vision_start_token_id": 151652},
+                 "qwen3_omni_moe_thinker": {"vision_start_token_id": 151652}}
+
+
 def tiny_config(model_type: str):
     """The default config of ``model_type`` shrunk to a tiny model (see the module docstring)."""
     from transformers import AutoConfig, PretrainedConfig
 
     cfg = AutoConfig.for_model(model_type)
+    for key, value in _CONFIG_FIXES.get(model_type, {}).items():
+        setattr(cfg, key, value)
+    for name, sub_cls in (getattr(cfg, "sub_configs", None) or {}).items():
+        if "vision" in name and getattr(cfg, name, False) is None and isinstance(sub_cls, type):
+            setattr(cfg, name, sub_cls())          # a vision tower the default leaves out (Gemma 4): its defaults
     text = cfg.get_text_config(decoder=True)
-    text_hidden = 64
     subs = [getattr(cfg, name, None) for name in (getattr(cfg, "sub_configs", None) or {})]
     subs = [s for s in subs if isinstance(s, PretrainedConfig)]
+    per_layer = {id(c): (c, c.to_dict().get("layer_types"), _take_per_layer_overrides(c))
+                 for c in [cfg, text] + subs}
+    default_text = text.to_dict()
+    text_hidden = 64
+    _shrink_projectors(cfg, text, subs)
+    ratios = {id(sub): _mlp_ratio(sub) for sub in subs}
+    # sub-configs other than the vision tower that work at the text width (Idefics2's perceiver resampler)
+    text_wide = [sub for sub in subs if sub is not text and sub is not _vision(cfg)
+                 and getattr(sub, "hidden_size", None) == getattr(text, "hidden_size", 0)]
     for sub in subs:
         _shrink(sub, sub is text, text_hidden)
+        if sub in text_wide:
+            _set(sub, "hidden_size", text_hidden)
+        if sub is not text and ratios[id(sub)]:       # towers whose MLP width is a fixed multiple
+            _set(sub, "intermediate_size", ratios[id(sub)] * sub.hidden_size)
+        shuffle = getattr(sub, "pixel_shuffle_ratio", None)
+        if sub is not text and isinstance(shuffle, float) and shuffle > 0:    # Llama 4: the pixel-shuffled width
+            _set(sub, "intermediate_size", int(sub.hidden_size / shuffle ** 2))   # feeds the MLP of that width
     if text is cfg:
         _shrink(cfg, True)
     nxt = [400]
     for c in [cfg] + subs:
         _remap_ids(c, nxt)
     _shrink_vision_image(cfg)
+    _fit_vision_readout(cfg)
+    # sizes the default config keeps equal stay equal (MLA: rotary embedding sized by head_dim; latent attention
+    # whose KV heads are its query heads)
+    for key, ref in (("head_dim", "qk_rope_head_dim"), ("num_key_value_heads", "num_attention_heads")):
+        if default_text.get(key) and default_text.get(key) == default_text.get(ref):
+            _set(text, key, getattr(text, ref))
+    if default_text.get("qk_head_dim") and default_text.get("qk_head_dim") == (
+            default_text.get("qk_nope_head_dim", 0) + default_text.get("qk_rope_head_dim", 0)):
+        _set(text, "qk_head_dim", text.qk_nope_head_dim + text.qk_rope_head_dim)
+    if "sliding_window" in default_text and default_text["sliding_window"] is None:
+        text.sliding_window = 4096     # Step3p7 builds its sliding-window mask always (longer than any tiny prompt)
+    rope = getattr(text, "rope_parameters", None)
+    if rope == {} and isinstance(getattr(text, "layer_types", None), list):     # Cohere Compass: none by default
+        text.rope_parameters = {k: {"rope_type": "default", "rope_theta": 10000.0} for k in set(text.layer_types)}
+    _fit_rope_sections(cfg, text)
+    for c, default_types, taken in per_layer.values():
+        if taken:
+            _put_per_layer_overrides(c, default_types, *taken)
     return cfg
+
+
+def _take_per_layer_overrides(text):
+    """Heterogeneous text configs (per-layer head_dim, heads...: Gemma 4, Dots3): their per-layer overrides by
+    original layer index and the global values they override, removed from ``text`` (shrunk as a plain config,
+    then :func:`_put_per_layer_overrides` puts them back scaled); ``None`` for a homogeneous config."""
+    if not getattr(text, "is_heterogeneous", False):
+        return None
+    text.serialize_explicit_per_layer_config = True
+    overrides = {int(i): o for i, o in (text.to_dict().get("per_layer_config") or {}).items()}
+    text.serialize_explicit_per_layer_config = False
+    glob = {k: text._getattr_without_heterogeneous_validation(k) for k in text.per_layer_attributes}
+    text.per_layer_config = None
+    return overrides, glob
+
+
+def _put_per_layer_overrides(text, default_types, overrides: dict, glob: dict):
+    """Per-layer overrides of the kept layers (layer ``i`` of the tiny model stands for the first layer of its
+    kind in the default), each size scaled like its global value: e.g. Gemma 4's 512-wide full-attention heads
+    (global 256) become 32 wide (global 16)."""
+    kinds = getattr(text, "layer_types", None)
+    reps = list(range(text.num_hidden_layers))
+    if isinstance(kinds, list) and isinstance(default_types, list):
+        reps = [default_types.index(k) for k in kinds]
+    out = {}
+    for i, rep in enumerate(reps):
+        layer = {}
+        for k, v in overrides.get(rep, {}).items():
+            tiny, ref = getattr(text, k, None), glob.get(k)
+            if isinstance(v, int) and not isinstance(v, bool) and isinstance(tiny, int) and isinstance(ref, int) and ref:
+                v = max(1, round(tiny * v / ref))
+            if v != getattr(text, k, None):
+                layer[k] = v
+        if layer:
+            out[i] = layer
+    if out:
+        text.per_layer_config = out
+
+
+def _fit_vision_readout(cfg):
+    """Settings that read the tower's output by layer or patch count, fitted to the tiny tower (2 layers, 4x4
+    patches): feature-layer indices clamped to the layers there are, pooled token counts and patch-count keyed
+    query tables (Gemma 3's mm_tokens_per_image, Aria's projector_patch_to_query_dict) resized."""
+    from transformers import PretrainedConfig
+
+    vc = _vision(cfg)
+    layers = getattr(vc, "num_hidden_layers", None) if vc is not None else None
+    for c in [cfg] + [getattr(cfg, n, None) for n in (getattr(cfg, "sub_configs", None) or {})]:
+        if not isinstance(c, PretrainedConfig) or not isinstance(layers, int):
+            continue
+        for key in ("vision_feature_layer", "vision_feature_layers"):
+            val = getattr(c, key, None)
+            fit = lambda i: max(-(layers + 1), min(layers, i))     # noqa: E731 - hidden states: embeddings + layers
+            if isinstance(val, int) and not isinstance(val, bool):
+                setattr(c, key, fit(val))
+            elif isinstance(val, (list, tuple)) and all(isinstance(i, int) for i in val):
+                setattr(c, key, [fit(i) for i in val])
+        idx = getattr(c, "global_attn_indexes", None)            # SAM towers: their global-attention layers
+        if isinstance(idx, (list, tuple)) and isinstance(getattr(c, "num_hidden_layers", None), int):
+            c.global_attn_indexes = sorted({min(i, c.num_hidden_layers - 1) for i in idx})
+    size, patch = _int(vc, "image_size"), _int(vc, "patch_size")
+    if not (isinstance(size, int) and isinstance(patch, int) and size % patch == 0):
+        return
+    side = size // patch
+    if isinstance(getattr(cfg, "mm_tokens_per_image", None), int) and cfg.mm_tokens_per_image > side * side:
+        cfg.mm_tokens_per_image = (side // 2) ** 2                          # 2x2 pooling of the 4x4 patches
+    if isinstance(getattr(cfg, "image_grid_pinpoints", None), list):           # any-resolution tiling: one tile
+        cfg.image_grid_pinpoints = [[size, size]]
+    if isinstance(getattr(cfg, "projector_patch_to_query_dict", None), dict):
+        cfg.projector_patch_to_query_dict = {side * side: side}
+        _set(cfg, "max_value_projector_patch_to_query_dict", side)
+
+
+def _fit_rope_sections(cfg, text):
+    """Multi-axis (M-RoPE) sections must sum to half the rotary dimension: scale the model's sections (the
+    config's, else the default its rotary embedding falls back to) down to the tiny head size."""
+    import importlib
+    import inspect
+    import re
+
+    try:
+        src = inspect.getsource(importlib.import_module(type(text).__module__.replace(".configuration_", ".modeling_")))
+    except (ImportError, OSError, TypeError):
+        return
+    found = re.search(r"mrope_section\"?\]?,? *\[(\d+), *(\d+), *(\d+)\]", src)
+    rope = getattr(text, "rope_parameters", None)
+    if not found or not rope or not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+        return
+    default = rope.get("mrope_section") or [int(x) for x in found.groups()]
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    partial = rope.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", None)) or 1.0
+    half = int(head_dim * partial) // 2
+    share = [half * d / sum(default) for d in default]
+    sections = [max(1, int(x)) for x in share]
+    while sum(sections) < half:            # the largest shortfalls first
+        i = max(range(3), key=lambda j: share[j] - sections[j])
+        sections[i] += 1
+    while sum(sections) > half:
+        sections[sections.index(max(sections))] -= 1
+    text.rope_parameters = {**rope, "mrope_section": sections}
 
 
 def build_tiny(model_type: str, class_name: str, seed: int = 0, attn_implementation="sdpa", device=None):
@@ -135,43 +323,146 @@ def _vision(cfg):
     return None
 
 
-def tiny_image_batch(model, n_images: int, seed: int = 0) -> dict:
-    """Image inputs for ``n_images`` images (one per sample), shaped for ``model``'s vision tower."""
-    g = torch.Generator().manual_seed(seed)
+def _int(vc, *names, default=None):
+    for name in names:
+        val = getattr(vc, name, None)
+        if isinstance(val, (list, tuple)) and val and isinstance(val[0], int):
+            val = val[0]
+        if isinstance(val, int) and not isinstance(val, bool):
+            return val
+    return default
+
+
+def _hand_built_layouts(model, n_images: int, g):
+    """Candidate image inputs built from the vision config alone (the first layouts tried)."""
     vc = _vision(model.config)
     if vc is None:
-        raise ValueError(f"{type(model.config).__name__} has no vision_config")
-    if hasattr(vc, "temporal_patch_size") and hasattr(vc, "spatial_merge_size"):
-        p, tp, m = int(vc.patch_size), int(vc.temporal_patch_size), int(vc.spatial_merge_size)
-        c = int(getattr(vc, "in_channels", getattr(vc, "num_channels", 3)))
-        h = w = 2 * m
-        return {"pixel_values": torch.randn(n_images * h * w, c * tp * p * p, generator=g),
-                "image_grid_thw": torch.tensor([[1, h, w]] * n_images)}
-    size = getattr(vc, "image_size", None)
-    if isinstance(size, (list, tuple)):
-        size = size[0]
+        p, c = _int(model.config, "patch_size"), _int(model.config, "num_channels", default=3)
+        if isinstance(p, int):    # no vision tower: patches linearly embedded by the model (Fuyu), 16 per image
+            yield {"pixel_values": torch.randn(n_images, 16, c * p * p, generator=g)}
+        return
+    c = _int(vc, "num_channels", "in_channels", "in_chans", default=3)
+    p = _int(vc, "patch_size", "spatial_patch_size")
+    size = _int(vc, "image_size")
+    params = _image_feature_params(model)
+    if "image_grid_thw" in params and isinstance(p, int):
+        # flattened patches of a 4x4 (merged: 2x2) grid per image; the row width depends on the tower
+        m = _int(vc, "spatial_merge_size", "merge_size", "merge_kernel_size", default=1)
+        tp = _int(vc, "temporal_patch_size", "patch_temporal", default=1)
+        h = w = 4 if m <= 2 else 2 * m
+        thw = torch.tensor([[1, h, w]] * n_images)
+        rows = n_images * h * w
+        side = {"image_merge_sizes": torch.tensor([max(m, 1)] * n_images)} if "image_merge_sizes" in params else {}
+        for width in dict.fromkeys((c * tp * p * p, c * p * p)):
+            yield {"pixel_values": torch.randn(rows, width, generator=g), "image_grid_thw": thw, **side}
+        yield {"pixel_values": torch.randn(rows, c, p, p, generator=g), "image_grid_thw": thw, **side}
+    if "spatial_shapes" in params and isinstance(p, int):
+        # NaViT-style towers (SigLIP 2): padded patch sequences, their 4x4 grids and patch masks
+        yield {"pixel_values": torch.randn(n_images, 16, c * p * p, generator=g),
+               "spatial_shapes": torch.tensor([[4, 4]] * n_images),
+               "pixel_attention_mask": torch.ones(n_images, 16, dtype=torch.long)}
     if not isinstance(size, int):
-        raise ValueError(f"{type(vc).__name__} has no fixed image_size")
-    c = int(getattr(vc, "num_channels", 3) or 3)
+        return
     pix = torch.randn(n_images, c, size, size, generator=g)
     sizes = torch.tensor([[size, size]] * n_images)
-    variants = [{"pixel_values": pix}, {"pixel_values": pix, "image_sizes": sizes},
-                {"pixel_values": pix[:, None], "image_sizes": sizes}, {"pixel_values": pix[:, None]}]
+    high = getattr(model.config, "high_res_vision_config", None)
+    if "high_res_pixel_values" in params and isinstance(getattr(high, "image_size", None), int):
+        # a second, high-resolution tower (DeepSeek-VL hybrid's SAM encoder) sees the same image at its size
+        yield {"pixel_values": pix, "high_res_pixel_values": torch.randn(n_images, c, high.image_size,
+                                                                          high.image_size, generator=g)}
+    yield {"pixel_values": pix}
+    yield {"pixel_values": pix, "image_sizes": sizes}
+    yield {"pixel_values": pix[:, None], "image_sizes": sizes}
+    yield {"pixel_values": pix[:, None]}
+    # any-resolution towers: the base view and one tile (image_grid_pinpoints of one tile, see tiny_config)
+    yield {"pixel_values": torch.stack([pix, pix.flip(-1)], 1), "image_sizes": sizes}
+    # tiled towers: one tile per image, with its all-valid pixel mask
+    yield {"pixel_values": pix[:, None], "pixel_attention_mask": torch.ones(n_images, 1, size, size, dtype=torch.bool)}
+
+
+def _processor_layouts(model, n_images: int, g):
+    """Candidate image inputs made by the model type's own image processor class (defaults, no hub files) from a
+    small random image: at its default output size, and without resizing / tiling at the tower's input size."""
+    import transformers
+    from transformers.utils import is_torchvision_available
+
+    names = _processor_names(model)
+    name = names.get("torchvision") if is_torchvision_available() else None
+    name = name or names.get("pil")
+    if name is None:
+        return
+    cls = getattr(transformers, name)
+    vc = _vision(model.config)
+    ip = cls()
+    side = _int(vc, "image_size", default=None) if vc is not None else None
+    p = _int(ip, "patch_size") or (_int(vc, "patch_size", default=14) if vc is not None else 14)
+    m = _int(ip, "merge_size", "spatial_merge_size", "pooling_kernel_size") or (
+        _int(vc, "spatial_merge_size", "merge_size", "pooling_kernel_size", default=1) if vc is not None else 1)
+    side = side or 4 * p * max(1, m)          # 4x4 merged / pooled tokens
+    img = (torch.rand(side, side, 3, generator=g) * 255).to(torch.uint8).numpy()
+    for kwargs in ({"do_resize": False, "do_center_crop": False, "do_image_splitting": False, "do_pad": False},
+                   {}):
+        ip = cls()
+        call = {k: v for k, v in kwargs.items() if hasattr(ip, k)}
+        out = ip(images=[img] * n_images, return_tensors="pt", **call)
+        yield {k: v for k, v in out.items() if torch.is_tensor(v)}
+
+
+def _image_feature_params(model) -> set:
+    """Named arguments of ``get_image_features`` (the wrapper's and its inner model's, which some wrappers pass
+    through ``**kwargs``: VideoLLaMA 3's image_merge_sizes)."""
+    import inspect
+
+    out = set()
+    for owner in (model, getattr(model, "model", None)):
+        fn = getattr(owner, "get_image_features", None)
+        if fn is not None:
+            out |= {n for n, prm in inspect.signature(fn).parameters.items() if prm.kind != prm.VAR_KEYWORD}
+    return out
+
+
+def _image_feature_fn(model):
+    """The model's ``get_image_features`` (on the wrapper, else on its inner ``model``)."""
+    for owner in (model, getattr(model, "model", None)):
+        fn = getattr(owner, "get_image_features", None)
+        if fn is not None:
+            return fn
+    return None
+
+
+def tiny_image_batch(model, n_images: int, seed: int = 0) -> dict:
+    """Image inputs for ``n_images`` images (one per sample) that the model's own ``get_image_features`` accepts:
+    hand-built layouts from the vision config first, then the outputs of the type's image processor class."""
+    g = torch.Generator().manual_seed(seed)
+    if _vision(model.config) is None and not _processor_names(model):
+        raise ValueError(f"{type(model.config).__name__} has no vision_config")
     errors = []
-    for v in variants:       # the first layout the model's own get_image_features accepts
+    for layouts in (_hand_built_layouts, _processor_layouts):
         try:
-            image_token_count(model, v, n_images)
-            return v
-        except Exception as e:  # noqa: BLE001 - the next layout is tried; all failures are reported below
-            errors.append(f"{sorted(v)} {tuple(v['pixel_values'].shape)}: {type(e).__name__}: {str(e)[:100]}")
-    raise ValueError(f"no hand-built image input layout fits {type(model).__name__}: " + " | ".join(errors))
+            for v in layouts(model, n_images, g):
+                try:
+                    image_token_count(model, v, n_images)
+                    return v
+                except Exception as e:  # noqa: BLE001 - the next layout is tried; all failures are reported below
+                    errors.append(f"{sorted(v)} {tuple(v['pixel_values'].shape)}: {type(e).__name__}: {str(e)[:100]}")
+        except Exception as e:  # noqa: BLE001 - a processor that cannot run here: reported below
+            errors.append(f"{layouts.__name__}: {type(e).__name__}: {str(e).strip()[:100]}")
+    raise ValueError(f"no image input layout fits {type(model).__name__}: " + " | ".join(errors))
+
+
+def _processor_names(model) -> dict:
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    return IMAGE_PROCESSOR_MAPPING_NAMES.get(model.config.model_type) or {}
 
 
 def image_token_count(model, image_inputs: dict, n_images: int) -> int:
     """Image placeholder tokens per image: the text-hidden rows of the model's own ``get_image_features``."""
     hidden = int(model.config.get_text_config(decoder=True).hidden_size)
+    fn = _image_feature_fn(model)
+    params = _image_feature_params(model)
     with torch.no_grad():
-        out = model.get_image_features(**image_inputs)
+        out = fn(**{k: v for k, v in image_inputs.items() if k in params})
     feats = getattr(out, "pooler_output", None)
     if feats is None:
         feats = out[0] if isinstance(out, (tuple, list)) else getattr(out, "last_hidden_state", out)

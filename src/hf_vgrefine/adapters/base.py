@@ -59,6 +59,9 @@ class FamilyAdapter:
     # depend on the question: an image prefix cannot be shared between prompts with different text (VGRefine's
     # generic tail packed behind the question, the search's cached prefixes); those paths run full forwards.
     prefix_lm: bool = False
+    # True: the decoder caches the keys/values its attention function receives, so a recorded question prefill
+    # can be replayed into the generation cache (VGRefine's share_prefix); False: the answer prefill runs in full.
+    can_replay_prefix: bool = True
 
     def __init__(self, model):
         self.model = model

@@ -110,6 +110,23 @@ def layer_attention(layer):
     return None
 
 
+_CACHE_UPDATE = re.compile(r"\.update\(\s*(\w+)\s*,\s*(\w+)")
+_ATTN_CALL = re.compile(r"attention_interface\(\s*self\s*,\s*\w+\s*,\s*(\w+)\s*,\s*(\w+)")
+
+
+def caches_attention_keys(attn_module) -> bool:
+    """True when the attention module's forward writes to the cache the very key/value tensors it hands the
+    attention function (what a replayed prefix writes); False for latent caches (multi-head latent attention
+    caches the compressed KV and expands it afterwards: DeepSeek-V3, Kimi-K2.5, Mistral Large 4) or when the
+    source does not show it."""
+    try:
+        src = inspect.getsource(type(attn_module).forward)
+    except (OSError, TypeError):
+        return False
+    updates, call = _CACHE_UPDATE.findall(src), _ATTN_CALL.search(src)
+    return bool(updates) and call is not None and all(u == call.groups() for u in updates)
+
+
 def token_level_support(model) -> str | None:
     """``None`` when ``model``'s image enters its decoder's self-attention as placeholder tokens of ``input_ids``
     (the generic adapter works); otherwise the reason it does not, as one sentence ("... because ...")."""
@@ -132,9 +149,13 @@ def token_level_support(model) -> str | None:
     if config_image_token_id(config) is None:
         return (f"{mt}: the config names no image placeholder token (image_token_id / image_token_index), so the "
                 "image does not enter the decoder as placeholder tokens of input_ids")
-    if not any(layer_attention(layer) is not None for layer in layers):
+    attns = [a for a in (layer_attention(layer) for layer in layers) if a is not None]
+    if not attns:
         return (f"{mt}: the decoder's attention does not go through transformers' attention registry "
                 "(ALL_ATTENTION_FUNCTIONS with module.layer_idx), which the package's capture and knockout use")
+    if any(torch.is_tensor(getattr(a, "sinks", None)) for a in attns):
+        return (f"{mt}: the decoder's attention has attention sinks (module.sinks, passed as s_aux), which the "
+                "package's SDPA-based capture and knockout attention do not model")
     return None
 
 
@@ -155,18 +176,22 @@ class GenericAdapter(FamilyAdapter):
         self._end_id = _first_attr(self.config, _END_ATTRS)
         inner = getattr(model, "model", model)
         rope = getattr(self.text_config, "rope_parameters", None) or getattr(self.text_config, "rope_scaling", None)
+        self.can_replay_prefix = all(caches_attention_keys(a) for a in
+                                     (layer_attention(layer) for layer in self._layers) if a is not None)
         self.derives_positions = hasattr(inner, "get_rope_index") or (
             isinstance(rope, dict) and any("mrope" in str(k) for k in rope))
         self.explicit_position_ids = not self.derives_positions
 
     def per_image_rows(self, key, inputs):
         """Flattened patches of every image in one tensor (the Qwen-VL convention, used by many newer models): a
-        ``[t, h, w]`` grid per image in ``image_grid_thw`` gives its ``t*h*w`` rows of ``pixel_values``."""
+        ``[t, h, w]`` grid per image in ``image_grid_thw`` gives its ``t*h*w`` rows of ``pixel_values`` (rows of
+        flattened patches, or of ``[channels, patch, patch]`` patches as PaddleOCR-VL's processor makes them)."""
         thw = inputs.get("image_grid_thw")
         val = inputs.get(key)
-        if key != "pixel_values" or thw is None or not torch.is_tensor(val) or val.dim() != 2:
+        if key != "pixel_values" or thw is None or not torch.is_tensor(val) or val.dim() < 2:
             return None
-        return torch.as_tensor(thw).prod(-1).tolist()
+        counts = torch.as_tensor(thw).prod(-1).tolist()
+        return counts if sum(counts) == val.shape[0] else None
 
     # ----------------------------------------------------------------- decoder structure
     @property

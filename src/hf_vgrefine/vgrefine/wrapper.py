@@ -260,9 +260,11 @@ class VGRefineWrapper:
                 self._check_same_images(inputs, generic_inputs, q_prints)
                 g_layout = PromptLayout.read(self.adapter, generic_inputs)
             layers = cfg.triage_layers
-            # hybrid models (Qwen 3.5): no shared prefix, the answer's prefill runs in full (FamilyAdapter.hybrid)
+            # hybrid models (Qwen 3.5): no shared prefix, the answer's prefill runs in full (FamilyAdapter.hybrid);
+            # latent-KV caches (adapter.can_replay_prefix False): the generic tail still packs, no prefix record
             share = cfg.share_prefix and not self.adapter.hybrid
-            record_n = min(cfg.masked_layers) if share and min(cfg.masked_layers) > 0 else 0
+            record_n = (min(cfg.masked_layers) if share and self.adapter.can_replay_prefix
+                        and min(cfg.masked_layers) > 0 else 0)
             if need_generic:
                 keys = [self._generic_key(q_prints[b], g_layout, b) for b in range(B)] if cfg.cache_generic else None
                 tail = None
