@@ -231,6 +231,29 @@ def test_knockout_scope_prefill_vs_all_steps():
     assert [st["knockout_active"] for st in pre.last_triage.timings["steps"]][:2] == [True, False]
 
 
+def test_prefill_scope_leaves_decode_steps_alone_and_all_steps_blocks_them():
+    """Batch 1, no padding: with knockout_scope="prefill" the masked layer applies the block in the prefill only
+    (decode steps sit past the prompt; they run plain SDPA without building a mask), with "all_steps" in every
+    step; both give the tokens of the eager reference with the same scope."""
+    tiny = build_tiny_model("llava", num_hidden_layers=3)
+    model = tiny.model
+    inputs = tiny_inputs(tiny, [4], seed=9)
+    generic = tiny_inputs(tiny, [5], seed=9)
+    ko = reference_triage(model, inputs, generic, HEADS, 50.0)
+    blocked = [(ko[0], _image_positions(model, inputs)[0][1])]
+    gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    for scope, n_calls in (("prefill", 1), ("all_steps", 5)):
+        w = VGRefineWrapper(model, _cfg(knockout_scope=scope))
+        with w:
+            lp = w.logits_processor(generic_inputs=generic, **inputs)
+            out = model.generate(**inputs, logits_processor=LogitsProcessorList([lp]), **gen)
+            calls = dict(w._probe.state.calls)
+        assert calls == {1: n_calls}, (scope, calls)
+        with _RefModel(model, blocked, [1], all_steps=scope == "all_steps"), torch.no_grad():
+            ref = model.generate(**inputs, **gen)
+        assert torch.equal(out, ref), scope
+
+
 def test_knocked_out_fraction_matches_percentile():
     tiny = build_tiny_model("qwen2_vl", num_hidden_layers=3)
     inputs = tiny_inputs(tiny, [4], [(6, 8)], seed=2)          # 48 image tokens

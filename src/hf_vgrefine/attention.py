@@ -80,7 +80,9 @@ class KeyBlock:
     ``row_lo``: long ``[B]``; ``row_hi``: long ``[B]`` or ``None`` (open-ended: decode steps too);
     ``keys``: bool ``[B, K]`` (positions ``>= K`` are never blocked); ``heads``: query heads, ``None`` = all.
     ``B`` is the probe's batch (``generate``'s beam/sample expansion is followed). ``row_hi = T`` (the prompt
-    length) is how "prefill only" is expressed: decode-step queries sit at positions ``>= T``.
+    length) is how "prefill only" is expressed: decode-step queries sit at positions ``>= T``; ``rows_end``
+    (optional) states the same bound on the host, so that a decode step whose position is known there
+    (no mask: ``kv - 1``) skips the block without building a mask.
     """
 
     layers: frozenset
@@ -88,6 +90,7 @@ class KeyBlock:
     row_hi: torch.Tensor | None
     keys: torch.Tensor
     heads: tuple | None = None
+    rows_end: int | None = None          # host bound: no row at a position >= this is blocked (None: unknown)
     _on: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -458,6 +461,8 @@ def vgrefine_attention(module, query, key, value, attention_mask, dropout=0.0, s
     q_len, kv = query.shape[2], key.shape[2]
     own_mask = attention_mask
     biases = state.biases_for(layer) if state.biases else ()
+    if biases and q_len == 1 and attention_mask is None:     # a decode step at position kv - 1
+        biases = [b for b in biases if not (isinstance(b, KeyBlock) and b.rows_end is not None and kv - 1 >= b.rows_end)]
     plan = state.capture
     capture_here = plan is not None and q_len > 1 and layer in plan.layers
     packed = state.split is not None and q_len == kv and q_len > state.split

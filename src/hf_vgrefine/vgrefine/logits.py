@@ -56,5 +56,9 @@ class VGRefineLogitsProcessor(LogitsProcessor):
     def steps(self) -> list[dict]:
         """Per decoding step: ``step``, ``knockout_active`` (the knockout shaped this step's logits: the
         prefill step always, later steps only with ``knockout_scope="all_steps"``), ``top_token``, ``top_prob``."""
+        if not self._top:
+            return []
+        idx = torch.stack([i for i, _ in self._top]).tolist()      # one read back for all steps
+        val = torch.stack([v for _, v in self._top]).tolist()
         return [{"step": i, "knockout_active": bool(self.state.biases) and (i == 0 or self.knockout_scope == "all_steps"),
-                 "top_token": idx.tolist(), "top_prob": val.tolist()} for i, (idx, val) in enumerate(self._top)]
+                 "top_token": idx[i], "top_prob": val[i]} for i in range(len(self._top))]

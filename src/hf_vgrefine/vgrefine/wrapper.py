@@ -303,14 +303,17 @@ class VGRefineWrapper:
         keys_blocked = layout.key_mask(K, dev)
         v_end = torch.tensor([s.end for s in main]).to(dev, non_blocking=True)
         row_hi = torch.full((B,), T, dtype=torch.long, device=dev) if cfg.knockout_scope == "prefill" else None
+        rows_end = T if row_hi is not None else None
         if cfg.knockout_heads == "all":
-            biases = [KeyBlock(layers=cfg.masked_layers, row_lo=v_end, row_hi=row_hi, keys=keys_blocked)]
+            biases = [KeyBlock(layers=cfg.masked_layers, row_lo=v_end, row_hi=row_hi, keys=keys_blocked,
+                               rows_end=rows_end)]
         else:
             biases = []
             for l in cfg.masked_layers:
                 hs = tuple(h for ll, h in cfg.sensitive_heads if ll == l)
                 if hs:
-                    biases.append(KeyBlock(layers=(l,), row_lo=v_end, row_hi=row_hi, keys=keys_blocked, heads=hs))
+                    biases.append(KeyBlock(layers=(l,), row_lo=v_end, row_hi=row_hi, keys=keys_blocked, heads=hs,
+                                           rows_end=rows_end))
         samples = [SampleTriage(keep_mask=~K[b], triage_map=scores[b].float(), threshold=tau[b],
                                 grid=(span.rows, span.cols), query_rows=(span.end, T), positions=span.positions,
                                 config=cfg) for b, span in enumerate(main)]
