@@ -143,8 +143,8 @@ class CapturePlan:
     _on: dict = field(default_factory=dict, repr=False)
     _rowmask: dict = field(default_factory=dict, repr=False)
     one_row_per_group: bool = False      # every group is one row (weight 1): captured as is, no averaging
-    pending: list = field(default_factory=list, repr=False)   # (layer, [(scores, ok, add)], extra): see finish()
-    stacked: tuple | None = None         # (layers, [n, B, G, h, N]) when one batched store holds every layer
+    pending_groups: dict = field(default_factory=dict, repr=False)   # deferred raw scores: see defer(), finish()
+    stacked: tuple | None = None         # (layers, [[n, B, G, h, N] chunks]) when batched stores hold every layer
     all_heads: bool = False              # heads == 0..h-1 (every head of the layer when h == H): no head index
 
     def on(self, device, rep: int, groups: int):
@@ -179,30 +179,52 @@ class CapturePlan:
 
     def store(self, layers: list, img: torch.Tensor, weights) -> None:
         """``captured[layer]`` = ``[B, G, h, N]`` from image probabilities ``[n, B, h, r, N]`` of ``layers``
-        (``stacked`` keeps the ``[n, B, G, h, N]`` tensor when one store covers every captured layer)."""
+        (``stacked`` keeps the ``[n, B, G, h, N]`` chunks while the stores so far cover every captured layer)."""
         if self.one_row_per_group:       # one row per group ("last", packed or not): no averaging needed
             out = img.transpose(-3, -2)
         else:
             out = torch.stack([torch.einsum("bhrn,bgr->bghn", x, weights) for x in img.unbind(0)])
+        covered = self.stacked is not None and len(self.stacked[0]) == len(self.captured)
         self.captured.update(zip(layers, out.unbind(0)))
-        self.stacked = (list(layers), out) if len(layers) == len(self.captured) else None
+        if not self.stacked and len(layers) == len(self.captured):
+            self.stacked = (list(layers), [out])
+        elif covered and self.stacked[1][-1].device == out.device:      # the next chunk of the same batch
+            self.stacked = (self.stacked[0] + list(layers), self.stacked[1] + [out])
+        else:
+            self.stacked = None
+
+    def defer(self, layer: int, parts: list, extra: tuple, weights) -> None:
+        """Compute layer ``layer``'s raw scores into its group's buffer (one allocation per group and call:
+        ``[n_captured_layers, B, h, r, kv]`` fp32 per part); ``parts``: ``[(q_sel, k_sel, ok, add)]``."""
+        shapes = [(*q.shape[:-1], k.shape[-2]) for q, k, _, _ in parts]
+        gkey = (str(parts[0][0].device), tuple(shapes), tuple((id(o), id(a)) for _, _, o, a in parts),
+                extra[:2], id(extra[2]))
+        group = self.pending_groups.get(gkey)
+        if group is None:
+            dev = parts[0][0].device
+            bufs = [torch.empty((len(self.layers), *sh), dtype=torch.float32, device=dev) for sh in shapes]
+            group = self.pending_groups[gkey] = {"layers": [], "bufs": bufs, "masks": [(o, a) for _, _, o, a in parts],
+                                                 "extra": extra, "weights": weights}
+        i = len(group["layers"])
+        if i == group["bufs"][0].shape[0]:       # a layer module called more than once per forward: no room left
+            img = torch.cat([_finish(_scores(q, k), o, a, *extra) for q, k, o, a in parts], -2)
+            self.store([layer], img[None], weights)
+            return
+        for (q, k, _, _), buf in zip(parts, group["bufs"]):
+            _scores(q, k, out=buf[i])
+        group["layers"].append(layer)
 
     def finish(self) -> None:
         """Turn the deferred per-layer scores into probabilities: one batched pass per group of layers that
         share device, masks and shapes (usually one group; sliding-window and full layers form two)."""
-        groups: dict = {}
-        for layer, parts, extra, weights in self.pending:
-            gkey = tuple((str(s.device), tuple(s.shape), id(o), id(a)) for s, o, a in parts) + extra[:2] + (id(extra[2]),)
-            groups.setdefault(gkey, []).append((layer, parts, extra, weights))
-        self.pending = []
-        for members in groups.values():
-            _, parts0, extra, weights = members[0]
-            imgs = []
-            for i, (_, ok, add) in enumerate(parts0):
-                stacked = torch.stack([m[1][i][0] for m in members]) if len(members) > 1 else parts0[i][0][None]
-                imgs.append(_finish(stacked, ok, add, *extra))
-            img = torch.cat(imgs, -2) if len(imgs) > 1 else imgs[0]             # [n, B, h, r, N]
-            self.store([m[0] for m in members], img, weights)
+        groups, self.pending_groups = self.pending_groups, {}
+        for g in groups.values():
+            n = len(g["layers"])
+            for c0 in range(0, n, _FINISH_CHUNK):    # chunks bound the softmax's transient copy
+                c1 = min(n, c0 + _FINISH_CHUNK)
+                imgs = [_finish(buf[c0:c1], ok, add, *g["extra"]) for buf, (ok, add) in zip(g["bufs"], g["masks"])]
+                img = torch.cat(imgs, -2) if len(imgs) > 1 else imgs[0]             # [c, B, h, r, N]
+                self.store(g["layers"][c0:c1], img, g["weights"])
 
     def row_mask(self, attention_mask, rows, off: int, kv: int, device):
         """Allowed-key mask of the captured rows ``[B, 1, r, kv]`` (bool) and the additive part of a float
@@ -364,6 +386,7 @@ def _compose(attention_mask, biases, query, kv: int, state: _State):
 
 # --------------------------------------------------------------------------------------------- capture
 _DEFER_ROWS = 4     # plans with at most this many query rows keep per-layer scores and finish them in one batch
+_FINISH_CHUNK = 8   # layers per batched finishing step
 
 
 def _capture(module, query, key, attention_mask, scaling, plan: CapturePlan, state: _State, kw):
@@ -392,37 +415,39 @@ def _capture(module, query, key, attention_mask, scaling, plan: CapturePlan, sta
         ok, add = plan.row_mask(attention_mask, rows, off, kv, dev)
         deferred = r <= _DEFER_ROWS
     if plan.split is None:
-        parts = [(_scores(q_sel, k_sel), ok, add)]
+        parts = [(q_sel, k_sel, ok, add)]
     else:   # packed call: the question rows exactly as unpacked (keys [0, T)), the tail rows over all keys
         T, r_q = plan.split
         (ok_q, add_q), (ok_t, add_t) = plan.split_masks(ok, add)
-        parts = [(_scores(q_sel[:, :, :r_q].contiguous(), k_sel[:, :, :T].contiguous()), ok_q, add_q),
-                 (_scores(q_sel[:, :, r_q:].contiguous(), k_sel), ok_t, add_t)]
+        parts = [(q_sel[:, :, :r_q].contiguous(), k_sel[:, :, :T].contiguous(), ok_q, add_q),
+                 (q_sel[:, :, r_q:].contiguous(), k_sel, ok_t, add_t)]
     extra = (float(scaling), kw.get("softcap"), cols)
     if deferred:
-        plan.pending.append((module.layer_idx, parts, extra, weights))
+        plan.defer(module.layer_idx, parts, extra, weights)
         return
-    img = torch.cat([_finish(s, o, a, *extra) for s, o, a in parts], -2)
+    img = torch.cat([_finish(_scores(q, k), o, a, *extra) for q, k, o, a in parts], -2)
     plan.store([module.layer_idx], img[None], weights)
 
 
-def _scores(q_sel, k_sel):
-    """Raw fp32 logits ``[..., r, kv]`` (before scaling)."""
+def _scores(q_sel, k_sel, out=None):
+    """Raw fp32 logits ``[..., r, kv]`` (before scaling), written into ``out`` when given."""
     if q_sel.dtype != torch.float32:
         q_sel, k_sel = q_sel.float(), k_sel.float()
-    return torch.matmul(q_sel, k_sel.transpose(-1, -2))
+    if out is None:
+        return torch.matmul(q_sel, k_sel.transpose(-1, -2))
+    return torch.matmul(q_sel, k_sel.transpose(-1, -2), out=out)
 
 
 def _finish(scores, ok, add, scaling, softcap, cols):
     """Probabilities at the image columns ``[..., B, h, r, N]`` from raw logits ``[..., B, h, r, kv]``: scale,
     soft-cap, additive mask, the allowed mask ``ok`` (``[B|1, 1, r, kv]``), fp32 softmax; fully masked rows
-    (padding) give 0."""
-    scores = scores * scaling
+    (padding) give 0. ``scores`` is overwritten (in-place steps: one transient copy for the softmax)."""
+    scores.mul_(scaling)
     if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
+        scores.div_(softcap).tanh_().mul_(softcap)
     if add is not None:
-        scores = scores + add
-    probs = scores.masked_fill(~ok, float("-inf")).softmax(-1).nan_to_num(0.0)
+        scores.add_(add)
+    probs = scores.masked_fill_(~ok, float("-inf")).softmax(-1).nan_to_num_(0.0)
     c = cols[:, None, None, :]
     return probs.gather(-1, c.expand(*probs.shape[:-1], c.shape[-1]))
 
