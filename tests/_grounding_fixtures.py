@@ -128,6 +128,30 @@ def attention_ratio_by_hand(m, region):
     return sum(inside) / ((sum(m) / len(m)) * len(inside) + 1e-8)
 
 
+def yes_no_correct(logits, data, yes, no):
+    """Per example: the last-position logit of "yes" vs "no" gives the example's answer ([B, vocab] logits)."""
+    return [("yes" if logits[i, yes] > logits[i, no] else "no") == d["answer"] for i, d in enumerate(data)]
+
+
+def assert_search_rows_equal_the_wrapper(model, proc, data, res, sensitive_heads, yes, no):
+    """Every row of a knockout search equals a fresh :class:`VGRefineWrapper` forward with that row's masked
+    layers and percentile (the wrapper is the independent path; the search shares a cached prefix)."""
+    import torch
+
+    from hf_vgrefine.prompts import build_inputs, to_model_inputs
+    from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
+
+    for r in res.table:
+        cfg = VGRefineConfig(masked_layers=list(r["masked_layers"]), sensitive_heads=sensitive_heads,
+                             percentile=r["percentile"])
+        w = VGRefineWrapper(model, cfg, processor=proc)
+        inp = to_model_inputs(build_inputs(proc, [d["image"] for d in data], [d["question"] for d in data],
+                                           instruction=cfg.instruction), model)
+        with torch.no_grad():
+            logits = w(**inp).logits[:, -1]
+        assert res.per_example[r["label"]] == yes_no_correct(logits, data, yes, no), r["label"]
+
+
 def image_positions(model, inputs):
     """Per sample: (image-grid positions, first position after the image's tokens), read from ``input_ids`` and
     the config (not from the adapter under test). LLaVA-NeXT/OneVision: the base block = the first side**2 image

@@ -15,7 +15,7 @@ from hf_vgrefine.measure import GroundingResults, measure_grounding, parse_layer
 from hf_vgrefine.prompts import GENERIC_QUESTION, INSTRUCTION, build_inputs, format_question, generic_inputs
 from hf_vgrefine.testing import IMAGE, build_tiny_model, tiny_processor
 
-from _grounding_fixtures import FIXTURE, load_fixture, qwen_processor
+from _grounding_fixtures import FIXTURE, attention_ratio_by_hand, load_fixture, qwen_processor
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +203,9 @@ def test_relative_ar_matches_eager_hand_computation(ds):
     g = eager_maps("Write a general description of the image. Answer the question using a single word or phrase.")
     n = q.shape[-1]
 
-    def ar(m):
-        return m[..., B].sum(-1) / (m.sum(-1) / n * len(B) + 1e-8)
+    def ar(m):   # the hand-written attention ratio of each map along the last axis
+        region = np.isin(np.arange(n), B)
+        return np.apply_along_axis(attention_ratio_by_hand, -1, m, region)
 
     rel_layer = q.mean(1) / (g.mean(1) + 1e-10)
     np.testing.assert_allclose(res.get("attention_ratio")[0], ar(rel_layer), rtol=1e-5)

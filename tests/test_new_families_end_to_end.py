@@ -10,7 +10,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from _grounding_fixtures import attention_layers, family_processor, load_fixture
+from _grounding_fixtures import (assert_search_rows_equal_the_wrapper, attention_layers, attention_ratio_by_hand,
+                                 family_processor, load_fixture)
 
 from hf_vgrefine.adapters import get_adapter
 from hf_vgrefine.calibrate import calibrate
@@ -66,8 +67,9 @@ def test_measured_ratio_matches_eager_hand_computation(family, ds):
     g = eager_maps("Write a general description of the image. Answer the question using a single word or phrase.")
     n = q.shape[-1]
 
-    def ar(m):
-        return m[..., B].sum(-1) / (m.sum(-1) / n * len(B) + 1e-8)
+    def ar(m):   # the hand-written attention ratio of each map along the last axis
+        region = np.isin(np.arange(n), B)
+        return np.apply_along_axis(attention_ratio_by_hand, -1, m, region)
 
     np.testing.assert_allclose(res.get("attention_ratio")[0], ar(q.mean(1) / (g.mean(1) + 1e-10)), rtol=1e-5)
     np.testing.assert_allclose(res.get("attention_ratio", per_head=True)[0], ar(q / (g + 1e-10)), rtol=1e-5)
@@ -157,16 +159,7 @@ def test_paligemma_prefix_lm_paths_equal_full_forwards(ds):
     res = search_knockout(model, proc, data, base, space=space, head_ranking=[[0, 1], [1, 2], [2, 3]], batch_size=4,
                           progress=False)
     assert res.info["self_check"]["fallback"]
-    for r in res.table:
-        cfg = VGRefineConfig(masked_layers=list(r["masked_layers"]), sensitive_heads=[[0, 1], [1, 2]],
-                             percentile=r["percentile"])
-        w = VGRefineWrapper(model, cfg, processor=proc)
-        inp = to_model_inputs(build_inputs(proc, [d["image"] for d in data], [d["question"] for d in data],
-                                           instruction=cfg.instruction), model)
-        with torch.no_grad():
-            logits = w(**inp).logits[:, -1]
-        want = [("yes" if logits[i, yes] > logits[i, no] else "no") == d["answer"] for i, d in enumerate(data)]
-        assert res.per_example[r["label"]] == want, r["label"]
+    assert_search_rows_equal_the_wrapper(model, proc, data, res, [[0, 1], [1, 2]], yes, no)
 
 
 @pytest.mark.parametrize("family", NEW)

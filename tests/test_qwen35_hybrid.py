@@ -8,7 +8,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _grounding_fixtures import attention_layers, family_processor, load_fixture
+from _grounding_fixtures import (assert_search_rows_equal_the_wrapper, attention_layers, family_processor,
+                                 load_fixture, yes_no_correct)
 
 from hf_vgrefine.attention import capture_image_attention
 from hf_vgrefine.measure import measure_grounding
@@ -141,18 +142,8 @@ def test_search_runs_full_forwards_on_attention_layers(tiny):
     with torch.no_grad():
         plain = model(**to_model_inputs(build_inputs(proc, [d["image"] for d in data], [d["question"] for d in data],
                                                      instruction=base.instruction), model)).logits[:, -1]
-    want_base = [("yes" if plain[i, yes] > plain[i, no] else "no") == d["answer"] for i, d in enumerate(data)]
-    assert res.per_example["baseline"] == want_base
-    for r in res.table:
-        cfg = VGRefineConfig(masked_layers=list(r["masked_layers"]), sensitive_heads=[[1, 1], [2, 2]],
-                             percentile=r["percentile"])
-        w = VGRefineWrapper(model, cfg, processor=proc)
-        inp = to_model_inputs(build_inputs(proc, [d["image"] for d in data], [d["question"] for d in data],
-                                           instruction=cfg.instruction), model)
-        with torch.no_grad():
-            logits = w(**inp).logits[:, -1]
-        want = [("yes" if logits[i, yes] > logits[i, no] else "no") == d["answer"] for i, d in enumerate(data)]
-        assert res.per_example[r["label"]] == want, r["label"]
+    assert res.per_example["baseline"] == yes_no_correct(plain, data, yes, no)
+    assert_search_rows_equal_the_wrapper(model, proc, data, res, [[1, 1], [2, 2]], yes, no)
     assert np.isfinite([r["accuracy"] for r in res.table]).all()
 
 
