@@ -144,7 +144,7 @@ class CapturePlan:
     _rowmask: dict = field(default_factory=dict, repr=False)
     one_row_per_group: bool = False      # every group is one row (weight 1): captured as is, no averaging
     pending_groups: dict = field(default_factory=dict, repr=False)   # deferred raw scores: see defer(), finish()
-    stacked: tuple | None = None         # (layers, [[n, B, G, h, N] chunks]) when batched stores hold every layer
+    chunks: list = field(default_factory=list, repr=False)   # stored (layers, [n, B, G, h, N]) in store order
     all_heads: bool = False              # heads == 0..h-1 (every head of the layer when h == H): no head index
 
     def on(self, device, rep: int, groups: int):
@@ -179,19 +179,13 @@ class CapturePlan:
 
     def store(self, layers: list, img: torch.Tensor, weights) -> None:
         """``captured[layer]`` = ``[B, G, h, N]`` from image probabilities ``[n, B, h, r, N]`` of ``layers``
-        (``stacked`` keeps the ``[n, B, G, h, N]`` chunks while the stores so far cover every captured layer)."""
+        (also kept whole in :attr:`chunks`, so that the caller can concatenate them without a copy per layer)."""
         if self.one_row_per_group:       # one row per group ("last", packed or not): no averaging needed
             out = img.transpose(-3, -2)
         else:
             out = torch.stack([torch.einsum("bhrn,bgr->bghn", x, weights) for x in img.unbind(0)])
-        covered = self.stacked is not None and len(self.stacked[0]) == len(self.captured)
         self.captured.update(zip(layers, out.unbind(0)))
-        if not self.stacked and len(layers) == len(self.captured):
-            self.stacked = (list(layers), [out])
-        elif covered and self.stacked[1][-1].device == out.device:      # the next chunk of the same batch
-            self.stacked = (self.stacked[0] + list(layers), self.stacked[1] + [out])
-        else:
-            self.stacked = None
+        self.chunks.append((list(layers), out))
 
     def defer(self, layer: int, parts: list, extra: tuple, weights) -> None:
         """Compute layer ``layer``'s raw scores into its group's buffer (one allocation per group and call:

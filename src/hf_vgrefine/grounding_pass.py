@@ -469,9 +469,9 @@ class GroundingPass:
             raise RuntimeError(f"layers {missing} were not captured: the model's text attention did not go through the "
                                "registered function (is the text decoder using attn_implementation='vgrefine', and is "
                                "the forward not compiled?)")
-        if plan.stacked is not None and plan.stacked[0] == layers and plan.stacked[1][0].device == dev:
-            chunks = plan.stacked[1]
-            maps = (torch.cat(chunks, 0) if len(chunks) > 1 else chunks[0]).permute(1, 2, 0, 3, 4).contiguous()
+        outs = [out for _, out in plan.chunks]
+        if [l for ls, _ in plan.chunks for l in ls] == layers and all(o.device == dev for o in outs):
+            maps = (torch.cat(outs, 0) if len(outs) > 1 else outs[0]).permute(1, 2, 0, 3, 4).contiguous()
         else:
             maps = torch.stack([plan.captured[l].to(dev) for l in layers], 2).float()
         for b, n in enumerate(n_tokens):
