@@ -225,6 +225,49 @@ def test_sparse_attention_types_select_fewer_keys_than_the_prompt(model_type):
     assert model.config.get_text_config(decoder=True).index_topk < inputs["input_ids"].shape[1]
 
 
+def _same_prefix_generic(model, inputs, tail):
+    """Generic prompts that share each question's prefix up to the image end, then one common text ``tail`` (the
+    shape VGRefine packs behind the question where it can), left-padded, with the question's images."""
+    tid = getattr(model.config, "image_token_id", None)
+    tid = tid if tid is not None else model.config.image_token_index
+    rows = []
+    for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"]):
+        r = ids[mask.bool()].tolist()
+        rows.append(r[:max(i for i, x in enumerate(r) if x == tid) + 1] + list(tail))
+    T = max(map(len, rows))
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):], mask[b, T - len(r):] = torch.tensor(r), 1
+    out = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    out.update(input_ids=ids, attention_mask=mask)
+    if "mm_token_type_ids" in inputs:
+        out["mm_token_type_ids"] = (ids == tid).long()
+    return out
+
+
+def test_sparse_attention_generic_prompt_is_not_packed():
+    """DSA's indexer picks each row's top-k keys from the model's own causal mask, so a generic tail packed behind
+    a long question would pick among the question's tokens (which VGRefine hides from it) and get a different
+    map. With a generic prompt that shares the question's prefix (where other models pack) and questions longer
+    than top-k, triage and tokens still equal the eager reference of separate question and generic passes."""
+    model = _tiny("mistral_large4")
+    adapter = get_adapter(model)
+    assert adapter.sparse_attention and not get_adapter(_tiny("video_llava")).sparse_attention
+    inputs = tiny_any_inputs(model, [14, 20], seed=2)
+    generic = _same_prefix_generic(model, inputs, [11, 23, 37, 41, 53])
+    assert model.config.get_text_config(decoder=True).index_topk < 14
+    masked = [adapter.attention_layers[-1]]
+    w = VGRefineWrapper(model, VGRefineConfig(masked_layers=masked, sensitive_heads=_heads(adapter), percentile=50.0))
+    out = w.generate(**inputs, generic_inputs=generic, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    blocked = _reference_knockout(model, inputs, generic)
+    for b in range(2):
+        assert torch.equal(w.last_triage[b].knocked_out_positions.sort().values, blocked[b][0].sort().values)
+    with RefModel(model, blocked, masked, target=adapter.text_attn_target), torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert torch.equal(out, ref)
+
+
 def test_prefix_replay_only_where_the_cache_holds_the_attention_keys():
     """VGRefine's shared prefix is replayed into the generation cache only where the decoder caches the keys and
     values its attention function receives; latent-KV attention (Kimi-K2.5's DeepSeek-V3 decoder caches the

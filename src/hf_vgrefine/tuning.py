@@ -383,8 +383,10 @@ def search_knockout(model, processor, dataset, base_config, space=None, head_ran
     baseline = np.zeros(n, dtype=bool)
     timings = {"capture_s": 0.0, "prefix_s": 0.0, "candidates_s": 0.0}
     # prefix-LM models (PaliGemma): the image keys depend on the question text, a cached image prefix is not exact;
-    # hybrid models (Qwen 3.5): the linear-attention layers' cache is a running state, not per-token keys/values
-    check = {"done": False, "max_abs_diff": None, "fallback": bool(adapter.prefix_lm or adapter.hybrid)}
+    # hybrid models (Qwen 3.5): the linear-attention layers' cache is a running state, not per-token keys/values;
+    # sparse attention (DSA): the indexer keeps its own key cache beside the attention's
+    check = {"done": False, "max_abs_diff": None,
+             "fallback": bool(adapter.prefix_lm or adapter.hybrid or adapter.sparse_attention)}
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         batch = [examples[i] for i in idx]

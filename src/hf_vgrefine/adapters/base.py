@@ -105,6 +105,22 @@ class FamilyAdapter:
         return len(self.attention_layers) < self.num_layers
 
     @property
+    def sparse_attention(self) -> bool:
+        """True for DeepSeek sparse attention (DSA: Mistral Large 4, GLM-5): an indexer picks ``index_topk`` keys per
+        query row from the model's own causal mask, before the attention function runs. A row packed behind the
+        question would pick among the question's tokens that the package hides from it, and a replayed prefix
+        lacks the indexer's key cache, so VGRefine runs the generic prompt in its own pass and prefills the answer
+        in full (results equal ``share_prefix=False``)."""
+        cached = getattr(self, "_sparse_attention", None)
+        if cached is None:
+            from .generic import layer_attention
+
+            topk = getattr(self.text_config, "index_topk", None)
+            cached = self._sparse_attention = bool(isinstance(topk, int) and topk > 0) or any(
+                hasattr(a, "indexer") for a in (layer_attention(l) for l in self.decoder_layers) if a is not None)
+        return cached
+
+    @property
     def num_layers(self) -> int:
         return int(self.text_config.num_hidden_layers)
 

@@ -151,7 +151,9 @@ class VGRefineConfig:
     family). The prefill resume is skipped (full prefill, same result) when ``generate`` is asked for a
     non-dynamic cache (``cache_implementation``) or is given a cache. Hybrid models (Qwen 3.5, whose linear-attention
     layers keep a running state instead of per-token keys/values) always take the plain path: full answer prefill,
-    generic prompt in its own pass (``FamilyAdapter.hybrid``); their results equal ``share_prefix=False``.
+    generic prompt in its own pass (``FamilyAdapter.hybrid``); their results equal ``share_prefix=False``. So do
+    sparse-attention models (DSA: Mistral Large 4, GLM-5), whose indexer chooses each row's keys from the model's own
+    causal mask (``FamilyAdapter.sparse_attention``).
 
     ``percentile``: knock out the image tokens whose triage score is strictly below this percentile
     (linear interpolation); ``magnitude_threshold`` is used only when ``percentile is None``
