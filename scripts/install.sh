@@ -4,7 +4,8 @@
 #   bash scripts/install.sh          # library + demo
 #   bash scripts/install.sh --test   # ... + test dependencies
 # The torch pin in constraints-cpu.txt selects the small CPU build; on a GPU machine set
-# HF_VGREFINE_TORCH_CONSTRAINTS="" to keep (or let pip choose) your own torch (setup.cfg allows torch>=2.4).
+# HF_VGREFINE_TORCH_CONSTRAINTS="" to keep (or let pip choose) your own torch and transformers (setup.cfg allows
+# torch>=2.4, transformers>=5.0,<6); the file also pins the transformers release the model-type sweep classifies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

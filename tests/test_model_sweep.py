@@ -21,6 +21,7 @@ import functools
 import numpy as np
 import pytest
 import torch
+import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as MAPPING
 
 from _grounding_fixtures import RefModel
@@ -35,15 +36,16 @@ GENERIC_SWEPT = ("aria", "aya_vision", "cohere2_vision", "cohere_compass", "cosm
                  "deepseek_vl", "deepseek_vl_hybrid", "ernie4_5_vl_moe", "exaone4_5", "fuyu", "gemma4", "glm46v",
                  "glm4v", "glm4v_moe", "glm5_next", "glm_ocr", "glmga", "got_ocr2", "hyperclovax_vision_v2",
                  "idefics2", "idefics3", "janus", "kimi_k25", "lfm2_vl", "lfm3_vl", "lighton_ocr",
-                 "llava_next_video", "minimax_m3_vl", "mistral_large4", "muse_glimmer", "muse_spark", "ovis2",
-                 "paddleocr_vl", "pp_chart2table", "qianfan_ocr", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker",
-                 "qwen3_vl_moe", "shieldgemma2", "smolvlm", "step3p7", "video_llama_3", "video_llava", "vipllava")
+                 "llava_next_video", "llava_onevision1_5", "minimax_m3_vl", "mistral_large4", "muse_glimmer",
+                 "muse_spark", "ovis2", "ovis2_5", "paddleocr_vl", "pp_chart2table", "qianfan_ocr",
+                 "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_vl_moe", "shieldgemma2", "smolvlm",
+                 "step3p7", "video_llama_3", "video_llava", "vipllava")
 # unsupported: the image does not enter the decoder's self-attention as placeholder tokens (or, hy_v4_vl, the decoder
 # attention has sinks, which the package's attention does not model)
 UNSUPPORTED = ("blip", "blip-2", "evolla", "florence2", "git", "hy_v4_vl", "idefics", "instructblip",
                "instructblipvideo", "kosmos-2", "kosmos-2.5", "minicpm_ocr", "minicpmv4_6", "minicpmv4_7",
-               "mistral4", "mllama", "nemotron_h_omni", "pi0", "pix2struct", "pp_formulanet", "t5gemma2", "udop",
-               "vision-encoder-decoder")
+               "mistral4", "mllama", "nemotron_h_omni", "pi0", "pi05", "pix2struct", "pp_formulanet", "t5gemma2",
+               "udop", "vision-encoder-decoder")
 _TV = "its image processor class needs torchvision (not installed here)"
 _TIMM = "its vision tower needs timm (not installed here)"
 NOT_TINY = {
@@ -77,7 +79,12 @@ def test_every_model_type_is_accounted_for():
     exact = set(supported_model_types()) & set(MAPPING)
     groups = [exact, set(GENERIC_SWEPT), set(UNSUPPORTED), set(NOT_TINY)]
     assert sum(len(g) for g in groups) == len(set().union(*groups)), "a model type is listed twice"
-    assert set().union(*groups) == set(MAPPING)
+    listed = set().union(*groups)
+    assert not set(MAPPING) - listed, (
+        f"transformers {transformers.__version__} has image-text-to-text types this sweep does not classify: "
+        f"{sorted(set(MAPPING) - listed)}; the lists here are for the release pinned in constraints-cpu.txt "
+        "(add each new type to one list, then run scripts/coverage_table.py --write README.md)")
+    assert not listed - set(MAPPING), f"listed types transformers no longer has: {sorted(listed - set(MAPPING))}"
     print(f"\nsweep: {len(exact)} exact, {len(GENERIC_SWEPT)} generic swept, {len(UNSUPPORTED)} unsupported, "
           f"{len(NOT_TINY)} not built tiny here, of {len(MAPPING)}")
 
@@ -266,6 +273,32 @@ def test_sparse_attention_generic_prompt_is_not_packed():
     with RefModel(model, blocked, masked, target=adapter.text_attn_target), torch.no_grad():
         ref = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert torch.equal(out, ref)
+
+
+def test_positions_follow_what_generate_hands_the_model():
+    """Ovis2.5's ``prepare_inputs_for_generation`` drops generate's position ids, so its language model counts
+    positions from the cache (pads included); the adapter's prefill positions (those a replayed prefix is rotated
+    with) are then ``[0, T)`` on every row, as a hook on the language model sees them in ``generate``; elsewhere they
+    are the mask's cumsum that generate passes."""
+    from hf_vgrefine.adapters.generic import generate_passes_positions
+
+    for mt, passes in (("ovis2_5", False), ("video_llava", True)):
+        model = _tiny(mt)
+        adapter = get_adapter(model)
+        assert generate_passes_positions(model) is passes
+        inputs = tiny_any_inputs(model, [3, 6], seed=2)
+        seen = []
+        owner = model.model.language_model
+        h = owner.register_forward_pre_hook(lambda mod, a, kw: seen.append(kw.get("position_ids")), with_kwargs=True)
+        try:
+            with torch.no_grad():
+                model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        finally:
+            h.remove()
+        T = inputs["input_ids"].shape[1]
+        used = (torch.arange(T)[None].expand(2, T) if seen[0] is None else seen[0])
+        assert torch.equal(adapter.position_ids(inputs), used)
+        assert (seen[0] is None) is (not passes)
 
 
 def test_prefix_replay_only_where_the_cache_holds_the_attention_keys():

@@ -127,6 +127,21 @@ def caches_attention_keys(attn_module) -> bool:
     return bool(updates) and call is not None and all(u == call.groups() for u in updates)
 
 
+def generate_passes_positions(model) -> bool:
+    """Whether ``generate`` hands its ``position_ids`` (the mask's cumsum) to the model's forward. False where the
+    model's ``prepare_inputs_for_generation`` drops them (Ovis2.5 sets them to ``None`` and its language model counts
+    positions from the cache, so a left-padded row's real tokens start after its pads); asked with a two-token
+    prompt on the host, no model call."""
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    marker = torch.arange(2)[None]
+    try:
+        out = model.prepare_inputs_for_generation(ids, attention_mask=torch.ones_like(ids), position_ids=marker,
+                                                  cache=None, is_first_iteration=True)
+    except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError):
+        return True      # a custom signature that needs real inputs: assume generate's default (positions passed)
+    return out.get("position_ids") is not None
+
+
 def token_level_support(model) -> str | None:
     """``None`` when ``model``'s image enters its decoder's self-attention as placeholder tokens of ``input_ids``
     (the generic adapter works); otherwise the reason it does not, as one sentence ("... because ...")."""
@@ -178,7 +193,8 @@ class GenericAdapter(FamilyAdapter):
         rope = getattr(self.text_config, "rope_parameters", None) or getattr(self.text_config, "rope_scaling", None)
         self.can_replay_prefix = all(caches_attention_keys(a) for a in
                                      (layer_attention(layer) for layer in self._layers) if a is not None)
-        self.derives_positions = hasattr(inner, "get_rope_index") or (
+        self.drops_generate_positions = not generate_passes_positions(model)
+        self.derives_positions = hasattr(inner, "get_rope_index") or self.drops_generate_positions or (
             isinstance(rope, dict) and any("mrope" in str(k) for k in rope))
         self.explicit_position_ids = not self.derives_positions
 
@@ -240,6 +256,10 @@ class GenericAdapter(FamilyAdapter):
         finally:
             handle.remove()
         pos = got.get("pos")
+        if pos is None and self.drops_generate_positions:
+            # the language model counts positions from its cache, [0, T) on every row, pads included
+            ids = inputs["input_ids"]
+            return torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
         return super().position_ids(inputs) if pos is None else pos
 
     # ----------------------------------------------------------------- image tokens
