@@ -5,7 +5,6 @@ Every check reads the exact user-facing text; CLI errors are argparse usage erro
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import subprocess
@@ -13,7 +12,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from hf_vgrefine import cli
 

@@ -33,25 +33,24 @@ from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 
 # built tiny and swept through the generic adapter
 GENERIC_SWEPT = ("aria", "aya_vision", "cohere2_vision", "cohere_compass", "cosmos3_edge", "cosmos3_omni",
-                 "deepseek_vl", "deepseek_vl_hybrid", "ernie4_5_vl_moe", "exaone4_5", "fuyu", "gemma4", "glm46v",
-                 "glm4v", "glm4v_moe", "glm5_next", "glm_ocr", "glmga", "got_ocr2", "hyperclovax_vision_v2",
-                 "idefics2", "idefics3", "janus", "kimi_k25", "lfm2_vl", "lfm3_vl", "lighton_ocr",
-                 "llava_next_video", "llava_onevision1_5", "minimax_m3_vl", "mistral_large4", "muse_glimmer",
-                 "muse_spark", "ovis2", "ovis2_5", "paddleocr_vl", "pp_chart2table", "qianfan_ocr",
+                 "deepseek_ocr2", "deepseek_vl", "deepseek_vl_hybrid", "ernie4_5_vl_moe", "exaone4_5", "fuyu",
+                 "gemma4", "glm46v", "glm4v", "glm4v_moe", "glm5_next", "glm_ocr", "glmga", "got_ocr2",
+                 "hyperclovax_vision_v2", "idefics2", "idefics3", "janus", "kimi_k25", "lfm2_vl", "lfm3_vl",
+                 "lighton_ocr", "llama4", "llava_next_video", "llava_onevision1_5", "minimax_m3_vl", "mistral_large4",
+                 "muse_glimmer", "muse_spark", "ovis2", "ovis2_5", "paddleocr_vl", "pp_chart2table", "qianfan_ocr",
                  "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_vl_moe", "shieldgemma2", "smolvlm",
                  "step3p7", "video_llama_3", "video_llava", "vipllava")
 # unsupported: the image does not enter the decoder's self-attention as placeholder tokens (or, hy_v4_vl, the decoder
 # attention has sinks, which the package's attention does not model)
 UNSUPPORTED = ("blip", "blip-2", "evolla", "florence2", "git", "hy_v4_vl", "idefics", "instructblip",
-               "instructblipvideo", "kosmos-2", "kosmos-2.5", "minicpm_ocr", "minicpmv4_6", "minicpmv4_7",
-               "mistral4", "mllama", "nemotron_h_omni", "pi0", "pi05", "pix2struct", "pp_formulanet", "t5gemma2",
-               "udop", "vision-encoder-decoder")
+               "instructblipvideo", "kosmos-2", "kosmos-2.5", "minicpm_ocr", "minicpmv4_6", "minicpmv4_7", "mistral4",
+               "mllama", "nemotron_h_omni", "pi0", "pi05", "pix2struct", "pp_formulanet", "t5gemma2", "udop",
+               "vision-encoder-decoder")
 _TV = "its image processor class needs torchvision (not installed here)"
 _TIMM = "its vision tower needs timm (not installed here)"
 NOT_TINY = {
     "apertus1p5": "its vision tokenizer config names no image size and " + _TV,
     "chameleon": "the model reads config.vocabulary_map (the checkpoint's image-token vocabulary), None by default",
-    "deepseek_ocr2": "building it from the shrunk default config exhausts this machine's memory (process killed)",
     "diffusion_gemma": "its default config builds a MoE router with num_experts=None",
     "dots3_note": "the tiny forward fails in its attention (size mismatch): its per-layer MLA heads / LoRA ranks "
                   "do not scale to one consistent tiny layout",
@@ -65,8 +64,6 @@ NOT_TINY = {
     "inkling2": "the hand-built flattened patches do not fit its tower's pixel layout and " + _TV,
     "inkling2_loop": "the hand-built flattened patches do not fit its tower's pixel layout and " + _TV,
     "inkling_mm_model": "its vision config names no image size and " + _TV,
-    "llama4": "Llama4ForConditionalGeneration.forward fails in this transformers ('MoeCausalLMOutputWithPast' object "
-              "has no attribute 'image_outputs')",
     "molmo2": "get_image_features needs image_token_pooling and image_grids, which only its image processor makes; "
               + _TV,
     "qwen4_exp": "its default config leaves the sparse indexer's token_budget / compress_ratio None",

@@ -100,7 +100,7 @@ def test_wrapper_without_config_or_processor(tmp_path):
         w = VGRefineWrapper(model)
     msgs = [str(c.message) for c in caught if "VGRefineWrapper" in str(c.message)]
     assert len(msgs) == 1 and "hf_vgrefine.calibrate" in msgs[0] and "no preset" in msgs[0]
-    L, H = w.adapter.num_layers, w.adapter.num_heads
+    L = w.adapter.num_layers
     m = min(L - 1, round(L * 16 / 28))
     assert w.config.masked_layers == [m]
     assert w.processor is not None and w.processor.tokenizer.padding_side == "left"

@@ -27,7 +27,7 @@ def setup(quiet: bool = True, build_atlas: bool = True) -> dict:
     Returns ``{"metric": path, "atlas": cache entry or None, "built": bool}``. Idempotent."""
     import logging
 
-    from .data.build import cached_path, prefill_cache
+    from .data.build import cached_path
     from .metrics_module import install_metric
 
     metric = install_metric()

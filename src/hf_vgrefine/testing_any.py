@@ -117,6 +117,14 @@ def _remap_ids(cfg, nxt):
 _CONFIG_FIXES = {"qwen2_5_omni_thinker": {"vision_start_token_id": 151652},
                  "qwen3_omni_moe_thinker": {"vision_start_token_id": 151652}}
 
+# Tiny sub-config values (by attribute path from the model config), set after shrinking, where the default leaves
+# a value unset that the model reads or keeps a size the shrunk towers must share. DeepSeek-OCR 2: the MoE decoder's
+# layout (its checkpoint: the first layer dense, the others routed experts); the SAM encoder's last downsampling
+# conv feeds the decoder-style encoder (channels = its width) and its position grid is sized to a 64-px image.
+_SUB_FIXES = {"deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse"], "num_experts_per_tok": 2},
+                                "vision_config.sam_config": {"image_size": 64, "output_channels": 16,
+                                                             "downsample_channels": [16, 64]}}}
+
 
 def tiny_config(model_type: str):
     """The default config of ``model_type`` shrunk to a tiny model (see the module docstring)."""
@@ -131,6 +139,9 @@ def tiny_config(model_type: str):
     text = cfg.get_text_config(decoder=True)
     subs = [getattr(cfg, name, None) for name in (getattr(cfg, "sub_configs", None) or {})]
     subs = [s for s in subs if isinstance(s, PretrainedConfig)]
+    # towers built from sub-configs of their own (DeepSeek-OCR 2: a SAM encoder and a decoder-style encoder)
+    subs += [n for s in subs if s is not text
+             for n in (getattr(s, k, None) for k in (getattr(s, "sub_configs", None) or {})) if isinstance(n, PretrainedConfig)]
     per_layer = {id(c): (c, c.to_dict().get("layer_types"), _take_per_layer_overrides(c))
                  for c in [cfg, text] + subs}
     default_text = text.to_dict()
@@ -170,6 +181,12 @@ def tiny_config(model_type: str):
     if rope == {} and isinstance(getattr(text, "layer_types", None), list):     # Cohere Compass: none by default
         text.rope_parameters = {k: {"rope_type": "default", "rope_theta": 10000.0} for k in set(text.layer_types)}
     _fit_rope_sections(cfg, text)
+    for path, values in _SUB_FIXES.get(model_type, {}).items():
+        sub = cfg
+        for part in path.split("."):
+            sub = getattr(sub, part)
+        for key, value in values.items():
+            setattr(sub, key, value)
     for c, default_types, taken in per_layer.values():
         if taken:
             _put_per_layer_overrides(c, default_types, *taken)
