@@ -194,9 +194,9 @@ class GenericAdapter(FamilyAdapter):
         self.can_replay_prefix = all(caches_attention_keys(a) for a in
                                      (layer_attention(layer) for layer in self._layers) if a is not None)
         self.drops_generate_positions = not generate_passes_positions(model)
-        self.derives_positions = hasattr(inner, "get_rope_index") or self.drops_generate_positions or (
+        self.derives_positions = hasattr(inner, "get_rope_index") or (
             isinstance(rope, dict) and any("mrope" in str(k) for k in rope))
-        self.explicit_position_ids = not self.derives_positions
+        self.explicit_position_ids = not (self.derives_positions or self.drops_generate_positions)
 
     def per_image_rows(self, key, inputs):
         """Flattened patches of every image in one tensor (the Qwen-VL convention, used by many newer models): a
@@ -230,10 +230,11 @@ class GenericAdapter(FamilyAdapter):
         return name
 
     def position_ids(self, inputs: dict) -> torch.Tensor:
-        """Generate's 1-D positions; for models that derive (multi-axis) positions themselves, the positions the
-        model passes to its language model for these inputs (the model runs up to its language model's input)."""
+        """Generate's 1-D positions; ``[0, T)`` per row where ``generate`` drops them (the language model then
+        counts from its cache); for models that derive (multi-axis) positions themselves, the positions the model
+        passes to its language model for these inputs (the model runs up to its language model's input)."""
         if not self.derives_positions:
-            return super().position_ids(inputs)
+            return self._cache_positions(inputs) if self.drops_generate_positions else super().position_ids(inputs)
         got = {}
 
         class _Stop(Exception):
@@ -257,10 +258,15 @@ class GenericAdapter(FamilyAdapter):
             handle.remove()
         pos = got.get("pos")
         if pos is None and self.drops_generate_positions:
-            # the language model counts positions from its cache, [0, T) on every row, pads included
-            ids = inputs["input_ids"]
-            return torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+            return self._cache_positions(inputs)
         return super().position_ids(inputs) if pos is None else pos
+
+    @staticmethod
+    def _cache_positions(inputs):
+        """What a language model given no position ids uses: positions counted from its cache, ``[0, T)`` on every
+        row, pads included, ``[B, T]``."""
+        ids = inputs["input_ids"]
+        return torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
 
     # ----------------------------------------------------------------- image tokens
     def image_spans(self, inputs):
