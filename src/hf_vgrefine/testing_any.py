@@ -112,10 +112,32 @@ def _remap_ids(cfg, nxt):
                 pass
 
 
-# Default configs that lack a value their own modeling code reads: the Omni thinkers' get_rope_index reads
-# vision_start_token_id, which only the outer Omni config defines (Qwen's <|vision_start|>).
-_CONFIG_FIXES = {"qwen2_5_omni_thinker": {"vision_start_token_id": 151652},
-                 "qwen3_omni_moe_thinker": {"vision_start_token_id": 151652}}
+# Values a default config leaves unset (None) or lacks although its own modeling code reads them, as the released
+# checkpoints set them; filled in before shrinking ("text_config.x" names a sub-config's key), so sizes, layer
+# indices and token ids are then shrunk, fitted or remapped like the default's own.
+_CONFIG_FILLS = {
+    # the Omni thinkers' get_rope_index reads vision_start_token_id, which only the outer Omni config defines
+    # (Qwen's <|vision_start|>)
+    "qwen2_5_omni_thinker": {"vision_start_token_id": 151652},
+    "qwen3_omni_moe_thinker": {"vision_start_token_id": 151652},
+    # DiffusionGemma's text layers always build a MoE block (router + experts), sized by the checkpoint's config
+    # (a Gemma 4 26B-A4B-style MoE); here the tiny sizes: 4 experts, 2 per token, 32 wide
+    "diffusion_gemma": {"text_config.num_experts": 4, "text_config.top_k_experts": 2,
+                        "text_config.moe_intermediate_size": 32},
+    # Granite Vision 4.1 (ibm-granite/granite-vision-4.1-4b): four deepstack projections, each a [vision layer,
+    # decoder layer] pair (features of that tower layer are added to the image tokens before that decoder layer),
+    # and Window Q-Former projectors with 4x4 queries per 8x8-patch window
+    "granite4_vision": {"deepstack_layer_map": [[-19, 9], [-13, 6], [-7, 3], [-1, 0]], "downsample_rate": "4/8"},
+}
+
+
+def _fill_config(cfg, fills: dict):
+    for path, value in fills.items():
+        *subs, key = path.split(".")
+        owner = cfg
+        for name in subs:
+            owner = getattr(owner, name)
+        setattr(owner, key, value)
 
 
 def tiny_config(model_type: str):
@@ -123,8 +145,7 @@ def tiny_config(model_type: str):
     from transformers import AutoConfig, PretrainedConfig
 
     cfg = AutoConfig.for_model(model_type)
-    for key, value in _CONFIG_FIXES.get(model_type, {}).items():
-        setattr(cfg, key, value)
+    _fill_config(cfg, _CONFIG_FILLS.get(model_type, {}))
     for name, sub_cls in (getattr(cfg, "sub_configs", None) or {}).items():
         if "vision" in name and getattr(cfg, name, False) is None and isinstance(sub_cls, type):
             setattr(cfg, name, sub_cls())          # a vision tower the default leaves out (Gemma 4): its defaults
@@ -215,8 +236,9 @@ def _put_per_layer_overrides(text, default_types, overrides: dict, glob: dict):
 
 def _fit_vision_readout(cfg):
     """Settings that read the tower's output by layer or patch count, fitted to the tiny tower (2 layers, 4x4
-    patches): feature-layer indices clamped to the layers there are, pooled token counts and patch-count keyed
-    query tables (Gemma 3's mm_tokens_per_image, Aria's projector_patch_to_query_dict) resized."""
+    patches): feature-layer indices clamped to the layers there are (decoder-layer targets to the tiny decoder's),
+    pooled token counts, patch-count keyed query tables (Gemma 3's mm_tokens_per_image, Aria's
+    projector_patch_to_query_dict) and projector windows resized."""
     from transformers import PretrainedConfig
 
     vc = _vision(cfg)
@@ -224,13 +246,20 @@ def _fit_vision_readout(cfg):
     for c in [cfg] + [getattr(cfg, n, None) for n in (getattr(cfg, "sub_configs", None) or {})]:
         if not isinstance(c, PretrainedConfig) or not isinstance(layers, int):
             continue
+        fit = lambda i: max(-(layers + 1), min(layers, i))     # noqa: E731 - hidden states: embeddings + layers
         for key in ("vision_feature_layer", "vision_feature_layers"):
             val = getattr(c, key, None)
-            fit = lambda i: max(-(layers + 1), min(layers, i))     # noqa: E731 - hidden states: embeddings + layers
             if isinstance(val, int) and not isinstance(val, bool):
                 setattr(c, key, fit(val))
             elif isinstance(val, (list, tuple)) and all(isinstance(i, int) for i in val):
                 setattr(c, key, [fit(i) for i in val])
+        # Granite Vision 4: deepstack [tower layer, decoder layer] pairs and the decoder layers of its spatial
+        # projections, within the tiny tower and decoder (pairs aimed past the last decoder layer go to the last)
+        last = getattr(cfg.get_text_config(decoder=True), "num_hidden_layers", 0) - 1
+        if isinstance(getattr(c, "deepstack_layer_map", None), (list, tuple)):
+            c.deepstack_layer_map = [(fit(v), min(t, last)) for v, t in c.deepstack_layer_map]
+        if isinstance(getattr(c, "spatial_target_layers", None), (list, tuple)):
+            c.spatial_target_layers = [min(t, last) for t in c.spatial_target_layers]
         idx = getattr(c, "global_attn_indexes", None)            # SAM towers: their global-attention layers
         if isinstance(idx, (list, tuple)) and isinstance(getattr(c, "num_hidden_layers", None), int):
             c.global_attn_indexes = sorted({min(i, c.num_hidden_layers - 1) for i in idx})
@@ -242,6 +271,13 @@ def _fit_vision_readout(cfg):
         cfg.mm_tokens_per_image = (side // 2) ** 2                          # 2x2 pooling of the 4x4 patches
     if isinstance(getattr(cfg, "image_grid_pinpoints", None), list):           # any-resolution tiling: one tile
         cfg.image_grid_pinpoints = [[size, size]]
+    rate = getattr(cfg, "downsample_rate", None)
+    if isinstance(rate, str) and "/" in rate:
+        # Granite Vision 4's Window Q-Former: q x q queries per w x w-patch window; the window within the tiny side
+        q, w = (int(x) for x in rate.split("/"))
+        while (w > side or side % w) and q % 2 == 0 and w % 2 == 0:
+            q, w = q // 2, w // 2
+        cfg.downsample_rate = f"{q}/{w}"
     if isinstance(getattr(cfg, "projector_patch_to_query_dict", None), dict):
         cfg.projector_patch_to_query_dict = {side * side: side}
         _set(cfg, "max_value_projector_patch_to_query_dict", side)
@@ -464,6 +500,9 @@ def image_token_count(model, image_inputs: dict, n_images: int) -> int:
     with torch.no_grad():
         out = fn(**{k: v for k, v in image_inputs.items() if k in params})
     feats = getattr(out, "pooler_output", None)
+    deepstack = getattr(out, "deepstack_features", None)
+    if feats is None and isinstance(deepstack, (list, tuple)) and deepstack:
+        feats = deepstack[0][1]      # Granite Vision 4: only (decoder layer, per-image features) pairs, one per layer
     if feats is None:
         feats = out[0] if isinstance(out, (tuple, list)) else getattr(out, "last_hidden_state", out)
     numel = sum(f.numel() for f in feats) if isinstance(feats, (list, tuple)) else feats.numel()
