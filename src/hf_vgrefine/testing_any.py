@@ -140,6 +140,56 @@ def _fill_config(cfg, fills: dict):
         setattr(owner, key, value)
 
 
+# The image vocabulary of models that tokenise the image with a VQ-VAE (no vision tower): config.vocabulary_map is
+# the checkpoint tokenizer's vocabulary (None in the default config), from which the model reads the token id of each
+# codebook entry (by its name) and of the image placeholder. Per type: the token name of codebook entry i, and the
+# other names the model looks up (the image placeholder first). The tiny map puts the tiny codebook's entries at the
+# top of the 512-token vocabulary and the other names just below (see _put_image_vocabulary).
+_IMAGE_VOCABULARIES = {
+    # Chameleon: entry i is "IMGIMG" + i's digits written as letters A-J + "Z" (the model drops the last letter)
+    "chameleon": (lambda i: "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(i)) + "Z", ("<image>",)),
+}
+
+
+def _put_image_vocabulary(cfg, code_name, names):
+    """``cfg.vocabulary_map`` for the tiny codebook (``cfg.vq_config``'s) and ``cfg.image_token_id`` from it: the
+    codebook entries take the highest ids of the vocabulary, ``names`` the ids below them, none of them an id the
+    config already uses for a special token."""
+    vq = cfg.vq_config
+    n = _int(vq, "num_embeddings", "codebook_size")
+    used = {v for c in (cfg, cfg.get_text_config(decoder=True)) for k, v in c.to_dict().items()
+            if isinstance(v, int) and not isinstance(v, bool) and k.endswith(("_id", "_index"))}
+    free = [i for i in range(VOCAB - 1, -1, -1) if i not in used]
+    ids = free[: n + len(names)]
+    vocabulary = {code_name(i): ids[n - 1 - i] for i in range(n)}
+    vocabulary.update(zip(names, ids[n:]))
+    cfg.vocabulary_map = vocabulary
+    cfg.image_token_id = vocabulary[names[0]]
+
+
+def _image_vq(cfg):
+    """The VQ-VAE config that tokenises the image where the model has no vision tower (Chameleon, Emu3: each codebook
+    entry is a text token), else ``None``."""
+    vq = getattr(cfg, "vq_config", None)
+    if _vision(cfg) is None and vq is not None and isinstance(getattr(vq, "channel_multiplier", None), (list, tuple)):
+        return vq
+    return None
+
+
+def _vq_image_side(vq):
+    """Image side of a 4x4 code grid: 4 times the VQ encoder's downsampling (2 per level after the first)."""
+    return 4 * 2 ** (len(vq.channel_multiplier) - 1)
+
+
+def _shrink_vq(vq):
+    """A tiny VQ-VAE image tokenizer: 32 base channels (its GroupNorms have 32 groups), a 64-entry codebook, input
+    resolution of a 4x4 code grid."""
+    _set(vq, "base_channels", 32)
+    for key in ("num_embeddings", "codebook_size"):
+        _set(vq, key, 64)
+    _set(vq, "resolution", _vq_image_side(vq))
+
+
 def tiny_config(model_type: str):
     """The default config of ``model_type`` shrunk to a tiny model (see the module docstring)."""
     from transformers import AutoConfig, PretrainedConfig
@@ -155,6 +205,7 @@ def tiny_config(model_type: str):
     per_layer = {id(c): (c, c.to_dict().get("layer_types"), _take_per_layer_overrides(c))
                  for c in [cfg, text] + subs}
     default_text = text.to_dict()
+    vq = _image_vq(cfg)
     text_hidden = 64
     _shrink_projectors(cfg, text, subs)
     ratios = {id(sub): _mlp_ratio(sub) for sub in subs}
@@ -177,6 +228,10 @@ def tiny_config(model_type: str):
         _remap_ids(c, nxt)
     _shrink_vision_image(cfg)
     _fit_vision_readout(cfg)
+    if vq is not None:
+        _shrink_vq(vq)
+    if model_type in _IMAGE_VOCABULARIES:
+        _put_image_vocabulary(cfg, *_IMAGE_VOCABULARIES[model_type])
     # sizes the default config keeps equal stay equal (MLA: rotary embedding sized by head_dim; latent attention
     # whose KV heads are its query heads)
     for key, ref in (("head_dim", "qk_rope_head_dim"), ("num_key_value_heads", "num_attention_heads")):
@@ -371,15 +426,16 @@ def _int(vc, *names, default=None):
 
 def _hand_built_layouts(model, n_images: int, g):
     """Candidate image inputs built from the vision config alone (the first layouts tried)."""
-    vc = _vision(model.config)
-    if vc is None:
+    vc, vq = _vision(model.config), _image_vq(model.config)
+    if vc is None and vq is None:
         p, c = _int(model.config, "patch_size"), _int(model.config, "num_channels", default=3)
         if isinstance(p, int):    # no vision tower: patches linearly embedded by the model (Fuyu), 16 per image
             yield {"pixel_values": torch.randn(n_images, 16, c * p * p, generator=g)}
         return
+    vc = vc if vc is not None else vq          # a VQ-VAE image tokenizer: images of a 4x4 code grid
     c = _int(vc, "num_channels", "in_channels", "in_chans", default=3)
     p = _int(vc, "patch_size", "spatial_patch_size")
-    size = _int(vc, "image_size")
+    size = _int(vc, "image_size", default=_vq_image_side(vq) if vq is not None else None)
     params = _image_feature_params(model)
     if "image_grid_thw" in params and isinstance(p, int):
         # flattened patches of a 4x4 (merged: 2x2) grid per image; the row width depends on the tower
