@@ -33,8 +33,8 @@ from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 
 # built tiny and swept through the generic adapter
 GENERIC_SWEPT = ("aria", "aya_vision", "chameleon", "cohere2_vision", "cohere_compass", "cosmos3_edge", "cosmos3_omni",
-                 "deepseek_vl", "deepseek_vl_hybrid", "ernie4_5_vl_moe", "exaone4_5", "fuyu", "gemma4", "glm46v",
-                 "glm4v", "glm4v_moe", "glm5_next", "glm_ocr", "glmga", "got_ocr2", "granite4_vision",
+                 "deepseek_vl", "deepseek_vl_hybrid", "emu3", "ernie4_5_vl_moe", "exaone4_5", "fuyu", "gemma4",
+                 "glm46v", "glm4v", "glm4v_moe", "glm5_next", "glm_ocr", "glmga", "got_ocr2", "granite4_vision",
                  "hyperclovax_vision_v2", "idefics2", "idefics3", "janus", "kimi_k25", "lfm2_vl", "lfm3_vl",
                  "lighton_ocr", "llava_next_video", "llava_onevision1_5", "minimax_m3_vl", "mistral_large4",
                  "muse_glimmer", "muse_spark", "ovis2", "ovis2_5", "paddleocr_vl", "pp_chart2table", "qianfan_ocr",
@@ -54,7 +54,6 @@ NOT_TINY = {
     "deepseek_ocr2": "building it from the shrunk default config exhausts this machine's memory (process killed)",
     "dots3_note": "the tiny forward fails in its attention (size mismatch): its per-layer MLA heads / LoRA ranks "
                   "do not scale to one consistent tiny layout",
-    "emu3": "the model reads config.vocabulary_map (the checkpoint's image-token vocabulary), None by default",
     "fast_vlm": _TIMM, "gemma3n": _TIMM, "perception_lm": _TIMM,
     "gemma4_unified": "its vision config names no image size and " + _TV,
     "granite_docling": "the hand-built one-tile inputs fail its pixel_attention_mask check and its processor's "

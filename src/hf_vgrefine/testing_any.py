@@ -148,6 +148,9 @@ def _fill_config(cfg, fills: dict):
 _IMAGE_VOCABULARIES = {
     # Chameleon: entry i is "IMGIMG" + i's digits written as letters A-J + "Z" (the model drops the last letter)
     "chameleon": (lambda i: "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(i)) + "Z", ("<image>",)),
+    # Emu3: entry i is "<|visual token{i:06d}|>"; "<|extra_200|>" is the end-of-row token the model appends to
+    # each row of codes (so an image is rows x (cols + 1) tokens)
+    "emu3": (lambda i: f"<|visual token{i:06d}|>", ("<image>", "<|extra_200|>")),
 }
 
 
@@ -181,13 +184,19 @@ def _vq_image_side(vq):
     return 4 * 2 ** (len(vq.channel_multiplier) - 1)
 
 
-def _shrink_vq(vq):
+def _shrink_vq(vq, default: dict):
     """A tiny VQ-VAE image tokenizer: 32 base channels (its GroupNorms have 32 groups), a 64-entry codebook, input
-    resolution of a 4x4 code grid."""
+    resolution of a 4x4 code grid; its attention blocks' width (``hidden_size``) stays the channel width of the level
+    they sit at, as in the default."""
+    base = default.get("base_channels")
     _set(vq, "base_channels", 32)
     for key in ("num_embeddings", "codebook_size"):
         _set(vq, key, 64)
     _set(vq, "resolution", _vq_image_side(vq))
+    hidden = default.get("hidden_size")
+    if isinstance(base, int) and isinstance(hidden, int) and hidden % base == 0 and (
+            hidden // base in default["channel_multiplier"]):
+        _set(vq, "hidden_size", vq.base_channels * (hidden // base))
 
 
 def tiny_config(model_type: str):
@@ -206,6 +215,7 @@ def tiny_config(model_type: str):
                  for c in [cfg, text] + subs}
     default_text = text.to_dict()
     vq = _image_vq(cfg)
+    default_vq = vq.to_dict() if vq is not None else None
     text_hidden = 64
     _shrink_projectors(cfg, text, subs)
     ratios = {id(sub): _mlp_ratio(sub) for sub in subs}
@@ -229,7 +239,7 @@ def tiny_config(model_type: str):
     _shrink_vision_image(cfg)
     _fit_vision_readout(cfg)
     if vq is not None:
-        _shrink_vq(vq)
+        _shrink_vq(vq, default_vq)
     if model_type in _IMAGE_VOCABULARIES:
         _put_image_vocabulary(cfg, *_IMAGE_VOCABULARIES[model_type])
     # sizes the default config keeps equal stay equal (MLA: rotary embedding sized by head_dim; latent attention
