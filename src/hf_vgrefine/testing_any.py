@@ -2,9 +2,12 @@
 
 Used by the model-type sweep test and by ``scripts/coverage_table.py``. :func:`tiny_config` shrinks every
 sub-config of a type's default config (2 text layers, hidden 64, 4 query / 2 KV heads, 2-layer 32-wide vision
-towers with 4x4 patch grids, 512-token vocabulary with every special-token id remapped below it) and keeps the
-sizes the model ties together consistent (M-RoPE sections, MLA rotary / KV head sizes, projector widths,
-per-layer sizes of heterogeneous configs, feature-layer indices and pooled token counts of the tiny tower).
+towers with 4x4 patch grids, VQ-VAE image tokenizers with a 64-entry codebook and a 4x4 code grid, 512-token
+vocabulary with every special-token id remapped below it) and keeps the sizes the model ties together consistent
+(M-RoPE sections, MLA rotary / KV head sizes, projector widths, per-layer sizes of heterogeneous configs,
+feature-layer indices and pooled token counts of the tiny tower). Values a default config leaves unset but the
+model reads are filled in first, as the checkpoints hold them (``_CONFIG_FILLS``); a VQ-tokenising model's image
+vocabulary is built for its tiny codebook (``_IMAGE_VOCABULARIES``).
 :func:`tiny_image_batch` finds image inputs the model's own ``get_image_features`` accepts: layouts built from the
 vision config first, then the outputs of the type's image processor class (instantiated with its defaults, no
 hub files). :func:`tiny_any_inputs` builds a left-padded batch: the number of image placeholder tokens read from
