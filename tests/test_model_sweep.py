@@ -32,32 +32,29 @@ from hf_vgrefine.testing_any import build_tiny, tiny_any_inputs
 from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 
 # built tiny and swept through the generic adapter
-GENERIC_SWEPT = ("aria", "aya_vision", "cohere2_vision", "cohere_compass", "cosmos3_edge", "cosmos3_omni",
-                 "deepseek_ocr2", "deepseek_vl", "deepseek_vl_hybrid", "ernie4_5_vl_moe", "exaone4_5", "fuyu",
-                 "gemma4", "glm46v", "glm4v", "glm4v_moe", "glm5_next", "glm_ocr", "glmga", "got_ocr2",
-                 "hyperclovax_vision_v2", "idefics2", "idefics3", "janus", "kimi_k25", "lfm2_vl", "lfm3_vl",
-                 "lighton_ocr", "llama4", "llava_next_video", "llava_onevision1_5", "minimax_m3_vl", "mistral_large4",
-                 "muse_glimmer", "muse_spark", "ovis2", "ovis2_5", "paddleocr_vl", "pp_chart2table", "qianfan_ocr",
-                 "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_vl_moe", "shieldgemma2", "smolvlm",
-                 "step3p7", "video_llama_3", "video_llava", "vipllava")
+GENERIC_SWEPT = ("aria", "aya_vision", "chameleon", "cohere2_vision", "cohere_compass", "cosmos3_edge",
+                 "cosmos3_omni", "deepseek_ocr2", "deepseek_vl", "deepseek_vl_hybrid", "emu3", "ernie4_5_vl_moe",
+                 "exaone4_5", "fuyu", "gemma4", "glm46v", "glm4v", "glm4v_moe", "glm5_next", "glm_ocr", "glmga",
+                 "got_ocr2", "granite4_vision", "hyperclovax_vision_v2", "idefics2", "idefics3", "janus", "kimi_k25",
+                 "lfm2_vl", "lfm3_vl", "lighton_ocr", "llama4", "llava_next_video", "llava_onevision1_5",
+                 "minimax_m3_vl", "mistral_large4", "muse_glimmer", "muse_spark", "ovis2", "ovis2_5", "paddleocr_vl",
+                 "pp_chart2table", "qianfan_ocr", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_vl_moe",
+                 "shieldgemma2", "smolvlm", "step3p7", "video_llama_3", "video_llava", "vipllava")
 # unsupported: the image does not enter the decoder's self-attention as placeholder tokens (or, hy_v4_vl, the decoder
-# attention has sinks, which the package's attention does not model)
-UNSUPPORTED = ("blip", "blip-2", "evolla", "florence2", "git", "hy_v4_vl", "idefics", "instructblip",
-               "instructblipvideo", "kosmos-2", "kosmos-2.5", "minicpm_ocr", "minicpmv4_6", "minicpmv4_7", "mistral4",
-               "mllama", "nemotron_h_omni", "pi0", "pi05", "pix2struct", "pp_formulanet", "t5gemma2", "udop",
-               "vision-encoder-decoder")
+# attention has sinks, which the package's attention does not model; diffusion_gemma answers with a bidirectional
+# diffusion decoder, not token by token)
+UNSUPPORTED = ("blip", "blip-2", "diffusion_gemma", "evolla", "florence2", "git", "hy_v4_vl", "idefics",
+               "instructblip", "instructblipvideo", "kosmos-2", "kosmos-2.5", "minicpm_ocr", "minicpmv4_6",
+               "minicpmv4_7", "mistral4", "mllama", "nemotron_h_omni", "pi0", "pi05", "pix2struct", "pp_formulanet",
+               "t5gemma2", "udop", "vision-encoder-decoder")
 _TV = "its image processor class needs torchvision (not installed here)"
 _TIMM = "its vision tower needs timm (not installed here)"
 NOT_TINY = {
     "apertus1p5": "its vision tokenizer config names no image size and " + _TV,
-    "chameleon": "the model reads config.vocabulary_map (the checkpoint's image-token vocabulary), None by default",
-    "diffusion_gemma": "its default config builds a MoE router with num_experts=None",
     "dots3_note": "the tiny forward fails in its attention (size mismatch): its per-layer MLA heads / LoRA ranks "
                   "do not scale to one consistent tiny layout",
-    "emu3": "the model reads config.vocabulary_map (the checkpoint's image-token vocabulary), None by default",
     "fast_vlm": _TIMM, "gemma3n": _TIMM, "perception_lm": _TIMM,
     "gemma4_unified": "its vision config names no image size and " + _TV,
-    "granite4_vision": "its default config leaves deepstack_layer_map None (the model takes its len())",
     "granite_docling": "the hand-built one-tile inputs fail its pixel_attention_mask check and its processor's "
                        "512-px tiles do not fit the 4x4-patch tiny tower",
     "hunyuan_vl": "its default config leaves head_dim None (read by the attention) and no multimodal RoPE axes",
@@ -97,8 +94,20 @@ def test_unsupported_types_raise_a_clear_error(model_type):
     level, reason = support_level(model)
     assert level == "unsupported"
     with pytest.raises(UnsupportedModelError, match=r"not supported, because .*(cross-attention|encoder-decoder|"
-                                                    r"placeholder token|decoder's layer list|attention sinks)"):
+                                                    r"placeholder token|decoder's layer list|attention sinks|"
+                                                    r"does not generate autoregressively)"):
         get_adapter(model)
+
+
+def test_diffusion_decoder_is_unsupported():
+    """DiffusionGemma's image does enter a causal encoder as placeholder tokens, but its answer comes from a
+    diffusion decoder (bidirectional self-attention over a canvas, its own non-GenerationMixin generate), whose
+    layers are the decoder layers the generic adapter would hook: unsupported, saying so."""
+    model = build_tiny("diffusion_gemma", MAPPING["diffusion_gemma"], device="meta")
+    level, reason = support_level(model)
+    assert level == "unsupported"
+    assert "does not generate autoregressively" in reason and "bidirectional (is_causal=False)" in reason
+    assert "DiffusionGemmaGenerationMixin.generate" in reason
 
 
 def _eager(model, adapter, inputs):

@@ -2,9 +2,12 @@
 
 Used by the model-type sweep test and by ``scripts/coverage_table.py``. :func:`tiny_config` shrinks every
 sub-config of a type's default config (2 text layers, hidden 64, 4 query / 2 KV heads, 2-layer 32-wide vision
-towers with 4x4 patch grids, 512-token vocabulary with every special-token id remapped below it) and keeps the
-sizes the model ties together consistent (M-RoPE sections, MLA rotary / KV head sizes, projector widths,
-per-layer sizes of heterogeneous configs, feature-layer indices and pooled token counts of the tiny tower).
+towers with 4x4 patch grids, VQ-VAE image tokenizers with a 64-entry codebook and a 4x4 code grid, 512-token
+vocabulary with every special-token id remapped below it) and keeps the sizes the model ties together consistent
+(M-RoPE sections, MLA rotary / KV head sizes, projector widths, per-layer sizes of heterogeneous configs,
+feature-layer indices and pooled token counts of the tiny tower). Values a default config leaves unset but the
+model reads are filled in first, as the checkpoints hold them (``_CONFIG_FILLS``); a VQ-tokenising model's image
+vocabulary is built for its tiny codebook (``_IMAGE_VOCABULARIES``).
 :func:`tiny_image_batch` finds image inputs the model's own ``get_image_features`` accepts: layouts built from the
 vision config first, then the outputs of the type's image processor class (instantiated with its defaults, no
 hub files). :func:`tiny_any_inputs` builds a left-padded batch: the number of image placeholder tokens read from
@@ -25,7 +28,8 @@ _TEXT = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_att
              moe_intermediate_size=32, shared_expert_intermediate_size=32, max_position_embeddings=2048,
              first_k_dense_replace=1, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
              qk_nope_head_dim=8, v_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-             linear_key_head_dim=16, linear_value_head_dim=16, hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB,
+             linear_key_head_dim=16, linear_value_head_dim=16, hidden_size_per_layer_input=16,
+             vocab_size_per_layer_input=VOCAB,
              linear_head_dim=16, linear_num_heads=2, n_group=1, topk_group=1, index_head_dim=16, index_n_heads=2,
              index_topk=6)      # sparse attention (DSA): top-6 keys per query row, less than the tiny prompts
 _VISION = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, depth=2,
@@ -112,18 +116,101 @@ def _remap_ids(cfg, nxt):
                 pass
 
 
-# Default configs that lack a value their own modeling code reads: the Omni thinkers' get_rope_index reads
-# vision_start_token_id, which only the outer Omni config defines (Qwen's <|vision_start|>).
-_CONFIG_FIXES = {"qwen2_5_omni_thinker": {"vision_start_token_id": 151652},
-                 "qwen3_omni_moe_thinker": {"vision_start_token_id": 151652}}
+# Values a default config leaves unset (None) or lacks although its own modeling code reads them, as the released
+# checkpoints set them; filled in before shrinking ("text_config.x" names a sub-config's key), so sizes, layer
+# indices and token ids are then shrunk, fitted or remapped like the default's own.
+_CONFIG_FILLS = {
+    # the Omni thinkers' get_rope_index reads vision_start_token_id, which only the outer Omni config defines
+    # (Qwen's <|vision_start|>)
+    "qwen2_5_omni_thinker": {"vision_start_token_id": 151652},
+    "qwen3_omni_moe_thinker": {"vision_start_token_id": 151652},
+    # DiffusionGemma's text layers always build a MoE block (router + experts), sized by the checkpoint's config
+    # (a Gemma 4 26B-A4B-style MoE); here the tiny sizes: 4 experts, 2 per token, 32 wide
+    "diffusion_gemma": {"text_config.num_experts": 4, "text_config.top_k_experts": 2,
+                        "text_config.moe_intermediate_size": 32},
+    # Granite Vision 4.1 (ibm-granite/granite-vision-4.1-4b): four deepstack projections, each a [vision layer,
+    # decoder layer] pair (features of that tower layer are added to the image tokens before that decoder layer),
+    # and Window Q-Former projectors with 4x4 queries per 8x8-patch window
+    "granite4_vision": {"deepstack_layer_map": [[-19, 9], [-13, 6], [-7, 3], [-1, 0]], "downsample_rate": "4/8"},
+}
 
-# Tiny sub-config values (by attribute path from the model config), set after shrinking, where the default leaves
-# a value unset that the model reads or keeps a size the shrunk towers must share. DeepSeek-OCR 2: the MoE decoder's
-# layout (its checkpoint: the first layer dense, the others routed experts); the SAM encoder's last downsampling
-# conv feeds the decoder-style encoder (channels = its width) and its position grid is sized to a 64-px image.
-_SUB_FIXES = {"deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse"], "num_experts_per_tok": 2},
-                                "vision_config.sam_config": {"image_size": 64, "output_channels": 16,
-                                                             "downsample_channels": [16, 64]}}}
+
+def _fill_config(cfg, fills: dict):
+    for path, value in fills.items():
+        *subs, key = path.split(".")
+        owner = cfg
+        for name in subs:
+            owner = getattr(owner, name)
+        setattr(owner, key, value)
+
+
+# The image vocabulary of models that tokenise the image with a VQ-VAE (no vision tower): config.vocabulary_map is
+# the checkpoint tokenizer's vocabulary (None in the default config), from which the model reads the token id of each
+# codebook entry (by its name) and of the image placeholder. Per type: the token name of codebook entry i, and the
+# other names the model looks up (the image placeholder first). The tiny map puts the tiny codebook's entries at the
+# top of the 512-token vocabulary and the other names just below (see _put_image_vocabulary).
+_IMAGE_VOCABULARIES = {
+    # Chameleon: entry i is "IMGIMG" + i's digits written as letters A-J + "Z" (the model drops the last letter)
+    "chameleon": (lambda i: "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(i)) + "Z", ("<image>",)),
+    # Emu3: entry i is "<|visual token{i:06d}|>"; "<|extra_200|>" is the end-of-row token the model appends to
+    # each row of codes (so an image is rows x (cols + 1) tokens)
+    "emu3": (lambda i: f"<|visual token{i:06d}|>", ("<image>", "<|extra_200|>")),
+}
+
+
+def _put_image_vocabulary(cfg, code_name, names):
+    """``cfg.vocabulary_map`` for the tiny codebook (``cfg.vq_config``'s) and ``cfg.image_token_id`` from it: the
+    codebook entries take the highest ids of the vocabulary, ``names`` the ids below them, none of them an id the
+    config already uses for a special token."""
+    vq = cfg.vq_config
+    n = _int(vq, "num_embeddings", "codebook_size")
+    used = {v for c in (cfg, cfg.get_text_config(decoder=True)) for k, v in c.to_dict().items()
+            if isinstance(v, int) and not isinstance(v, bool) and k.endswith(("_id", "_index"))}
+    free = [i for i in range(VOCAB - 1, -1, -1) if i not in used]
+    ids = free[: n + len(names)]
+    vocabulary = {code_name(i): ids[n - 1 - i] for i in range(n)}
+    vocabulary.update(zip(names, ids[n:]))
+    cfg.vocabulary_map = vocabulary
+    cfg.image_token_id = vocabulary[names[0]]
+
+
+def _image_vq(cfg):
+    """The VQ-VAE config that tokenises the image where the model has no vision tower (Chameleon, Emu3: each codebook
+    entry is a text token), else ``None``."""
+    vq = getattr(cfg, "vq_config", None)
+    if _vision(cfg) is None and vq is not None and isinstance(getattr(vq, "channel_multiplier", None), (list, tuple)):
+        return vq
+    return None
+
+
+def _vq_image_side(vq):
+    """Image side of a 4x4 code grid: 4 times the VQ encoder's downsampling (2 per level after the first)."""
+    return 4 * 2 ** (len(vq.channel_multiplier) - 1)
+
+
+def _shrink_vq(vq, default: dict):
+    """A tiny VQ-VAE image tokenizer: 32 base channels (its GroupNorms have 32 groups), a 64-entry codebook, input
+    resolution of a 4x4 code grid; its attention blocks' width (``hidden_size``) stays the channel width of the level
+    they sit at, as in the default."""
+    base = default.get("base_channels")
+    _set(vq, "base_channels", 32)
+    for key in ("num_embeddings", "codebook_size"):
+        _set(vq, key, 64)
+    _set(vq, "resolution", _vq_image_side(vq))
+    hidden = default.get("hidden_size")
+    if isinstance(base, int) and isinstance(hidden, int) and hidden % base == 0 and (
+            hidden // base in default["channel_multiplier"]):
+        _set(vq, "hidden_size", vq.base_channels * (hidden // base))
+
+# Values set after shrinking (unlike _CONFIG_FILLS, before it), where the shrunk sizes must agree with them.
+# DeepSeek-OCR 2: the MoE decoder's layout for 2 layers (its checkpoint: the first layer dense, the others routed
+# experts); the SAM encoder's last downsampling conv feeds the decoder-style encoder (channels = that encoder's
+# width) and its position grid is sized to a 64-px image.
+_TINY_FITS = {"deepseek_ocr2": {"text_config.mlp_layer_types": ["dense", "sparse"],
+                                "text_config.num_experts_per_tok": 2,
+                                "vision_config.sam_config.image_size": 64,
+                                "vision_config.sam_config.output_channels": 16,
+                                "vision_config.sam_config.downsample_channels": [16, 64]}}
 
 
 def tiny_config(model_type: str):
@@ -131,8 +218,7 @@ def tiny_config(model_type: str):
     from transformers import AutoConfig, PretrainedConfig
 
     cfg = AutoConfig.for_model(model_type)
-    for key, value in _CONFIG_FIXES.get(model_type, {}).items():
-        setattr(cfg, key, value)
+    _fill_config(cfg, _CONFIG_FILLS.get(model_type, {}))
     for name, sub_cls in (getattr(cfg, "sub_configs", None) or {}).items():
         if "vision" in name and getattr(cfg, name, False) is None and isinstance(sub_cls, type):
             setattr(cfg, name, sub_cls())          # a vision tower the default leaves out (Gemma 4): its defaults
@@ -140,11 +226,13 @@ def tiny_config(model_type: str):
     subs = [getattr(cfg, name, None) for name in (getattr(cfg, "sub_configs", None) or {})]
     subs = [s for s in subs if isinstance(s, PretrainedConfig)]
     # towers built from sub-configs of their own (DeepSeek-OCR 2: a SAM encoder and a decoder-style encoder)
-    subs += [n for s in subs if s is not text
-             for n in (getattr(s, k, None) for k in (getattr(s, "sub_configs", None) or {})) if isinstance(n, PretrainedConfig)]
+    nested = [getattr(s, k, None) for s in subs if s is not text for k in (getattr(s, "sub_configs", None) or {})]
+    subs += [n for n in nested if isinstance(n, PretrainedConfig)]
     per_layer = {id(c): (c, c.to_dict().get("layer_types"), _take_per_layer_overrides(c))
                  for c in [cfg, text] + subs}
     default_text = text.to_dict()
+    vq = _image_vq(cfg)
+    default_vq = vq.to_dict() if vq is not None else None
     text_hidden = 64
     _shrink_projectors(cfg, text, subs)
     ratios = {id(sub): _mlp_ratio(sub) for sub in subs}
@@ -167,6 +255,10 @@ def tiny_config(model_type: str):
         _remap_ids(c, nxt)
     _shrink_vision_image(cfg)
     _fit_vision_readout(cfg)
+    if vq is not None:
+        _shrink_vq(vq, default_vq)
+    if model_type in _IMAGE_VOCABULARIES:
+        _put_image_vocabulary(cfg, *_IMAGE_VOCABULARIES[model_type])
     # sizes the default config keeps equal stay equal (MLA: rotary embedding sized by head_dim; latent attention
     # whose KV heads are its query heads)
     for key, ref in (("head_dim", "qk_rope_head_dim"), ("num_key_value_heads", "num_attention_heads")):
@@ -181,12 +273,7 @@ def tiny_config(model_type: str):
     if rope == {} and isinstance(getattr(text, "layer_types", None), list):     # Cohere Compass: none by default
         text.rope_parameters = {k: {"rope_type": "default", "rope_theta": 10000.0} for k in set(text.layer_types)}
     _fit_rope_sections(cfg, text)
-    for path, values in _SUB_FIXES.get(model_type, {}).items():
-        sub = cfg
-        for part in path.split("."):
-            sub = getattr(sub, part)
-        for key, value in values.items():
-            setattr(sub, key, value)
+    _fill_config(cfg, _TINY_FITS.get(model_type, {}))
     for c, default_types, taken in per_layer.values():
         if taken:
             _put_per_layer_overrides(c, default_types, *taken)
@@ -220,7 +307,8 @@ def _put_per_layer_overrides(text, default_types, overrides: dict, glob: dict):
         layer = {}
         for k, v in overrides.get(rep, {}).items():
             tiny, ref = getattr(text, k, None), glob.get(k)
-            if isinstance(v, int) and not isinstance(v, bool) and isinstance(tiny, int) and isinstance(ref, int) and ref:
+            if (isinstance(v, int) and not isinstance(v, bool) and isinstance(tiny, int) and isinstance(ref, int)
+                    and ref):
                 v = max(1, round(tiny * v / ref))
             if v != getattr(text, k, None):
                 layer[k] = v
@@ -232,8 +320,9 @@ def _put_per_layer_overrides(text, default_types, overrides: dict, glob: dict):
 
 def _fit_vision_readout(cfg):
     """Settings that read the tower's output by layer or patch count, fitted to the tiny tower (2 layers, 4x4
-    patches): feature-layer indices clamped to the layers there are, pooled token counts and patch-count keyed
-    query tables (Gemma 3's mm_tokens_per_image, Aria's projector_patch_to_query_dict) resized."""
+    patches): feature-layer indices clamped to the layers there are (decoder-layer targets to the tiny decoder's),
+    pooled token counts, patch-count keyed query tables (Gemma 3's mm_tokens_per_image, Aria's
+    projector_patch_to_query_dict) and projector windows resized."""
     from transformers import PretrainedConfig
 
     vc = _vision(cfg)
@@ -241,13 +330,20 @@ def _fit_vision_readout(cfg):
     for c in [cfg] + [getattr(cfg, n, None) for n in (getattr(cfg, "sub_configs", None) or {})]:
         if not isinstance(c, PretrainedConfig) or not isinstance(layers, int):
             continue
+        fit = lambda i: max(-(layers + 1), min(layers, i))     # noqa: E731 - hidden states: embeddings + layers
         for key in ("vision_feature_layer", "vision_feature_layers"):
             val = getattr(c, key, None)
-            fit = lambda i: max(-(layers + 1), min(layers, i))     # noqa: E731 - hidden states: embeddings + layers
             if isinstance(val, int) and not isinstance(val, bool):
                 setattr(c, key, fit(val))
             elif isinstance(val, (list, tuple)) and all(isinstance(i, int) for i in val):
                 setattr(c, key, [fit(i) for i in val])
+        # Granite Vision 4: deepstack [tower layer, decoder layer] pairs and the decoder layers of its spatial
+        # projections, within the tiny tower and decoder (pairs aimed past the last decoder layer go to the last)
+        last = getattr(cfg.get_text_config(decoder=True), "num_hidden_layers", 0) - 1
+        if isinstance(getattr(c, "deepstack_layer_map", None), (list, tuple)):
+            c.deepstack_layer_map = [(fit(v), min(t, last)) for v, t in c.deepstack_layer_map]
+        if isinstance(getattr(c, "spatial_target_layers", None), (list, tuple)):
+            c.spatial_target_layers = [min(t, last) for t in c.spatial_target_layers]
         idx = getattr(c, "global_attn_indexes", None)            # SAM towers: their global-attention layers
         if isinstance(idx, (list, tuple)) and isinstance(getattr(c, "num_hidden_layers", None), int):
             c.global_attn_indexes = sorted({min(i, c.num_hidden_layers - 1) for i in idx})
@@ -259,6 +355,13 @@ def _fit_vision_readout(cfg):
         cfg.mm_tokens_per_image = (side // 2) ** 2                          # 2x2 pooling of the 4x4 patches
     if isinstance(getattr(cfg, "image_grid_pinpoints", None), list):           # any-resolution tiling: one tile
         cfg.image_grid_pinpoints = [[size, size]]
+    rate = getattr(cfg, "downsample_rate", None)
+    if isinstance(rate, str) and "/" in rate:
+        # Granite Vision 4's Window Q-Former: q x q queries per w x w-patch window; the window within the tiny side
+        q, w = (int(x) for x in rate.split("/"))
+        while (w > side or side % w) and q % 2 == 0 and w % 2 == 0:
+            q, w = q // 2, w // 2
+        cfg.downsample_rate = f"{q}/{w}"
     if isinstance(getattr(cfg, "projector_patch_to_query_dict", None), dict):
         cfg.projector_patch_to_query_dict = {side * side: side}
         _set(cfg, "max_value_projector_patch_to_query_dict", side)
@@ -352,15 +455,16 @@ def _int(vc, *names, default=None):
 
 def _hand_built_layouts(model, n_images: int, g):
     """Candidate image inputs built from the vision config alone (the first layouts tried)."""
-    vc = _vision(model.config)
-    if vc is None:
+    vc, vq = _vision(model.config), _image_vq(model.config)
+    if vc is None and vq is None:
         p, c = _int(model.config, "patch_size"), _int(model.config, "num_channels", default=3)
         if isinstance(p, int):    # no vision tower: patches linearly embedded by the model (Fuyu), 16 per image
             yield {"pixel_values": torch.randn(n_images, 16, c * p * p, generator=g)}
         return
+    vc = vc if vc is not None else vq          # a VQ-VAE image tokenizer: images of a 4x4 code grid
     c = _int(vc, "num_channels", "in_channels", "in_chans", default=3)
     p = _int(vc, "patch_size", "spatial_patch_size")
-    size = _int(vc, "image_size")
+    size = _int(vc, "image_size", default=_vq_image_side(vq) if vq is not None else None)
     params = _image_feature_params(model)
     if "image_grid_thw" in params and isinstance(p, int):
         # flattened patches of a 4x4 (merged: 2x2) grid per image; the row width depends on the tower
@@ -481,6 +585,9 @@ def image_token_count(model, image_inputs: dict, n_images: int) -> int:
     with torch.no_grad():
         out = fn(**{k: v for k, v in image_inputs.items() if k in params})
     feats = getattr(out, "pooler_output", None)
+    deepstack = getattr(out, "deepstack_features", None)
+    if feats is None and isinstance(deepstack, (list, tuple)) and deepstack:
+        feats = deepstack[0][1]      # Granite Vision 4: only (decoder layer, per-image features) pairs, one per layer
     if feats is None:
         feats = out[0] if isinstance(out, (tuple, list)) else getattr(out, "last_hidden_state", out)
     numel = sum(f.numel() for f in feats) if isinstance(feats, (list, tuple)) else feats.numel()

@@ -19,8 +19,9 @@ plainly stretches the image to a fixed square and the image block is a perfect s
 :class:`~hf_vgrefine.geometry.TokenGrid` flagged ``approximate=True``. Otherwise :meth:`GenericAdapter.token_grid`
 raises :class:`GeometryUnavailableError` naming what is missing (results stay token level).
 
-Models whose image does not reach the decoder as tokens get :class:`~hf_vgrefine.adapters.UnsupportedModelError`
-with the reason (:func:`token_level_support`).
+Models whose image does not reach the decoder as tokens, or that do not generate token by token (a diffusion
+decoder refining a block at once), get :class:`~hf_vgrefine.adapters.UnsupportedModelError` with the reason
+(:func:`token_level_support`).
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ def generate_passes_positions(model) -> bool:
 
 def token_level_support(model) -> str | None:
     """``None`` when ``model``'s image enters its decoder's self-attention as placeholder tokens of ``input_ids``
-    (the generic adapter works); otherwise the reason it does not, as one sentence ("... because ...")."""
+    and the model generates token by token with transformers' ``generate`` (the generic adapter works); otherwise
+    the reason it does not, as one sentence ("... because ...")."""
     config = model.config
     mt = getattr(config, "model_type", None)
     if getattr(config, "is_encoder_decoder", False):
@@ -171,6 +173,17 @@ def token_level_support(model) -> str | None:
     if any(torch.is_tensor(getattr(a, "sinks", None)) for a in attns):
         return (f"{mt}: the decoder's attention has attention sinks (module.sinks, passed as s_aux), which the "
                 "package's SDPA-based capture and knockout attention do not model")
+    from transformers import GenerationMixin
+
+    if not isinstance(model, GenerationMixin):
+        gen = getattr(type(model), "generate", None)
+        own = f"its generate is {gen.__qualname__}" if gen is not None else "it has no generate"
+        why = f"{type(model).__name__} is not a transformers GenerationMixin ({own})"
+        if all(getattr(a, "is_causal", True) is False for a in attns):
+            why += (" and its decoder's self-attention is bidirectional (is_causal=False): a diffusion-style decoder "
+                    "that refines a block of tokens at once")
+        return (f"{mt} does not generate autoregressively: {why}; VGRefine's knockout acts on transformers' "
+                "next-token generate")
     return None
 
 
