@@ -108,6 +108,11 @@ def test_diffusion_decoder_is_unsupported():
     assert level == "unsupported"
     assert "does not generate autoregressively" in reason and "bidirectional (is_causal=False)" in reason
     assert "DiffusionGemmaGenerationMixin.generate" in reason
+    # a causal decoder without a language-model head (AutoModel: not a GenerationMixin either) is still supported
+    from transformers import AutoModel
+
+    from hf_vgrefine.testing_any import tiny_config
+    assert support_level(AutoModel.from_config(tiny_config("video_llava"))) == ("generic", "")
 
 
 def _eager(model, adapter, inputs):

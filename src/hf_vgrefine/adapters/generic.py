@@ -175,15 +175,15 @@ def token_level_support(model) -> str | None:
                 "package's SDPA-based capture and knockout attention do not model")
     from transformers import GenerationMixin
 
-    if not isinstance(model, GenerationMixin):
+    # a decoder model without a language-model head (AutoModel) is not a GenerationMixin either and still works for
+    # capture and measurement; refused here is the non-generating model whose decoder is bidirectional
+    if not isinstance(model, GenerationMixin) and all(getattr(a, "is_causal", True) is False for a in attns):
         gen = getattr(type(model), "generate", None)
         own = f"its generate is {gen.__qualname__}" if gen is not None else "it has no generate"
-        why = f"{type(model).__name__} is not a transformers GenerationMixin ({own})"
-        if all(getattr(a, "is_causal", True) is False for a in attns):
-            why += (" and its decoder's self-attention is bidirectional (is_causal=False): a diffusion-style decoder "
-                    "that refines a block of tokens at once")
-        return (f"{mt} does not generate autoregressively: {why}; VGRefine's knockout acts on transformers' "
-                "next-token generate")
+        return (f"{mt} does not generate autoregressively: {type(model).__name__} is not a transformers "
+                f"GenerationMixin ({own}) and its decoder's self-attention is bidirectional (is_causal=False), a "
+                "diffusion-style decoder that refines a block of tokens at once; VGRefine's knockout acts on "
+                "transformers' next-token generate")
     return None
 
 
