@@ -116,6 +116,16 @@ def _remap_ids(cfg, nxt):
 # vision_start_token_id, which only the outer Omni config defines (Qwen's <|vision_start|>).
 _CONFIG_FIXES = {"qwen2_5_omni_thinker": {"vision_start_token_id": 151652},
                  "qwen3_omni_moe_thinker": {"vision_start_token_id": 151652}}
+# Text-config values a default config leaves unset (None) though its modeling code reads them, as the released
+# checkpoint sets them; set before shrinking, so sizes shrink with the rest (head_dim to 16, M-RoPE sections to
+# half the tiny head, see _fit_rope_sections).
+_TEXT_CONFIG_FIXES = {
+    # HunyuanOCR (tencent/HunyuanOCR): 128-wide heads and XD-RoPE, NTK-alpha scaled, over four axes (position,
+    # width, height, image index), 16 rotary pairs each; get_rope_index needs at least three axes
+    "hunyuan_vl": {"head_dim": 128,
+                   "rope_parameters": {"rope_type": "dynamic", "alpha": 1000.0, "rope_theta": 10000.0,
+                                       "mrope_section": [16, 16, 16, 16]}},
+}
 
 
 def tiny_config(model_type: str):
@@ -125,6 +135,8 @@ def tiny_config(model_type: str):
     cfg = AutoConfig.for_model(model_type)
     for key, value in _CONFIG_FIXES.get(model_type, {}).items():
         setattr(cfg, key, value)
+    for key, value in _TEXT_CONFIG_FIXES.get(model_type, {}).items():
+        setattr(cfg.get_text_config(decoder=True), key, value)
     for name, sub_cls in (getattr(cfg, "sub_configs", None) or {}).items():
         if "vision" in name and getattr(cfg, name, False) is None and isinstance(sub_cls, type):
             setattr(cfg, name, sub_cls())          # a vision tower the default leaves out (Gemma 4): its defaults
@@ -249,7 +261,8 @@ def _fit_vision_readout(cfg):
 
 def _fit_rope_sections(cfg, text):
     """Multi-axis (M-RoPE) sections must sum to half the rotary dimension: scale the model's sections (the
-    config's, else the default its rotary embedding falls back to) down to the tiny head size."""
+    config's, any number of axes, else the three-axis default its rotary embedding falls back to) down to the
+    tiny head size."""
     import importlib
     import inspect
     import re
@@ -260,16 +273,18 @@ def _fit_rope_sections(cfg, text):
         return
     found = re.search(r"mrope_section\"?\]?,? *\[(\d+), *(\d+), *(\d+)\]", src)
     rope = getattr(text, "rope_parameters", None)
-    if not found or not rope or not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+    if not rope or not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
         return
-    default = rope.get("mrope_section") or [int(x) for x in found.groups()]
+    default = rope.get("mrope_section") or (found and [int(x) for x in found.groups()])
+    if not default:
+        return
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     partial = rope.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", None)) or 1.0
     half = int(head_dim * partial) // 2
     share = [half * d / sum(default) for d in default]
     sections = [max(1, int(x)) for x in share]
     while sum(sections) < half:            # the largest shortfalls first
-        i = max(range(3), key=lambda j: share[j] - sections[j])
+        i = max(range(len(share)), key=lambda j: share[j] - sections[j])
         sections[i] += 1
     while sum(sections) > half:
         sections[sections.index(max(sections))] -= 1
