@@ -34,7 +34,7 @@ from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 # built tiny and swept through the generic adapter
 GENERIC_SWEPT = ("aria", "aya_vision", "cohere2_vision", "cohere_compass", "cosmos3_edge", "cosmos3_omni",
                  "deepseek_vl", "deepseek_vl_hybrid", "ernie4_5_vl_moe", "exaone4_5", "fuyu", "gemma4", "glm46v",
-                 "glm4v", "glm4v_moe", "glm5_next", "glm_ocr", "glmga", "got_ocr2", "hunyuan_vl",
+                 "glm4v", "glm4v_moe", "glm5_next", "glm_ocr", "glmga", "got_ocr2", "granite_docling", "hunyuan_vl",
                  "hyperclovax_vision_v2", "idefics2", "idefics3", "janus", "kimi_k25", "lfm2_vl", "lfm3_vl",
                  "lighton_ocr", "llava_next_video", "llava_onevision1_5", "minimax_m3_vl", "mistral_large4",
                  "muse_glimmer", "muse_spark", "ovis2", "ovis2_5", "paddleocr_vl", "pp_chart2table", "qianfan_ocr",
@@ -59,8 +59,6 @@ NOT_TINY = {
     "fast_vlm": _TIMM, "gemma3n": _TIMM, "perception_lm": _TIMM,
     "gemma4_unified": "its vision config names no image size and " + _TV,
     "granite4_vision": "its default config leaves deepstack_layer_map None (the model takes its len())",
-    "granite_docling": "the hand-built one-tile inputs fail its pixel_attention_mask check and its processor's "
-                       "512-px tiles do not fit the 4x4-patch tiny tower",
     "inkling2": "the hand-built flattened patches do not fit its tower's pixel layout and " + _TV,
     "inkling2_loop": "the hand-built flattened patches do not fit its tower's pixel layout and " + _TV,
     "inkling_mm_model": "its vision config names no image size and " + _TV,

@@ -315,7 +315,8 @@ def build_tiny(model_type: str, class_name: str, seed: int = 0, attn_implementat
 
 
 def _shrink_vision_image(cfg):
-    """Vision towers of fixed input size: 4x4 patches (keeps the sequences short)."""
+    """Vision towers of fixed input size: 4x4 patches (keeps the sequences short), or 4x4 tokens after the
+    tower's own pixel shuffle (Granite Docling's ``scale_factor``)."""
     from transformers import PretrainedConfig
 
     for name in getattr(cfg, "sub_configs", None) or {}:
@@ -323,9 +324,11 @@ def _shrink_vision_image(cfg):
         if not isinstance(sub, PretrainedConfig) or sub is cfg.get_text_config(decoder=True):
             continue
         size, patch = getattr(sub, "image_size", None), getattr(sub, "patch_size", None)
+        shuffle = getattr(sub, "scale_factor", None)
+        shuffle = shuffle if isinstance(shuffle, int) and not isinstance(shuffle, bool) and shuffle > 1 else 1
         if isinstance(size, int) and isinstance(patch, int) and not hasattr(sub, "temporal_patch_size"):
             try:
-                sub.image_size = patch * 4
+                sub.image_size = patch * 4 * shuffle
             except (AttributeError, TypeError, ValueError):
                 pass
 
@@ -391,8 +394,9 @@ def _hand_built_layouts(model, n_images: int, g):
     yield {"pixel_values": pix[:, None]}
     # any-resolution towers: the base view and one tile (image_grid_pinpoints of one tile, see tiny_config)
     yield {"pixel_values": torch.stack([pix, pix.flip(-1)], 1), "image_sizes": sizes}
-    # tiled towers: one tile per image, with its all-valid pixel mask
+    # tiled towers: one tile per image, with its all-valid pixel mask, or (Granite Docling) its real-tile mask
     yield {"pixel_values": pix[:, None], "pixel_attention_mask": torch.ones(n_images, 1, size, size, dtype=torch.bool)}
+    yield {"pixel_values": pix[:, None], "pixel_attention_mask": torch.ones(n_images, 1, dtype=torch.bool)}
 
 
 def _processor_layouts(model, n_images: int, g):
