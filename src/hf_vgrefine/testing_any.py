@@ -143,8 +143,10 @@ def tiny_config(model_type: str):
     text = cfg.get_text_config(decoder=True)
     subs = [getattr(cfg, name, None) for name in (getattr(cfg, "sub_configs", None) or {})]
     subs = [s for s in subs if isinstance(s, PretrainedConfig)]
-    per_layer = {id(c): (c, c.to_dict().get("layer_types"), _take_per_layer_overrides(c))
-                 for c in [cfg, text] + subs}
+    per_layer = {}
+    for c in [cfg, text] + subs:        # each config once (the text config is also among the sub-configs)
+        if id(c) not in per_layer:
+            per_layer[id(c)] = (c, c.to_dict().get("layer_types"), _take_per_layer_overrides(c))
     default_text = text.to_dict()
     text_hidden = 64
     _shrink_projectors(cfg, text, subs)
@@ -173,6 +175,11 @@ def tiny_config(model_type: str):
     for key, ref in (("head_dim", "qk_rope_head_dim"), ("num_key_value_heads", "num_attention_heads")):
         if default_text.get(key) and default_text.get(key) == default_text.get(ref):
             _set(text, key, getattr(text, ref))
+    # MLA whose rotary share is a fixed fraction of head_dim (Dots3: 64 of 256, its rope parameters'
+    # partial_rotary_factor): head_dim keeps that multiple of the tiny qk_rope_head_dim
+    d_head, d_rope = default_text.get("head_dim"), default_text.get("qk_rope_head_dim")
+    if isinstance(d_head, int) and isinstance(d_rope, int) and d_rope and d_head != d_rope and d_head % d_rope == 0:
+        _set(text, "head_dim", text.qk_rope_head_dim * (d_head // d_rope))
     if default_text.get("qk_head_dim") and default_text.get("qk_head_dim") == (
             default_text.get("qk_nope_head_dim", 0) + default_text.get("qk_rope_head_dim", 0)):
         _set(text, "qk_head_dim", text.qk_nope_head_dim + text.qk_rope_head_dim)
@@ -197,7 +204,10 @@ def _take_per_layer_overrides(text):
     text.serialize_explicit_per_layer_config = True
     overrides = {int(i): o for i, o in (text.to_dict().get("per_layer_config") or {}).items()}
     text.serialize_explicit_per_layer_config = False
-    glob = {k: text._getattr_without_heterogeneous_validation(k) for k in text.per_layer_attributes}
+    # every overridden key's global value (the explicit serialization also lists keys a layer sets to the global
+    # value, e.g. Dots3's head_dim, outside per_layer_attributes)
+    keys = set(text.per_layer_attributes).union(*overrides.values())
+    glob = {k: text._getattr_without_heterogeneous_validation(k) for k in keys}
     text.per_layer_config = None
     return overrides, glob
 
@@ -217,8 +227,15 @@ def _put_per_layer_overrides(text, default_types, overrides: dict, glob: dict):
             tiny, ref = getattr(text, k, None), glob.get(k)
             if isinstance(v, int) and not isinstance(v, bool) and isinstance(tiny, int) and isinstance(ref, int) and ref:
                 v = max(1, round(tiny * v / ref))
-            if v != getattr(text, k, None):
-                layer[k] = v
+            layer[k] = v
+        # MLA layers whose head_dim is the query/key width in the default keep it so: the no-rotary part fills
+        # the head (Dots3's sliding-window layers: 192 + 64 = 256)
+        full = {**glob, **overrides.get(rep, {})}
+        if "head_dim" in full and full.get("head_dim") == full.get("qk_nope_head_dim", 0) + full.get(
+                "qk_rope_head_dim", 0):
+            layer["qk_nope_head_dim"] = layer.get("head_dim", text.head_dim) - layer.get(
+                "qk_rope_head_dim", text.qk_rope_head_dim)
+        layer = {k: v for k, v in layer.items() if v != getattr(text, k, None)}
         if layer:
             out[i] = layer
     if out:
