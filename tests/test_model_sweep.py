@@ -41,8 +41,8 @@ GENERIC_SWEPT = ("aria", "aya_vision", "cohere2_vision", "cohere_compass", "cosm
                  "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_vl_moe", "shieldgemma2", "smolvlm", "step3p7",
                  "video_llama_3", "video_llava", "vipllava")
 # unsupported: the image does not enter the decoder's self-attention as placeholder tokens (or, hy_v4_vl, the decoder
-# attention has sinks, which the package's attention does not model)
-UNSUPPORTED = ("blip", "blip-2", "evolla", "florence2", "git", "hy_v4_vl", "idefics", "instructblip",
+# attention has sinks, which the package's attention does not model; dots3_note, its layers differ in head count)
+UNSUPPORTED = ("blip", "blip-2", "dots3_note", "evolla", "florence2", "git", "hy_v4_vl", "idefics", "instructblip",
                "instructblipvideo", "kosmos-2", "kosmos-2.5", "minicpm_ocr", "minicpmv4_6", "minicpmv4_7",
                "mistral4", "mllama", "nemotron_h_omni", "pi0", "pi05", "pix2struct", "pp_formulanet", "t5gemma2",
                "udop", "vision-encoder-decoder")
@@ -53,8 +53,6 @@ NOT_TINY = {
     "chameleon": "the model reads config.vocabulary_map (the checkpoint's image-token vocabulary), None by default",
     "deepseek_ocr2": "building it from the shrunk default config exhausts this machine's memory (process killed)",
     "diffusion_gemma": "its default config builds a MoE router with num_experts=None",
-    "dots3_note": "the tiny forward fails in its attention (size mismatch): its per-layer MLA heads / LoRA ranks "
-                  "do not scale to one consistent tiny layout",
     "emu3": "the model reads config.vocabulary_map (the checkpoint's image-token vocabulary), None by default",
     "fast_vlm": _TIMM, "gemma3n": _TIMM, "perception_lm": _TIMM,
     "gemma4_unified": "its vision config names no image size and " + _TV,
@@ -97,8 +95,24 @@ def test_unsupported_types_raise_a_clear_error(model_type):
     level, reason = support_level(model)
     assert level == "unsupported"
     with pytest.raises(UnsupportedModelError, match=r"not supported, because .*(cross-attention|encoder-decoder|"
-                                                    r"placeholder token|decoder's layer list|attention sinks)"):
+                                                    r"placeholder token|decoder's layer list|attention sinks|"
+                                                    r"numbers of attention heads)"):
         get_adapter(model)
+
+
+def test_layers_with_different_head_counts_are_unsupported():
+    """Dots3's sliding-window layers have half the query heads of its indexed-attention layers (64 / 128 in its
+    default config): refused, naming the counts, since capture maps and sensitive heads take one head count per
+    model. Gemma 4's layers differ in head width only and stay generic."""
+    from transformers import AutoConfig
+
+    from hf_vgrefine.adapters.generic import per_layer_head_counts, token_level_support
+
+    default = AutoConfig.for_model("dots3_note").get_text_config(decoder=True)
+    assert per_layer_head_counts(default, 6) == [128, 128, 64, 64, 64, 128]
+    model = build_tiny("dots3_note", MAPPING["dots3_note"], device="meta")
+    assert "different numbers of attention heads ([2, 4]" in token_level_support(model)
+    assert token_level_support(build_tiny("gemma4", MAPPING["gemma4"], device="meta")) is None
 
 
 def _eager(model, adapter, inputs):

@@ -171,7 +171,20 @@ def token_level_support(model) -> str | None:
     if any(torch.is_tensor(getattr(a, "sinks", None)) for a in attns):
         return (f"{mt}: the decoder's attention has attention sinks (module.sinks, passed as s_aux), which the "
                 "package's SDPA-based capture and knockout attention do not model")
+    heads = per_layer_head_counts(text, len(layers))
+    if len(set(heads)) > 1:
+        return (f"{mt}: its decoder layers have different numbers of attention heads ({sorted(set(heads))}, a "
+                "heterogeneous per-layer config), while the package's capture maps and VGRefine's sensitive heads "
+                "take one head count for every layer")
     return None
+
+
+def per_layer_head_counts(text_config, num_layers: int) -> list:
+    """Query-head count of every decoder layer: from the per-layer configs of a heterogeneous text config (Dots3's
+    sliding-window layers have half the heads of its full-attention layers), else the config's one count."""
+    if getattr(text_config, "is_heterogeneous", False):
+        return [getattr(text_config.per_layer_config[i], "num_attention_heads", None) for i in range(num_layers)]
+    return [getattr(text_config, "num_attention_heads", None)] * num_layers
 
 
 class GenericAdapter(FamilyAdapter):
