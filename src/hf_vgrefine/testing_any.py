@@ -118,13 +118,18 @@ _CONFIG_FIXES = {"qwen2_5_omni_thinker": {"vision_start_token_id": 151652},
                  "qwen3_omni_moe_thinker": {"vision_start_token_id": 151652}}
 # Text-config values a default config leaves unset (None) though its modeling code reads them, as the released
 # checkpoint sets them; set before shrinking, so sizes shrink with the rest (head_dim to 16, M-RoPE sections to
-# half the tiny head, see _fit_rope_sections).
+# half the tiny head, see _fit_rope_sections); sizes the shrinking does not know are given tiny here.
 _TEXT_CONFIG_FIXES = {
     # HunyuanOCR (tencent/HunyuanOCR): 128-wide heads and XD-RoPE, NTK-alpha scaled, over four axes (position,
     # width, height, image index), 16 rotary pairs each; get_rope_index needs at least three axes
     "hunyuan_vl": {"head_dim": 128,
                    "rope_parameters": {"rope_type": "dynamic", "alpha": 1000.0, "rope_theta": 10000.0,
                                        "mrope_section": [16, 16, 16, 16]}},
+    # Qwen4-Exp (Qwen/Qwen4-Exp): its QSA indexer scores blocks of 4 consecutive keys with 4 query heads and one
+    # 128-wide key head and keeps a 2048-token budget; tiny: blocks of 2, a 4-token budget (two blocks, plus the
+    # incomplete last block), fewer keys than the tiny prompts
+    "qwen4_exp": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 4,
+                  "indexer_compress_ratio": 2},
 }
 
 

@@ -171,6 +171,11 @@ def token_level_support(model) -> str | None:
     if any(torch.is_tensor(getattr(a, "sinks", None)) for a in attns):
         return (f"{mt}: the decoder's attention has attention sinks (module.sinks, passed as s_aux), which the "
                 "package's SDPA-based capture and knockout attention do not model")
+    if isinstance(getattr(text, "indexer_budget", None), int):
+        return (f"{mt}: its QSA indexer merges its key-block selection into the attention mask before the attention "
+                "function runs, so a query row need not see its own key, while the package reads query positions "
+                "(where VGRefine's knockout starts) from that mask; prompts longer than the indexer budget would be "
+                "knocked out at the wrong rows")
     heads = per_layer_head_counts(text, len(layers))
     if len(set(heads)) > 1:
         return (f"{mt}: its decoder layers have different numbers of attention heads ({sorted(set(heads))}, a "
