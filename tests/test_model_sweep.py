@@ -35,35 +35,31 @@ from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 GENERIC_SWEPT = ("aria", "aya_vision", "chameleon", "cohere2_vision", "cohere_compass", "cosmos3_edge",
                  "cosmos3_omni", "deepseek_ocr2", "deepseek_vl", "deepseek_vl_hybrid", "emu3", "ernie4_5_vl_moe",
                  "exaone4_5", "fuyu", "gemma4", "glm46v", "glm4v", "glm4v_moe", "glm5_next", "glm_ocr", "glmga",
-                 "got_ocr2", "granite4_vision", "hyperclovax_vision_v2", "idefics2", "idefics3", "janus", "kimi_k25",
-                 "lfm2_vl", "lfm3_vl", "lighton_ocr", "llama4", "llava_next_video", "llava_onevision1_5",
-                 "minimax_m3_vl", "mistral_large4", "muse_glimmer", "muse_spark", "ovis2", "ovis2_5", "paddleocr_vl",
-                 "pp_chart2table", "qianfan_ocr", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_vl_moe",
-                 "shieldgemma2", "smolvlm", "step3p7", "video_llama_3", "video_llava", "vipllava")
+                 "got_ocr2", "granite4_vision", "granite_docling", "hunyuan_vl", "hyperclovax_vision_v2", "idefics2",
+                 "idefics3", "janus", "kimi_k25", "lfm2_vl", "lfm3_vl", "lighton_ocr", "llama4", "llava_next_video",
+                 "llava_onevision1_5", "minimax_m3_vl", "mistral_large4", "muse_glimmer", "muse_spark", "ovis2",
+                 "ovis2_5", "paddleocr_vl", "pp_chart2table", "qianfan_ocr", "qwen2_5_omni_thinker",
+                 "qwen3_omni_moe_thinker", "qwen3_vl_moe", "shieldgemma2", "smolvlm", "step3p7", "video_llama_3",
+                 "video_llava", "vipllava")
 # unsupported: the image does not enter the decoder's self-attention as placeholder tokens (or, hy_v4_vl, the decoder
 # attention has sinks, which the package's attention does not model; diffusion_gemma answers with a bidirectional
-# diffusion decoder, not token by token)
-UNSUPPORTED = ("blip", "blip-2", "diffusion_gemma", "evolla", "florence2", "git", "hy_v4_vl", "idefics",
+# diffusion decoder, not token by token; dots3_note, its layers differ in head count; qwen4_exp, its QSA
+# selection is merged into the mask the package reads query positions from)
+UNSUPPORTED = ("blip", "blip-2", "diffusion_gemma", "dots3_note", "evolla", "florence2", "git", "hy_v4_vl", "idefics",
                "instructblip", "instructblipvideo", "kosmos-2", "kosmos-2.5", "minicpm_ocr", "minicpmv4_6",
                "minicpmv4_7", "mistral4", "mllama", "nemotron_h_omni", "pi0", "pi05", "pix2struct", "pp_formulanet",
-               "t5gemma2", "udop", "vision-encoder-decoder")
+               "qwen4_exp", "t5gemma2", "udop", "vision-encoder-decoder")
 _TV = "its image processor class needs torchvision (not installed here)"
 _TIMM = "its vision tower needs timm (not installed here)"
 NOT_TINY = {
     "apertus1p5": "its vision tokenizer config names no image size and " + _TV,
-    "dots3_note": "the tiny forward fails in its attention (size mismatch): its per-layer MLA heads / LoRA ranks "
-                  "do not scale to one consistent tiny layout",
     "fast_vlm": _TIMM, "gemma3n": _TIMM, "perception_lm": _TIMM,
     "gemma4_unified": "its vision config names no image size and " + _TV,
-    "granite_docling": "the hand-built one-tile inputs fail its pixel_attention_mask check and its processor's "
-                       "512-px tiles do not fit the 4x4-patch tiny tower",
-    "hunyuan_vl": "its default config leaves head_dim None (read by the attention) and no multimodal RoPE axes",
     "inkling2": "the hand-built flattened patches do not fit its tower's pixel layout and " + _TV,
     "inkling2_loop": "the hand-built flattened patches do not fit its tower's pixel layout and " + _TV,
     "inkling_mm_model": "its vision config names no image size and " + _TV,
     "molmo2": "get_image_features needs image_token_pooling and image_grids, which only its image processor makes; "
               + _TV,
-    "qwen4_exp": "its default config leaves the sparse indexer's token_budget / compress_ratio None",
     "unlimited_ocr": "its vision config names no image size or patch size and " + _TV,
 }
 HEADS = [[0, 1], [1, 2], [0, 3], [1, 0]]
@@ -95,6 +91,7 @@ def test_unsupported_types_raise_a_clear_error(model_type):
     assert level == "unsupported"
     with pytest.raises(UnsupportedModelError, match=r"not supported, because .*(cross-attention|encoder-decoder|"
                                                     r"placeholder token|decoder's layer list|attention sinks|"
+                                                    r"numbers of attention heads|QSA indexer|"
                                                     r"does not generate autoregressively)"):
         get_adapter(model)
 
@@ -113,6 +110,45 @@ def test_diffusion_decoder_is_unsupported():
 
     from hf_vgrefine.testing_any import tiny_config
     assert support_level(AutoModel.from_config(tiny_config("video_llava"))) == ("generic", "")
+
+
+def test_layers_with_different_head_counts_are_unsupported():
+    """Dots3's sliding-window layers have half the query heads of its indexed-attention layers (64 / 128 in its
+    default config): refused, naming the counts, since capture maps and sensitive heads take one head count per
+    model. Gemma 4's layers differ in head width only and stay generic."""
+    from transformers import AutoConfig
+
+    from hf_vgrefine.adapters.generic import per_layer_head_counts, token_level_support
+
+    default = AutoConfig.for_model("dots3_note").get_text_config(decoder=True)
+    assert per_layer_head_counts(default, 6) == [128, 128, 64, 64, 64, 128]
+    model = build_tiny("dots3_note", MAPPING["dots3_note"], device="meta")
+    assert "different numbers of attention heads ([2, 4]" in token_level_support(model)
+    assert token_level_support(build_tiny("gemma4", MAPPING["gemma4"], device="meta")) is None
+
+
+def test_qsa_selection_merged_into_the_mask_is_unsupported():
+    """Qwen4-Exp's QSA indexer merges its block selection into the mask handed to the attention function, so a row
+    whose own block is not selected does not see itself there, and positions read from that mask (the package's
+    ``_query_positions``, where knockout rows start) come out wrong: refused with that reason."""
+    from hf_vgrefine.adapters.generic import token_level_support
+    from hf_vgrefine.attention import _query_positions, allowed_matrix
+
+    model = build_tiny("qwen4_exp", MAPPING["qwen4_exp"])
+    inputs = tiny_any_inputs(model, [14, 20], seed=2)
+    indexer = model.model.language_model.layers[model.config.text_config.layer_types.index("indexed_attention")]
+    indexer = indexer.self_attn.indexer
+    T = inputs["input_ids"].shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()[None, None] & inputs["attention_mask"].bool()[:, None, None]
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, T, model.config.text_config.hidden_size, generator=g)
+    q, keys = torch.randn(2, T, 2, 16, generator=g), torch.randn(2, T, 16, generator=g)
+    cos = torch.ones(2, T, 4)                                     # no rotation: scores from q and keys alone
+    sel = indexer._select_tokens(h, q, keys, cos, 0 * cos, causal) & causal
+    pos = _query_positions(sel, allowed_matrix(sel, T, T, "cpu"), T, T, 0, "cpu")
+    real = inputs["attention_mask"].bool()
+    assert not torch.equal(pos[real], torch.arange(T).expand(2, T)[real])
+    assert "QSA indexer merges its key-block selection" in token_level_support(model)
 
 
 def _eager(model, adapter, inputs):

@@ -212,6 +212,22 @@ _TINY_FITS = {"deepseek_ocr2": {"text_config.mlp_layer_types": ["dense", "sparse
                                 "vision_config.sam_config.output_channels": 16,
                                 "vision_config.sam_config.downsample_channels": [16, 64]}}
 
+# Text-config values a default config leaves unset (None) though its modeling code reads them, as the released
+# checkpoint sets them; set before shrinking, so sizes shrink with the rest (head_dim to 16, M-RoPE sections to
+# half the tiny head, see _fit_rope_sections); sizes the shrinking does not know are given tiny here.
+_TEXT_CONFIG_FILLS = {
+    # HunyuanOCR (tencent/HunyuanOCR): 128-wide heads and XD-RoPE, NTK-alpha scaled, over four axes (position,
+    # width, height, image index), 16 rotary pairs each; get_rope_index needs at least three axes
+    "hunyuan_vl": {"head_dim": 128,
+                   "rope_parameters": {"rope_type": "dynamic", "alpha": 1000.0, "rope_theta": 10000.0,
+                                       "mrope_section": [16, 16, 16, 16]}},
+    # Qwen4-Exp (Qwen/Qwen4-Exp): its QSA indexer scores blocks of 4 consecutive keys with 4 query heads and one
+    # 128-wide key head and keeps a 2048-token budget; tiny: blocks of 2, a 4-token budget (two blocks, plus the
+    # incomplete last block), fewer keys than the tiny prompts
+    "qwen4_exp": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 4,
+                  "indexer_compress_ratio": 2},
+}
+
 
 def tiny_config(model_type: str):
     """The default config of ``model_type`` shrunk to a tiny model (see the module docstring)."""
@@ -219,6 +235,8 @@ def tiny_config(model_type: str):
 
     cfg = AutoConfig.for_model(model_type)
     _fill_config(cfg, _CONFIG_FILLS.get(model_type, {}))
+    for key, value in _TEXT_CONFIG_FILLS.get(model_type, {}).items():
+        setattr(cfg.get_text_config(decoder=True), key, value)
     for name, sub_cls in (getattr(cfg, "sub_configs", None) or {}).items():
         if "vision" in name and getattr(cfg, name, False) is None and isinstance(sub_cls, type):
             setattr(cfg, name, sub_cls())          # a vision tower the default leaves out (Gemma 4): its defaults
@@ -228,8 +246,10 @@ def tiny_config(model_type: str):
     # towers built from sub-configs of their own (DeepSeek-OCR 2: a SAM encoder and a decoder-style encoder)
     nested = [getattr(s, k, None) for s in subs if s is not text for k in (getattr(s, "sub_configs", None) or {})]
     subs += [n for n in nested if isinstance(n, PretrainedConfig)]
-    per_layer = {id(c): (c, c.to_dict().get("layer_types"), _take_per_layer_overrides(c))
-                 for c in [cfg, text] + subs}
+    per_layer = {}
+    for c in [cfg, text] + subs:        # each config once (the text config is also among the sub-configs)
+        if id(c) not in per_layer:
+            per_layer[id(c)] = (c, c.to_dict().get("layer_types"), _take_per_layer_overrides(c))
     default_text = text.to_dict()
     vq = _image_vq(cfg)
     default_vq = vq.to_dict() if vq is not None else None
@@ -264,6 +284,11 @@ def tiny_config(model_type: str):
     for key, ref in (("head_dim", "qk_rope_head_dim"), ("num_key_value_heads", "num_attention_heads")):
         if default_text.get(key) and default_text.get(key) == default_text.get(ref):
             _set(text, key, getattr(text, ref))
+    # MLA whose rotary share is a fixed fraction of head_dim (Dots3: 64 of 256, its rope parameters'
+    # partial_rotary_factor): head_dim keeps that multiple of the tiny qk_rope_head_dim
+    d_head, d_rope = default_text.get("head_dim"), default_text.get("qk_rope_head_dim")
+    if isinstance(d_head, int) and isinstance(d_rope, int) and d_rope and d_head != d_rope and d_head % d_rope == 0:
+        _set(text, "head_dim", text.qk_rope_head_dim * (d_head // d_rope))
     if default_text.get("qk_head_dim") and default_text.get("qk_head_dim") == (
             default_text.get("qk_nope_head_dim", 0) + default_text.get("qk_rope_head_dim", 0)):
         _set(text, "qk_head_dim", text.qk_nope_head_dim + text.qk_rope_head_dim)
@@ -289,7 +314,10 @@ def _take_per_layer_overrides(text):
     text.serialize_explicit_per_layer_config = True
     overrides = {int(i): o for i, o in (text.to_dict().get("per_layer_config") or {}).items()}
     text.serialize_explicit_per_layer_config = False
-    glob = {k: text._getattr_without_heterogeneous_validation(k) for k in text.per_layer_attributes}
+    # every overridden key's global value (the explicit serialization also lists keys a layer sets to the global
+    # value, e.g. Dots3's head_dim, outside per_layer_attributes)
+    keys = set(text.per_layer_attributes).union(*overrides.values())
+    glob = {k: text._getattr_without_heterogeneous_validation(k) for k in keys}
     text.per_layer_config = None
     return overrides, glob
 
@@ -310,8 +338,15 @@ def _put_per_layer_overrides(text, default_types, overrides: dict, glob: dict):
             if (isinstance(v, int) and not isinstance(v, bool) and isinstance(tiny, int) and isinstance(ref, int)
                     and ref):
                 v = max(1, round(tiny * v / ref))
-            if v != getattr(text, k, None):
-                layer[k] = v
+            layer[k] = v
+        # MLA layers whose head_dim is the query/key width in the default keep it so: the no-rotary part fills
+        # the head (Dots3's sliding-window layers: 192 + 64 = 256)
+        full = {**glob, **overrides.get(rep, {})}
+        if "head_dim" in full and full.get("head_dim") == full.get("qk_nope_head_dim", 0) + full.get(
+                "qk_rope_head_dim", 0):
+            layer["qk_nope_head_dim"] = layer.get("head_dim", text.head_dim) - layer.get(
+                "qk_rope_head_dim", text.qk_rope_head_dim)
+        layer = {k: v for k, v in layer.items() if v != getattr(text, k, None)}
         if layer:
             out[i] = layer
     if out:
@@ -369,7 +404,8 @@ def _fit_vision_readout(cfg):
 
 def _fit_rope_sections(cfg, text):
     """Multi-axis (M-RoPE) sections must sum to half the rotary dimension: scale the model's sections (the
-    config's, else the default its rotary embedding falls back to) down to the tiny head size."""
+    config's, any number of axes, else the three-axis default its rotary embedding falls back to) down to the
+    tiny head size."""
     import importlib
     import inspect
     import re
@@ -380,16 +416,18 @@ def _fit_rope_sections(cfg, text):
         return
     found = re.search(r"mrope_section\"?\]?,? *\[(\d+), *(\d+), *(\d+)\]", src)
     rope = getattr(text, "rope_parameters", None)
-    if not found or not rope or not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+    if not rope or not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
         return
-    default = rope.get("mrope_section") or [int(x) for x in found.groups()]
+    default = rope.get("mrope_section") or (found and [int(x) for x in found.groups()])
+    if not default:
+        return
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     partial = rope.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", None)) or 1.0
     half = int(head_dim * partial) // 2
     share = [half * d / sum(default) for d in default]
     sections = [max(1, int(x)) for x in share]
     while sum(sections) < half:            # the largest shortfalls first
-        i = max(range(3), key=lambda j: share[j] - sections[j])
+        i = max(range(len(share)), key=lambda j: share[j] - sections[j])
         sections[i] += 1
     while sum(sections) > half:
         sections[sections.index(max(sections))] -= 1
@@ -420,7 +458,8 @@ def build_tiny(model_type: str, class_name: str, seed: int = 0, attn_implementat
 
 
 def _shrink_vision_image(cfg):
-    """Vision towers of fixed input size: 4x4 patches (keeps the sequences short)."""
+    """Vision towers of fixed input size: 4x4 patches (keeps the sequences short), or 4x4 tokens after the
+    tower's own pixel shuffle (Granite Docling's ``scale_factor``)."""
     from transformers import PretrainedConfig
 
     for name in getattr(cfg, "sub_configs", None) or {}:
@@ -428,9 +467,11 @@ def _shrink_vision_image(cfg):
         if not isinstance(sub, PretrainedConfig) or sub is cfg.get_text_config(decoder=True):
             continue
         size, patch = getattr(sub, "image_size", None), getattr(sub, "patch_size", None)
+        shuffle = getattr(sub, "scale_factor", None)
+        shuffle = shuffle if isinstance(shuffle, int) and not isinstance(shuffle, bool) and shuffle > 1 else 1
         if isinstance(size, int) and isinstance(patch, int) and not hasattr(sub, "temporal_patch_size"):
             try:
-                sub.image_size = patch * 4
+                sub.image_size = patch * 4 * shuffle
             except (AttributeError, TypeError, ValueError):
                 pass
 
@@ -497,8 +538,9 @@ def _hand_built_layouts(model, n_images: int, g):
     yield {"pixel_values": pix[:, None]}
     # any-resolution towers: the base view and one tile (image_grid_pinpoints of one tile, see tiny_config)
     yield {"pixel_values": torch.stack([pix, pix.flip(-1)], 1), "image_sizes": sizes}
-    # tiled towers: one tile per image, with its all-valid pixel mask
+    # tiled towers: one tile per image, with its all-valid pixel mask, or (Granite Docling) its real-tile mask
     yield {"pixel_values": pix[:, None], "pixel_attention_mask": torch.ones(n_images, 1, size, size, dtype=torch.bool)}
+    yield {"pixel_values": pix[:, None], "pixel_attention_mask": torch.ones(n_images, 1, dtype=torch.bool)}
 
 
 def _processor_layouts(model, n_images: int, g):

@@ -173,6 +173,16 @@ def token_level_support(model) -> str | None:
     if any(torch.is_tensor(getattr(a, "sinks", None)) for a in attns):
         return (f"{mt}: the decoder's attention has attention sinks (module.sinks, passed as s_aux), which the "
                 "package's SDPA-based capture and knockout attention do not model")
+    if isinstance(getattr(text, "indexer_budget", None), int):
+        return (f"{mt}: its QSA indexer merges its key-block selection into the attention mask before the attention "
+                "function runs, so a query row need not see its own key, while the package reads query positions "
+                "(where VGRefine's knockout starts) from that mask; prompts longer than the indexer budget would be "
+                "knocked out at the wrong rows")
+    heads = per_layer_head_counts(text, len(layers))
+    if len(set(heads)) > 1:
+        return (f"{mt}: its decoder layers have different numbers of attention heads ({sorted(set(heads))}, a "
+                "heterogeneous per-layer config), while the package's capture maps and VGRefine's sensitive heads "
+                "take one head count for every layer")
     from transformers import GenerationMixin
 
     # a decoder model without a language-model head (AutoModel) is not a GenerationMixin either and still works for
@@ -185,6 +195,14 @@ def token_level_support(model) -> str | None:
                 "diffusion-style decoder that refines a block of tokens at once; VGRefine's knockout acts on "
                 "transformers' next-token generate")
     return None
+
+
+def per_layer_head_counts(text_config, num_layers: int) -> list:
+    """Query-head count of every decoder layer: from the per-layer configs of a heterogeneous text config (Dots3's
+    sliding-window layers have half the heads of its full-attention layers), else the config's one count."""
+    if getattr(text_config, "is_heterogeneous", False):
+        return [getattr(text_config.per_layer_config[i], "num_attention_heads", None) for i in range(num_layers)]
+    return [getattr(text_config, "num_attention_heads", None)] * num_layers
 
 
 class GenericAdapter(FamilyAdapter):
