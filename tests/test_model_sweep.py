@@ -17,6 +17,7 @@ types run with top-k below the prompt length, so the sparse key selection is par
 """
 
 import functools
+import re
 
 import numpy as np
 import pytest
@@ -40,12 +41,13 @@ GENERIC_SWEPT = ("aria", "aya_vision", "cohere2_vision", "cohere_compass", "cosm
                  "muse_glimmer", "muse_spark", "ovis2", "ovis2_5", "paddleocr_vl", "pp_chart2table", "qianfan_ocr",
                  "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_vl_moe", "shieldgemma2", "smolvlm",
                  "step3p7", "video_llama_3", "video_llava", "vipllava")
-# unsupported: the image does not enter the decoder's self-attention as placeholder tokens (or, hy_v4_vl, the decoder
-# attention has sinks, which the package's attention does not model)
-UNSUPPORTED = ("blip", "blip-2", "evolla", "florence2", "git", "hy_v4_vl", "idefics", "instructblip",
-               "instructblipvideo", "kosmos-2", "kosmos-2.5", "minicpm_ocr", "minicpmv4_6", "minicpmv4_7", "mistral4",
-               "mllama", "nemotron_h_omni", "pi0", "pi05", "pix2struct", "pp_formulanet", "t5gemma2", "udop",
-               "vision-encoder-decoder")
+# unsupported: the image does not enter the decoder's self-attention as placeholder tokens (or the decoder attention
+# adds terms to its logits that the package's attention does not model: hy_v4_vl's sinks, the Inkling types' sinks /
+# relative position bias)
+UNSUPPORTED = ("blip", "blip-2", "evolla", "florence2", "git", "hy_v4_vl", "idefics", "inkling2", "inkling2_loop",
+               "inkling_mm_model", "instructblip", "instructblipvideo", "kosmos-2", "kosmos-2.5", "minicpm_ocr",
+               "minicpmv4_6", "minicpmv4_7", "mistral4", "mllama", "nemotron_h_omni", "pi0", "pi05", "pix2struct",
+               "pp_formulanet", "t5gemma2", "udop", "vision-encoder-decoder")
 _TV = "its image processor class needs torchvision (not installed here)"
 _TIMM = "its vision tower needs timm (not installed here)"
 NOT_TINY = {
@@ -61,9 +63,6 @@ NOT_TINY = {
     "granite_docling": "the hand-built one-tile inputs fail its pixel_attention_mask check and its processor's "
                        "512-px tiles do not fit the 4x4-patch tiny tower",
     "hunyuan_vl": "its default config leaves head_dim None (read by the attention) and no multimodal RoPE axes",
-    "inkling2": "the hand-built flattened patches do not fit its tower's pixel layout and " + _TV,
-    "inkling2_loop": "the hand-built flattened patches do not fit its tower's pixel layout and " + _TV,
-    "inkling_mm_model": "its vision config names no image size and " + _TV,
     "molmo2": "get_image_features needs image_token_pooling and image_grids, which only its image processor makes; "
               + _TV,
     "qwen4_exp": "its default config leaves the sparse indexer's token_budget / compress_ratio None",
@@ -97,8 +96,24 @@ def test_unsupported_types_raise_a_clear_error(model_type):
     level, reason = support_level(model)
     assert level == "unsupported"
     with pytest.raises(UnsupportedModelError, match=r"not supported, because .*(cross-attention|encoder-decoder|"
-                                                    r"placeholder token|decoder's layer list|attention sinks)"):
+                                                    r"placeholder token|decoder's layer list|attention sinks|"
+                                                    r"position bias)"):
         get_adapter(model)
+
+
+def test_attention_logit_terms_are_named_and_refused():
+    """A decoder attention that hands its attention function terms of the logits the package's capture does not
+    add (Inkling 2: per-token attention sinks and a relative position bias; Inkling: the position bias) makes the
+    type unsupported, naming the terms; an attention without them (Llama's) names none."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from hf_vgrefine.adapters.generic import attention_logit_terms, token_level_support
+
+    assert attention_logit_terms(LlamaAttention.__new__(LlamaAttention)) == []
+    for mt, terms in (("inkling2", r"position bias, passed as position_bias; attention sinks, passed as sinks"),
+                      ("inkling_mm_model", r"\(an additive position bias, passed as position_bias\)")):
+        reason = token_level_support(build_tiny(mt, MAPPING[mt], device="meta"))
+        assert reason is not None and re.search(terms, reason), reason
 
 
 def _eager(model, adapter, inputs):

@@ -27,7 +27,8 @@ _TEXT = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_att
              qk_nope_head_dim=8, v_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
              linear_key_head_dim=16, linear_value_head_dim=16, hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB,
              linear_head_dim=16, linear_num_heads=2, n_group=1, topk_group=1, index_head_dim=16, index_n_heads=2,
-             index_topk=6)      # sparse attention (DSA): top-6 keys per query row, less than the tiny prompts
+             index_topk=6,      # sparse attention (DSA): top-6 keys per query row, less than the tiny prompts
+             swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16)    # Inkling: sliding layers
 _VISION = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, depth=2,
                embed_dim=32, num_heads=2, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts=4,
                moe_intermediate_size=32)
@@ -50,6 +51,7 @@ def _shrink(cfg, text: bool, text_hidden: int = 64):
         _set(cfg, k, v)
     if text:
         _set(cfg, "vocab_size", VOCAB)
+        _set(cfg, "unpadded_vocab_size", VOCAB)       # Inkling: the LM head's width (the embedding is padded)
         for key in ("layer_types", "mlp_layer_types"):
             lt = getattr(cfg, key, None)
             if isinstance(lt, (list, tuple)) and len(lt) > cfg.num_hidden_layers:
@@ -373,12 +375,19 @@ def _hand_built_layouts(model, n_images: int, g):
         for width in dict.fromkeys((c * tp * p * p, c * p * p)):
             yield {"pixel_values": torch.randn(rows, width, generator=g), "image_grid_thw": thw, **side}
         yield {"pixel_values": torch.randn(rows, c, p, p, generator=g), "image_grid_thw": thw, **side}
+        # one row per merged token, its m x m patches as one channels-last pixel block, the grid counted in merged
+        # tokens (Inkling 2)
+        yield {"pixel_values": torch.randn(rows, m * p, m * p, c, generator=g), "image_grid_thw": thw, **side}
     if "spatial_shapes" in params and isinstance(p, int):
         # NaViT-style towers (SigLIP 2): padded patch sequences, their 4x4 grids and patch masks
         yield {"pixel_values": torch.randn(n_images, 16, c * p * p, generator=g),
                "spatial_shapes": torch.tensor([[4, 4]] * n_images),
                "pixel_attention_mask": torch.ones(n_images, 16, dtype=torch.long)}
+    tp = _int(vc, "temporal_patch_size")
     if not isinstance(size, int):
+        if isinstance(p, int) and isinstance(tp, int) and "image_grid_thw" not in params:
+            # towers that embed each patch into one token, no grid (Inkling): 16 channels-last [t, p, p, c] patches
+            yield {"pixel_values": torch.randn(n_images * 16, tp, p, p, c, generator=g)}
         return
     pix = torch.randn(n_images, c, size, size, generator=g)
     sizes = torch.tensor([[size, size]] * n_images)
