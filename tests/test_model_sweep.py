@@ -34,13 +34,13 @@ from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 
 # built tiny and swept through the generic adapter
 GENERIC_SWEPT = ("aria", "aya_vision", "cohere2_vision", "cohere_compass", "cosmos3_edge", "cosmos3_omni",
-                 "deepseek_ocr2", "deepseek_vl", "deepseek_vl_hybrid", "ernie4_5_vl_moe", "exaone4_5", "fuyu",
-                 "gemma4", "glm46v", "glm4v", "glm4v_moe", "glm5_next", "glm_ocr", "glmga", "got_ocr2",
+                 "deepseek_ocr2", "deepseek_vl", "deepseek_vl_hybrid", "ernie4_5_vl_moe", "exaone4_5", "fuyu", "gemma4",
+                 "gemma4_unified", "glm46v", "glm4v", "glm4v_moe", "glm5_next", "glm_ocr", "glmga", "got_ocr2",
                  "hyperclovax_vision_v2", "idefics2", "idefics3", "janus", "kimi_k25", "lfm2_vl", "lfm3_vl",
                  "lighton_ocr", "llama4", "llava_next_video", "llava_onevision1_5", "minimax_m3_vl", "mistral_large4",
                  "muse_glimmer", "muse_spark", "ovis2", "ovis2_5", "paddleocr_vl", "pp_chart2table", "qianfan_ocr",
-                 "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_vl_moe", "shieldgemma2", "smolvlm",
-                 "step3p7", "video_llama_3", "video_llava", "vipllava")
+                 "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_vl_moe", "shieldgemma2", "smolvlm", "step3p7",
+                 "video_llama_3", "video_llava", "vipllava")
 # unsupported: the image does not enter the decoder's self-attention as placeholder tokens (or the decoder attention
 # adds terms to its logits that the package's attention does not model: hy_v4_vl's sinks, the Inkling types' sinks /
 # relative position bias)
@@ -58,7 +58,6 @@ NOT_TINY = {
                   "do not scale to one consistent tiny layout",
     "emu3": "the model reads config.vocabulary_map (the checkpoint's image-token vocabulary), None by default",
     "fast_vlm": _TIMM, "gemma3n": _TIMM, "perception_lm": _TIMM,
-    "gemma4_unified": "its vision config names no image size and " + _TV,
     "granite4_vision": "its default config leaves deepstack_layer_map None (the model takes its len())",
     "granite_docling": "the hand-built one-tile inputs fail its pixel_attention_mask check and its processor's "
                        "512-px tiles do not fit the 4x4-patch tiny tower",

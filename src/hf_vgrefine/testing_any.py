@@ -123,7 +123,9 @@ _CONFIG_FIXES = {"qwen2_5_omni_thinker": {"vision_start_token_id": 151652},
 # a value unset that the model reads or keeps a size the shrunk towers must share. DeepSeek-OCR 2: the MoE decoder's
 # layout (its checkpoint: the first layer dense, the others routed experts); the SAM encoder's last downsampling
 # conv feeds the decoder-style encoder (channels = its width) and its position grid is sized to a 64-px image.
-_SUB_FIXES = {"deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse"], "num_experts_per_tok": 2},
+# Gemma 4 unified: its patch embedder's width (3840, = its output projection's input) and position table (4x4 here).
+_SUB_FIXES = {"gemma4_unified": {"vision_config": {"mm_embed_dim": 32, "output_proj_dims": 32, "mm_posemb_size": 16}},
+              "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse"], "num_experts_per_tok": 2},
                                 "vision_config.sam_config": {"image_size": 64, "output_channels": 16,
                                                              "downsample_channels": [16, 64]}}}
 
@@ -383,6 +385,14 @@ def _hand_built_layouts(model, n_images: int, g):
         yield {"pixel_values": torch.randn(n_images, 16, c * p * p, generator=g),
                "spatial_shapes": torch.tensor([[4, 4]] * n_images),
                "pixel_attention_mask": torch.ones(n_images, 16, dtype=torch.long)}
+    if "image_position_ids" in params and isinstance(p, int):
+        # encoder-free patch embedders (Gemma 4 unified): one row per merged k x k patch block, flattened raw
+        # pixels, with its (x, y) position on a 4x4 grid
+        k = _int(vc, "pooling_kernel_size", default=1)
+        ys, xs = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+        pos = torch.stack([xs.flatten(), ys.flatten()], -1)
+        yield {"pixel_values": torch.randn(n_images, 16, c * (p * k) ** 2, generator=g),
+               "image_position_ids": pos.expand(n_images, 16, 2).clone()}
     tp = _int(vc, "temporal_patch_size")
     if not isinstance(size, int):
         if isinstance(p, int) and isinstance(tp, int) and "image_grid_thw" not in params:
