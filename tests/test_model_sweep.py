@@ -33,7 +33,7 @@ from hf_vgrefine.testing_any import build_tiny, tiny_any_inputs
 from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 
 # built tiny and swept through the generic adapter
-GENERIC_SWEPT = ("aria", "aya_vision", "cohere2_vision", "cohere_compass", "cosmos3_edge", "cosmos3_omni",
+GENERIC_SWEPT = ("apertus1p5", "aria", "aya_vision", "cohere2_vision", "cohere_compass", "cosmos3_edge", "cosmos3_omni",
                  "deepseek_ocr2", "deepseek_vl", "deepseek_vl_hybrid", "ernie4_5_vl_moe", "exaone4_5", "fuyu", "gemma4",
                  "gemma4_unified", "glm46v", "glm4v", "glm4v_moe", "glm5_next", "glm_ocr", "glmga", "got_ocr2",
                  "hyperclovax_vision_v2", "idefics2", "idefics3", "janus", "kimi_k25", "lfm2_vl", "lfm3_vl",
@@ -51,7 +51,6 @@ UNSUPPORTED = ("blip", "blip-2", "evolla", "florence2", "git", "hy_v4_vl", "idef
 _TV = "its image processor class needs torchvision (not installed here)"
 _TIMM = "its vision tower needs timm (not installed here)"
 NOT_TINY = {
-    "apertus1p5": "its vision tokenizer config names no image size and " + _TV,
     "chameleon": "the model reads config.vocabulary_map (the checkpoint's image-token vocabulary), None by default",
     "diffusion_gemma": "its default config builds a MoE router with num_experts=None",
     "dots3_note": "the tiny forward fails in its attention (size mismatch): its per-layer MLA heads / LoRA ranks "

@@ -117,14 +117,20 @@ def _remap_ids(cfg, nxt):
 # Default configs that lack a value their own modeling code reads: the Omni thinkers' get_rope_index reads
 # vision_start_token_id, which only the outer Omni config defines (Qwen's <|vision_start|>).
 _CONFIG_FIXES = {"qwen2_5_omni_thinker": {"vision_start_token_id": 151652},
-                 "qwen3_omni_moe_thinker": {"vision_start_token_id": 151652}}
+                 "qwen3_omni_moe_thinker": {"vision_start_token_id": 151652},
+                 # Apertus 1.5: image codes are vocabulary ids (offset + code): the tiny 64-entry codebook's range
+                 # ends the 512-token vocabulary, where the audio range starts (the config's check; no audio here)
+                 "apertus1p5": {"image_token_offset": VOCAB - 64, "audio_token_offset": VOCAB}}
 
 # Tiny sub-config values (by attribute path from the model config), set after shrinking, where the default leaves
 # a value unset that the model reads or keeps a size the shrunk towers must share. DeepSeek-OCR 2: the MoE decoder's
 # layout (its checkpoint: the first layer dense, the others routed experts); the SAM encoder's last downsampling
 # conv feeds the decoder-style encoder (channels = its width) and its position grid is sized to a 64-px image.
+# Apertus 1.5: a small VQ image tokenizer (32-channel base, one residual block per stage, a 64-entry codebook).
 # Gemma 4 unified: its patch embedder's width (3840, = its output projection's input) and position table (4x4 here).
-_SUB_FIXES = {"gemma4_unified": {"vision_config": {"mm_embed_dim": 32, "output_proj_dims": 32, "mm_posemb_size": 16}},
+_SUB_FIXES = {"apertus1p5": {"vision_config": {"codebook_size": 64, "base_channels": 32, "latent_channels": 32,
+                                              "num_res_blocks": 1}},
+              "gemma4_unified": {"vision_config": {"mm_embed_dim": 32, "output_proj_dims": 32, "mm_posemb_size": 16}},
               "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse"], "num_experts_per_tok": 2},
                                 "vision_config.sam_config": {"image_size": 64, "output_channels": 16,
                                                              "downsample_channels": [16, 64]}}}
@@ -398,6 +404,12 @@ def _hand_built_layouts(model, n_images: int, g):
         if isinstance(p, int) and isinstance(tp, int) and "image_grid_thw" not in params:
             # towers that embed each patch into one token, no grid (Inkling): 16 channels-last [t, p, p, c] patches
             yield {"pixel_values": torch.randn(n_images * 16, tp, p, p, c, generator=g)}
+        down = _int(vc, "spatial_scale_factor")
+        if isinstance(down, int):
+            # convolutional image tokenizers of any input size (Apertus 1.5's VQ encoder): a 4x4-code image, its size
+            side = 4 * down
+            yield {"pixel_values": torch.randn(n_images, c, side, side, generator=g),
+                   "image_sizes": torch.tensor([[side, side]] * n_images)}
         return
     pix = torch.randn(n_images, c, size, size, generator=g)
     sizes = torch.tensor([[size, size]] * n_images)
