@@ -40,7 +40,7 @@ GENERIC_SWEPT = ("apertus1p5", "aria", "aya_vision", "cohere2_vision", "cohere_c
                  "lighton_ocr", "llama4", "llava_next_video", "llava_onevision1_5", "minimax_m3_vl", "mistral_large4",
                  "muse_glimmer", "muse_spark", "ovis2", "ovis2_5", "paddleocr_vl", "pp_chart2table", "qianfan_ocr",
                  "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_vl_moe", "shieldgemma2", "smolvlm", "step3p7",
-                 "video_llama_3", "video_llava", "vipllava")
+                 "unlimited_ocr", "video_llama_3", "video_llava", "vipllava")
 # unsupported: the image does not enter the decoder's self-attention as placeholder tokens (or the decoder attention
 # adds terms to its logits that the package's attention does not model: hy_v4_vl's sinks, the Inkling types' sinks /
 # relative position bias)
@@ -64,7 +64,6 @@ NOT_TINY = {
     "molmo2": "get_image_features needs image_token_pooling and image_grids, which only its image processor makes; "
               + _TV,
     "qwen4_exp": "its default config leaves the sparse indexer's token_budget / compress_ratio None",
-    "unlimited_ocr": "its vision config names no image size or patch size and " + _TV,
 }
 HEADS = [[0, 1], [1, 2], [0, 3], [1, 0]]
 

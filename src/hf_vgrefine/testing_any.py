@@ -126,10 +126,14 @@ _CONFIG_FIXES = {"qwen2_5_omni_thinker": {"vision_start_token_id": 151652},
 # a value unset that the model reads or keeps a size the shrunk towers must share. DeepSeek-OCR 2: the MoE decoder's
 # layout (its checkpoint: the first layer dense, the others routed experts); the SAM encoder's last downsampling
 # conv feeds the decoder-style encoder (channels = its width) and its position grid is sized to a 64-px image.
+# Unlimited-OCR: the SAM encoder's last downsampling conv feeds the CLIP-style encoder as its patch embeddings
+# (channels = its width) and its position grid is sized to a 256-px image (4x4 tokens after the 4x downsampling).
 # Apertus 1.5: a small VQ image tokenizer (32-channel base, one residual block per stage, a 64-entry codebook).
 # Gemma 4 unified: its patch embedder's width (3840, = its output projection's input) and position table (4x4 here).
 _SUB_FIXES = {"apertus1p5": {"vision_config": {"codebook_size": 64, "base_channels": 32, "latent_channels": 32,
                                               "num_res_blocks": 1}},
+              "unlimited_ocr": {"vision_config.sam_config": {"image_size": 256, "output_channels": 16,
+                                                             "downsample_channels": [16, 32]}},
               "gemma4_unified": {"vision_config": {"mm_embed_dim": 32, "output_proj_dims": 32, "mm_posemb_size": 16}},
               "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse"], "num_experts_per_tok": 2},
                                 "vision_config.sam_config": {"image_size": 64, "output_channels": 16,
@@ -456,6 +460,16 @@ def _processor_layouts(model, n_images: int, g):
         yield {k: v for k, v in out.items() if torch.is_tensor(v)}
 
 
+def _last_layouts(model, n_images: int, g):
+    """Candidate image inputs tried after the processor's: SAM-then-encoder towers (Unlimited-OCR) get the global
+    view at the SAM encoder's input size (see ``_SUB_FIXES``), no local tiles."""
+    vc = _vision(model.config)
+    sam = _int(getattr(vc, "sam_config", None), "image_size")
+    if isinstance(sam, int):
+        c = _int(vc.sam_config, "num_channels", default=3)
+        yield {"pixel_values": torch.randn(n_images, c, sam, sam, generator=g)}
+
+
 def _image_feature_params(model) -> set:
     """Named arguments of ``get_image_features`` (the wrapper's and its inner model's, which some wrappers pass
     through ``**kwargs``: VideoLLaMA 3's image_merge_sizes)."""
@@ -480,12 +494,13 @@ def _image_feature_fn(model):
 
 def tiny_image_batch(model, n_images: int, seed: int = 0) -> dict:
     """Image inputs for ``n_images`` images (one per sample) that the model's own ``get_image_features`` accepts:
-    hand-built layouts from the vision config first, then the outputs of the type's image processor class."""
+    hand-built layouts from the vision config first, then the outputs of the type's image processor class, then
+    :func:`_last_layouts`."""
     g = torch.Generator().manual_seed(seed)
     if _vision(model.config) is None and not _processor_names(model):
         raise ValueError(f"{type(model.config).__name__} has no vision_config")
     errors = []
-    for layouts in (_hand_built_layouts, _processor_layouts):
+    for layouts in (_hand_built_layouts, _processor_layouts, _last_layouts):
         try:
             for v in layouts(model, n_images, g):
                 try:
