@@ -61,8 +61,8 @@ NOT_TINY = {
     "granite_docling": "the hand-built one-tile inputs fail its pixel_attention_mask check and its processor's "
                        "512-px tiles do not fit the 4x4-patch tiny tower",
     "hunyuan_vl": "its default config leaves head_dim None (read by the attention) and no multimodal RoPE axes",
-    "molmo2": "get_image_features needs image_token_pooling and image_grids, which only its image processor makes; "
-              + _TV,
+    "molmo2": "get_image_features needs its image processor's crop layout (image_grids, image_num_crops) and "
+              "per-token patch pooling indices (image_token_pooling), not hand-built here; " + _TV,
     "qwen4_exp": "its default config leaves the sparse indexer's token_budget / compress_ratio None",
 }
 HEADS = [[0, 1], [1, 2], [0, 3], [1, 0]]
