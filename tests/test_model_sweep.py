@@ -17,6 +17,7 @@ types run with top-k below the prompt length, so the sparse key selection is par
 """
 
 import functools
+import re
 
 import numpy as np
 import pytest
@@ -32,35 +33,31 @@ from hf_vgrefine.testing_any import build_tiny, tiny_any_inputs
 from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 
 # built tiny and swept through the generic adapter
-GENERIC_SWEPT = ("aria", "aya_vision", "chameleon", "cohere2_vision", "cohere_compass", "cosmos3_edge",
+GENERIC_SWEPT = ("apertus1p5", "aria", "aya_vision", "chameleon", "cohere2_vision", "cohere_compass", "cosmos3_edge",
                  "cosmos3_omni", "deepseek_ocr2", "deepseek_vl", "deepseek_vl_hybrid", "emu3", "ernie4_5_vl_moe",
-                 "exaone4_5", "fuyu", "gemma4", "glm46v", "glm4v", "glm4v_moe", "glm5_next", "glm_ocr", "glmga",
-                 "got_ocr2", "granite4_vision", "granite_docling", "hunyuan_vl", "hyperclovax_vision_v2", "idefics2",
-                 "idefics3", "janus", "kimi_k25", "lfm2_vl", "lfm3_vl", "lighton_ocr", "llama4", "llava_next_video",
-                 "llava_onevision1_5", "minimax_m3_vl", "mistral_large4", "muse_glimmer", "muse_spark", "ovis2",
-                 "ovis2_5", "paddleocr_vl", "pp_chart2table", "qianfan_ocr", "qwen2_5_omni_thinker",
-                 "qwen3_omni_moe_thinker", "qwen3_vl_moe", "shieldgemma2", "smolvlm", "step3p7", "video_llama_3",
-                 "video_llava", "vipllava")
-# unsupported: the image does not enter the decoder's self-attention as placeholder tokens (or, hy_v4_vl, the decoder
-# attention has sinks, which the package's attention does not model; diffusion_gemma answers with a bidirectional
-# diffusion decoder, not token by token; dots3_note, its layers differ in head count; qwen4_exp, its QSA
-# selection is merged into the mask the package reads query positions from)
+                 "exaone4_5", "fuyu", "gemma4", "gemma4_unified", "glm46v", "glm4v", "glm4v_moe", "glm5_next",
+                 "glm_ocr", "glmga", "got_ocr2", "granite4_vision", "granite_docling", "hunyuan_vl",
+                 "hyperclovax_vision_v2", "idefics2", "idefics3", "janus", "kimi_k25", "lfm2_vl", "lfm3_vl",
+                 "lighton_ocr", "llama4", "llava_next_video", "llava_onevision1_5", "minimax_m3_vl", "mistral_large4",
+                 "muse_glimmer", "muse_spark", "ovis2", "ovis2_5", "paddleocr_vl", "pp_chart2table", "qianfan_ocr",
+                 "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_vl_moe", "shieldgemma2", "smolvlm",
+                 "step3p7", "unlimited_ocr", "video_llama_3", "video_llava", "vipllava")
+# unsupported: the image does not enter the decoder's self-attention as placeholder tokens, or the package would get
+# the model wrong: decoder attention that adds terms to its logits (hy_v4_vl's sinks, the Inkling types' sinks /
+# relative position bias), diffusion_gemma's bidirectional diffusion decoder (not token by token), dots3_note's
+# layers with different head counts, qwen4_exp's QSA selection merged into the mask the package reads query
+# positions from
 UNSUPPORTED = ("blip", "blip-2", "diffusion_gemma", "dots3_note", "evolla", "florence2", "git", "hy_v4_vl", "idefics",
-               "instructblip", "instructblipvideo", "kosmos-2", "kosmos-2.5", "minicpm_ocr", "minicpmv4_6",
-               "minicpmv4_7", "mistral4", "mllama", "nemotron_h_omni", "pi0", "pi05", "pix2struct", "pp_formulanet",
-               "qwen4_exp", "t5gemma2", "udop", "vision-encoder-decoder")
+               "inkling2", "inkling2_loop", "inkling_mm_model", "instructblip", "instructblipvideo", "kosmos-2",
+               "kosmos-2.5", "minicpm_ocr", "minicpmv4_6", "minicpmv4_7", "mistral4", "mllama", "nemotron_h_omni",
+               "pi0", "pi05", "pix2struct", "pp_formulanet", "qwen4_exp", "t5gemma2", "udop",
+               "vision-encoder-decoder")
 _TV = "its image processor class needs torchvision (not installed here)"
 _TIMM = "its vision tower needs timm (not installed here)"
 NOT_TINY = {
-    "apertus1p5": "its vision tokenizer config names no image size and " + _TV,
     "fast_vlm": _TIMM, "gemma3n": _TIMM, "perception_lm": _TIMM,
-    "gemma4_unified": "its vision config names no image size and " + _TV,
-    "inkling2": "the hand-built flattened patches do not fit its tower's pixel layout and " + _TV,
-    "inkling2_loop": "the hand-built flattened patches do not fit its tower's pixel layout and " + _TV,
-    "inkling_mm_model": "its vision config names no image size and " + _TV,
-    "molmo2": "get_image_features needs image_token_pooling and image_grids, which only its image processor makes; "
-              + _TV,
-    "unlimited_ocr": "its vision config names no image size or patch size and " + _TV,
+    "molmo2": "get_image_features needs its image processor's crop layout (image_grids, image_num_crops) and "
+              "per-token patch pooling indices (image_token_pooling), not hand-built here; " + _TV,
 }
 HEADS = [[0, 1], [1, 2], [0, 3], [1, 0]]
 
@@ -92,7 +89,7 @@ def test_unsupported_types_raise_a_clear_error(model_type):
     with pytest.raises(UnsupportedModelError, match=r"not supported, because .*(cross-attention|encoder-decoder|"
                                                     r"placeholder token|decoder's layer list|attention sinks|"
                                                     r"numbers of attention heads|QSA indexer|"
-                                                    r"does not generate autoregressively)"):
+                                                    r"does not generate autoregressively|position bias)"):
         get_adapter(model)
 
 
@@ -149,6 +146,21 @@ def test_qsa_selection_merged_into_the_mask_is_unsupported():
     real = inputs["attention_mask"].bool()
     assert not torch.equal(pos[real], torch.arange(T).expand(2, T)[real])
     assert "QSA indexer merges its key-block selection" in token_level_support(model)
+
+
+def test_attention_logit_terms_are_named_and_refused():
+    """A decoder attention that hands its attention function terms of the logits the package's capture does not
+    add (Inkling 2: per-token attention sinks and a relative position bias; Inkling: the position bias) makes the
+    type unsupported, naming the terms; an attention without them (Llama's) names none."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from hf_vgrefine.adapters.generic import attention_logit_terms, token_level_support
+
+    assert attention_logit_terms(LlamaAttention.__new__(LlamaAttention)) == []
+    for mt, terms in (("inkling2", r"position bias, passed as position_bias; attention sinks, passed as sinks"),
+                      ("inkling_mm_model", r"\(an additive position bias, passed as position_bias\)")):
+        reason = token_level_support(build_tiny(mt, MAPPING[mt], device="meta"))
+        assert reason is not None and re.search(terms, reason), reason
 
 
 def _eager(model, adapter, inputs):

@@ -31,7 +31,8 @@ _TEXT = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_att
              linear_key_head_dim=16, linear_value_head_dim=16, hidden_size_per_layer_input=16,
              vocab_size_per_layer_input=VOCAB,
              linear_head_dim=16, linear_num_heads=2, n_group=1, topk_group=1, index_head_dim=16, index_n_heads=2,
-             index_topk=6)      # sparse attention (DSA): top-6 keys per query row, less than the tiny prompts
+             index_topk=6,      # sparse attention (DSA): top-6 keys per query row, less than the tiny prompts
+             swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16)    # Inkling: sliding layers
 _VISION = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2, depth=2,
                embed_dim=32, num_heads=2, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts=4,
                moe_intermediate_size=32)
@@ -54,6 +55,7 @@ def _shrink(cfg, text: bool, text_hidden: int = 64):
         _set(cfg, k, v)
     if text:
         _set(cfg, "vocab_size", VOCAB)
+        _set(cfg, "unpadded_vocab_size", VOCAB)       # Inkling: the LM head's width (the embedding is padded)
         for key in ("layer_types", "mlp_layer_types"):
             lt = getattr(cfg, key, None)
             if isinstance(lt, (list, tuple)) and len(lt) > cfg.num_hidden_layers:
@@ -132,6 +134,9 @@ _CONFIG_FILLS = {
     # decoder layer] pair (features of that tower layer are added to the image tokens before that decoder layer),
     # and Window Q-Former projectors with 4x4 queries per 8x8-patch window
     "granite4_vision": {"deepstack_layer_map": [[-19, 9], [-13, 6], [-7, 3], [-1, 0]], "downsample_rate": "4/8"},
+    # Apertus 1.5: image codes are vocabulary ids (offset + code): the tiny 64-entry codebook's range ends the
+    # 512-token vocabulary, where the audio range starts (the config's check; no audio here)
+    "apertus1p5": {"image_token_offset": VOCAB - 64, "audio_token_offset": VOCAB},
 }
 
 
@@ -205,12 +210,23 @@ def _shrink_vq(vq, default: dict):
 # Values set after shrinking (unlike _CONFIG_FILLS, before it), where the shrunk sizes must agree with them.
 # DeepSeek-OCR 2: the MoE decoder's layout for 2 layers (its checkpoint: the first layer dense, the others routed
 # experts); the SAM encoder's last downsampling conv feeds the decoder-style encoder (channels = that encoder's
-# width) and its position grid is sized to a 64-px image.
+# width) and its position grid is sized to a 64-px image. Unlimited-OCR: the SAM encoder's last downsampling conv
+# feeds the CLIP-style encoder as its patch embeddings (channels = its width) and its position grid is sized to a
+# 256-px image (4x4 tokens after the 4x downsampling). Apertus 1.5: a small VQ image tokenizer (32-channel base, one
+# residual block per stage, a 64-entry codebook). Gemma 4 unified: its patch embedder's width (3840, = its output
+# projection's input) and position table (4x4 here).
 _TINY_FITS = {"deepseek_ocr2": {"text_config.mlp_layer_types": ["dense", "sparse"],
                                 "text_config.num_experts_per_tok": 2,
                                 "vision_config.sam_config.image_size": 64,
                                 "vision_config.sam_config.output_channels": 16,
-                                "vision_config.sam_config.downsample_channels": [16, 64]}}
+                                "vision_config.sam_config.downsample_channels": [16, 64]},
+              "unlimited_ocr": {"vision_config.sam_config.image_size": 256,
+                                "vision_config.sam_config.output_channels": 16,
+                                "vision_config.sam_config.downsample_channels": [16, 32]},
+              "apertus1p5": {"vision_config.codebook_size": 64, "vision_config.base_channels": 32,
+                             "vision_config.latent_channels": 32, "vision_config.num_res_blocks": 1},
+              "gemma4_unified": {"vision_config.mm_embed_dim": 32, "vision_config.output_proj_dims": 32,
+                                 "vision_config.mm_posemb_size": 16}}
 
 # Text-config values a default config leaves unset (None) though its modeling code reads them, as the released
 # checkpoint sets them; set before shrinking, so sizes shrink with the rest (head_dim to 16, M-RoPE sections to
@@ -518,12 +534,33 @@ def _hand_built_layouts(model, n_images: int, g):
         for width in dict.fromkeys((c * tp * p * p, c * p * p)):
             yield {"pixel_values": torch.randn(rows, width, generator=g), "image_grid_thw": thw, **side}
         yield {"pixel_values": torch.randn(rows, c, p, p, generator=g), "image_grid_thw": thw, **side}
+        # one row per merged token, its m x m patches as one channels-last pixel block, the grid counted in merged
+        # tokens (Inkling 2)
+        yield {"pixel_values": torch.randn(rows, m * p, m * p, c, generator=g), "image_grid_thw": thw, **side}
     if "spatial_shapes" in params and isinstance(p, int):
         # NaViT-style towers (SigLIP 2): padded patch sequences, their 4x4 grids and patch masks
         yield {"pixel_values": torch.randn(n_images, 16, c * p * p, generator=g),
                "spatial_shapes": torch.tensor([[4, 4]] * n_images),
                "pixel_attention_mask": torch.ones(n_images, 16, dtype=torch.long)}
+    if "image_position_ids" in params and isinstance(p, int):
+        # encoder-free patch embedders (Gemma 4 unified): one row per merged k x k patch block, flattened raw
+        # pixels, with its (x, y) position on a 4x4 grid
+        k = _int(vc, "pooling_kernel_size", default=1)
+        ys, xs = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+        pos = torch.stack([xs.flatten(), ys.flatten()], -1)
+        yield {"pixel_values": torch.randn(n_images, 16, c * (p * k) ** 2, generator=g),
+               "image_position_ids": pos.expand(n_images, 16, 2).clone()}
+    tp = _int(vc, "temporal_patch_size")
     if not isinstance(size, int):
+        if isinstance(p, int) and isinstance(tp, int) and "image_grid_thw" not in params:
+            # towers that embed each patch into one token, no grid (Inkling): 16 channels-last [t, p, p, c] patches
+            yield {"pixel_values": torch.randn(n_images * 16, tp, p, p, c, generator=g)}
+        down = _int(vc, "spatial_scale_factor")
+        if isinstance(down, int):
+            # convolutional image tokenizers of any input size (Apertus 1.5's VQ encoder): a 4x4-code image, its size
+            side = 4 * down
+            yield {"pixel_values": torch.randn(n_images, c, side, side, generator=g),
+                   "image_sizes": torch.tensor([[side, side]] * n_images)}
         return
     pix = torch.randn(n_images, c, size, size, generator=g)
     sizes = torch.tensor([[size, size]] * n_images)
@@ -571,6 +608,16 @@ def _processor_layouts(model, n_images: int, g):
         yield {k: v for k, v in out.items() if torch.is_tensor(v)}
 
 
+def _last_layouts(model, n_images: int, g):
+    """Candidate image inputs tried after the processor's: SAM-then-encoder towers (Unlimited-OCR) get the global
+    view at the SAM encoder's input size (see ``_TINY_FITS``), no local tiles."""
+    vc = _vision(model.config)
+    sam = _int(getattr(vc, "sam_config", None), "image_size")
+    if isinstance(sam, int):
+        c = _int(vc.sam_config, "num_channels", default=3)
+        yield {"pixel_values": torch.randn(n_images, c, sam, sam, generator=g)}
+
+
 def _image_feature_params(model) -> set:
     """Named arguments of ``get_image_features`` (the wrapper's and its inner model's, which some wrappers pass
     through ``**kwargs``: VideoLLaMA 3's image_merge_sizes)."""
@@ -595,12 +642,13 @@ def _image_feature_fn(model):
 
 def tiny_image_batch(model, n_images: int, seed: int = 0) -> dict:
     """Image inputs for ``n_images`` images (one per sample) that the model's own ``get_image_features`` accepts:
-    hand-built layouts from the vision config first, then the outputs of the type's image processor class."""
+    hand-built layouts from the vision config first, then the outputs of the type's image processor class, then
+    :func:`_last_layouts`."""
     g = torch.Generator().manual_seed(seed)
     if _vision(model.config) is None and not _processor_names(model):
         raise ValueError(f"{type(model.config).__name__} has no vision_config")
     errors = []
-    for layouts in (_hand_built_layouts, _processor_layouts):
+    for layouts in (_hand_built_layouts, _processor_layouts, _last_layouts):
         try:
             for v in layouts(model, n_images, g):
                 try:

@@ -128,6 +128,24 @@ def caches_attention_keys(attn_module) -> bool:
     return bool(updates) and call is not None and all(u == call.groups() for u in updates)
 
 
+# keyword arguments an attention module can hand its attention function that add terms to the softmax of the
+# attention logits: per-token attention sinks (an extra logit per query row) and an additive position bias
+_LOGIT_TERMS = {"sinks": "attention sinks, passed as sinks", "s_aux": "attention sinks, passed as s_aux",
+                "position_bias": "an additive position bias, passed as position_bias"}
+_LOGIT_TERM_ARG = re.compile(r"[(,]\s*(" + "|".join(_LOGIT_TERMS) + r")\s*=(?!=)")
+
+
+def attention_logit_terms(attn_module) -> list:
+    """Descriptions of the extra attention-logit terms the module's forward hands its attention function as
+    keyword arguments (``sinks`` / ``s_aux``: attention sinks; ``position_bias``: an additive bias), read from its
+    source; empty where none (or the source is not available)."""
+    try:
+        src = inspect.getsource(type(attn_module).forward)
+    except (OSError, TypeError):
+        return []
+    return list(dict.fromkeys(_LOGIT_TERMS[k] for k in _LOGIT_TERM_ARG.findall(src)))
+
+
 def generate_passes_positions(model) -> bool:
     """Whether ``generate`` hands its ``position_ids`` (the mask's cumsum) to the model's forward. False where the
     model's ``prepare_inputs_for_generation`` drops them (Ovis2.5 sets them to ``None`` and its language model counts
@@ -173,6 +191,10 @@ def token_level_support(model) -> str | None:
     if any(torch.is_tensor(getattr(a, "sinks", None)) for a in attns):
         return (f"{mt}: the decoder's attention has attention sinks (module.sinks, passed as s_aux), which the "
                 "package's SDPA-based capture and knockout attention do not model")
+    terms = list(dict.fromkeys(t for a in attns for t in attention_logit_terms(a)))
+    if terms:
+        return (f"{mt}: the decoder's attention adds terms of its own to the attention logits ({'; '.join(terms)}), "
+                "which the package's attention capture does not model")
     if isinstance(getattr(text, "indexer_budget", None), int):
         return (f"{mt}: its QSA indexer merges its key-block selection into the attention mask before the attention "
                 "function runs, so a query row need not see its own key, while the package reads query positions "
