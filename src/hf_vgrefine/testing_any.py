@@ -6,8 +6,9 @@ towers with 4x4 patch grids, VQ-VAE image tokenizers with a 64-entry codebook an
 vocabulary with every special-token id remapped below it) and keeps the sizes the model ties together consistent
 (M-RoPE sections, MLA rotary / KV head sizes, projector widths, per-layer sizes of heterogeneous configs,
 feature-layer indices and pooled token counts of the tiny tower). Values a default config leaves unset but the
-model reads are filled in first, as the checkpoints hold them (``_CONFIG_FILLS``); a VQ-tokenising model's image
-vocabulary is built for its tiny codebook (``_IMAGE_VOCABULARIES``).
+model reads are filled in first, as the checkpoints hold them (``_CONFIG_FILLS``); sizes the shrunk towers must
+share are set after shrinking (``_TINY_FITS``); a VQ-tokenising model's image vocabulary is built for its tiny
+codebook (``_IMAGE_VOCABULARIES``).
 :func:`tiny_image_batch` finds image inputs the model's own ``get_image_features`` accepts: layouts built from the
 vision config first, then the outputs of the type's image processor class (instantiated with its defaults, no
 hub files). :func:`tiny_any_inputs` builds a left-padded batch: the number of image placeholder tokens read from
@@ -137,6 +138,18 @@ _CONFIG_FILLS = {
     # Apertus 1.5: image codes are vocabulary ids (offset + code): the tiny 64-entry codebook's range ends the
     # 512-token vocabulary, where the audio range starts (the config's check; no audio here)
     "apertus1p5": {"image_token_offset": VOCAB - 64, "audio_token_offset": VOCAB},
+    # HunyuanOCR (tencent/HunyuanOCR): 128-wide heads and XD-RoPE, NTK-alpha scaled, over four axes (position,
+    # width, height, image index), 16 rotary pairs each (get_rope_index needs at least three axes); shrunk to
+    # head_dim 16 and sections of half the tiny head by _fit_rope_sections
+    "hunyuan_vl": {"text_config.head_dim": 128,
+                   "text_config.rope_parameters": {"rope_type": "dynamic", "alpha": 1000.0, "rope_theta": 10000.0,
+                                                   "mrope_section": [16, 16, 16, 16]}},
+    # Qwen4-Exp (Qwen/Qwen4-Exp): its QSA indexer scores blocks of 4 consecutive keys with 4 query heads and one
+    # 128-wide key head and keeps a 2048-token budget; tiny (sizes the shrinking does not know): blocks of 2, a
+    # 4-token budget (two blocks, plus the incomplete last block), fewer keys than the tiny prompts
+    "qwen4_exp": {"text_config.indexer_n_heads": 2, "text_config.indexer_kv_heads": 1,
+                  "text_config.indexer_head_dim": 16, "text_config.indexer_budget": 4,
+                  "text_config.indexer_compress_ratio": 2},
 }
 
 
@@ -228,21 +241,6 @@ _TINY_FITS = {"deepseek_ocr2": {"text_config.mlp_layer_types": ["dense", "sparse
               "gemma4_unified": {"vision_config.mm_embed_dim": 32, "vision_config.output_proj_dims": 32,
                                  "vision_config.mm_posemb_size": 16}}
 
-# Text-config values a default config leaves unset (None) though its modeling code reads them, as the released
-# checkpoint sets them; set before shrinking, so sizes shrink with the rest (head_dim to 16, M-RoPE sections to
-# half the tiny head, see _fit_rope_sections); sizes the shrinking does not know are given tiny here.
-_TEXT_CONFIG_FILLS = {
-    # HunyuanOCR (tencent/HunyuanOCR): 128-wide heads and XD-RoPE, NTK-alpha scaled, over four axes (position,
-    # width, height, image index), 16 rotary pairs each; get_rope_index needs at least three axes
-    "hunyuan_vl": {"head_dim": 128,
-                   "rope_parameters": {"rope_type": "dynamic", "alpha": 1000.0, "rope_theta": 10000.0,
-                                       "mrope_section": [16, 16, 16, 16]}},
-    # Qwen4-Exp (Qwen/Qwen4-Exp): its QSA indexer scores blocks of 4 consecutive keys with 4 query heads and one
-    # 128-wide key head and keeps a 2048-token budget; tiny: blocks of 2, a 4-token budget (two blocks, plus the
-    # incomplete last block), fewer keys than the tiny prompts
-    "qwen4_exp": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 4,
-                  "indexer_compress_ratio": 2},
-}
 
 
 def tiny_config(model_type: str):
@@ -251,8 +249,6 @@ def tiny_config(model_type: str):
 
     cfg = AutoConfig.for_model(model_type)
     _fill_config(cfg, _CONFIG_FILLS.get(model_type, {}))
-    for key, value in _TEXT_CONFIG_FILLS.get(model_type, {}).items():
-        setattr(cfg.get_text_config(decoder=True), key, value)
     for name, sub_cls in (getattr(cfg, "sub_configs", None) or {}).items():
         if "vision" in name and getattr(cfg, name, False) is None and isinstance(sub_cls, type):
             setattr(cfg, name, sub_cls())          # a vision tower the default leaves out (Gemma 4): its defaults
