@@ -39,9 +39,9 @@ GENERIC_SWEPT = ("apertus1p5", "aria", "aya_vision", "chameleon", "cohere2_visio
                  "glm_ocr", "glmga", "got_ocr2", "granite4_vision", "granite_docling", "hunyuan_vl",
                  "hyperclovax_vision_v2", "idefics2", "idefics3", "janus", "kimi_k25", "lfm2_vl", "lfm3_vl",
                  "lighton_ocr", "llama4", "llava_next_video", "llava_onevision1_5", "minimax_m3_vl", "mistral_large4",
-                 "muse_glimmer", "muse_spark", "ovis2", "ovis2_5", "paddleocr_vl", "pp_chart2table", "qianfan_ocr",
-                 "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_vl_moe", "shieldgemma2", "smolvlm",
-                 "step3p7", "unlimited_ocr", "video_llama_3", "video_llava", "vipllava")
+                 "molmo2", "muse_glimmer", "muse_spark", "ovis2", "ovis2_5", "paddleocr_vl", "pp_chart2table",
+                 "qianfan_ocr", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_vl_moe", "shieldgemma2",
+                 "smolvlm", "step3p7", "unlimited_ocr", "video_llama_3", "video_llava", "vipllava")
 # unsupported: the image does not enter the decoder's self-attention as placeholder tokens, or the package would get
 # the model wrong: decoder attention that adds terms to its logits (hy_v4_vl's sinks, the Inkling types' sinks /
 # relative position bias), diffusion_gemma's bidirectional diffusion decoder (not token by token), dots3_note's
@@ -56,8 +56,6 @@ _TV = "its image processor class needs torchvision (not installed here)"
 _TIMM = "its vision tower needs timm (not installed here)"
 NOT_TINY = {
     "fast_vlm": _TIMM, "gemma3n": _TIMM, "perception_lm": _TIMM,
-    "molmo2": "get_image_features needs its image processor's crop layout (image_grids, image_num_crops) and "
-              "per-token patch pooling indices (image_token_pooling), not hand-built here; " + _TV,
 }
 HEADS = [[0, 1], [1, 2], [0, 3], [1, 0]]
 
@@ -280,6 +278,22 @@ def test_generic_flattened_patch_rows_are_sliced_per_image():
     sel = adapter.select_images(inputs, [1])
     assert torch.equal(sel["pixel_values"], pv[n0:]) and torch.equal(sel["image_grid_thw"], thw[1:])
     assert adapter.per_image_rows("pixel_values", dict(inputs, pixel_values=pv[:-1])) is None
+
+
+def test_molmo2_crops_and_pooled_tokens_are_sliced_per_image():
+    """Molmo 2's image inputs: ``image_num_crops`` crops of ``pixel_values`` and ``h1*w1 + h2*w2`` rows of
+    ``image_token_pooling`` (from ``image_grids``) per image; selecting the second image gives its rows, whose
+    pooling indices count from its own first patch."""
+    model = _tiny("molmo2")
+    adapter = get_adapter(model)
+    inputs = tiny_any_inputs(model, [3, 6])
+    inputs = dict(inputs, image_grids=torch.tensor([[2, 2, 0, 0], [1, 1, 1, 3]]))     # 4 and 1 + 3 = 4 tokens
+    assert adapter.per_image_rows("image_token_pooling", inputs) == [4, 4]
+    assert adapter.per_image_rows("pixel_values", inputs) == [1, 1]
+    sel = adapter.select_images(inputs, [1])
+    assert torch.equal(sel["image_token_pooling"], inputs["image_token_pooling"][4:])
+    assert torch.equal(sel["pixel_values"], inputs["pixel_values"][1:])
+    assert torch.equal(sel["image_grids"], inputs["image_grids"][1:])
 
 
 @pytest.mark.parametrize("model_type", ["mistral_large4", "glm5_next"])

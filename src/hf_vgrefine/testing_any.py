@@ -111,7 +111,7 @@ def _remap_ids(cfg, nxt):
     for k, v in list(cfg.to_dict().items()):
         if isinstance(v, bool) or not isinstance(v, int) or v < VOCAB:
             continue
-        if k.endswith(("_token_id", "_token_index", "token_id")):
+        if k.endswith(("_token_id", "_token_index", "token_id", "_patch_id")):     # Molmo 2: image_patch_id
             try:
                 setattr(cfg, k, nxt[0])
                 nxt[0] += 1
@@ -239,7 +239,11 @@ _TINY_FITS = {"deepseek_ocr2": {"text_config.mlp_layer_types": ["dense", "sparse
               "apertus1p5": {"vision_config.codebook_size": 64, "vision_config.base_channels": 32,
                              "vision_config.latent_channels": 32, "vision_config.num_res_blocks": 1},
               "gemma4_unified": {"vision_config.mm_embed_dim": 32, "vision_config.output_proj_dims": 32,
-                                 "vision_config.mm_posemb_size": 16}}
+                                 "vision_config.mm_posemb_size": 16},
+              # Molmo 2: a position table of one 4x4-patch crop (27x27 in the checkpoint), and the adapter's two
+              # ViT readouts (layers 24 and 18 of 25, hidden_states[layer + 1]) as the last and the first tiny layer
+              "molmo2": {"vision_config.num_position_embeddings": 16, "vision_config.image_size": [56, 56],
+                         "adapter_config.vision_feature_layer": [1, 0]}}
 
 
 
@@ -546,6 +550,17 @@ def _hand_built_layouts(model, n_images: int, g):
         pos = torch.stack([xs.flatten(), ys.flatten()], -1)
         yield {"pixel_values": torch.randn(n_images, 16, c * (p * k) ** 2, generator=g),
                "image_position_ids": pos.expand(n_images, 16, 2).clone()}
+    if "image_token_pooling" in params and isinstance(p, int):
+        # Molmo 2: one crop of 4x4 flattened patches per image; each image token pools a 2x2 block of them
+        # (image_token_pooling: indices into that image's patches), image_grids [2, 2, 0, 0]: a 2x2 grid of pooled
+        # tokens at one resolution and none at the other
+        r, q = torch.meshgrid(torch.arange(2), torch.arange(2), indexing="ij")
+        corner = (8 * r + 2 * q).flatten()[:, None]
+        pooling = corner + torch.tensor([0, 1, 4, 5])
+        yield {"pixel_values": torch.randn(n_images, 16, c * p * p, generator=g),
+               "image_token_pooling": pooling.repeat(n_images, 1),
+               "image_grids": torch.tensor([[2, 2, 0, 0]] * n_images),
+               "image_num_crops": torch.ones(n_images, dtype=torch.long)}
     tp = _int(vc, "temporal_patch_size")
     if not isinstance(size, int):
         if isinstance(p, int) and isinstance(tp, int) and "image_grid_thw" not in params:
@@ -705,7 +720,7 @@ def tiny_any_inputs(model, prompt_lengths: list, seed: int = 0, image_inputs: di
         text = pool[torch.randint(len(pool), (L,), generator=g)].tolist()
         rows.append(pre + block + text)
     T = max(len(r) for r in rows)
-    pad = cfg.get_text_config(decoder=True).pad_token_id
+    pad = getattr(cfg.get_text_config(decoder=True), "pad_token_id", None)
     pad = pad if isinstance(pad, int) and pad < VOCAB else 0
     ids = torch.full((B, T), pad, dtype=torch.long)
     mask = torch.zeros(B, T, dtype=torch.long)
@@ -716,6 +731,8 @@ def tiny_any_inputs(model, prompt_lengths: list, seed: int = 0, image_inputs: di
 
     accepted = set(inspect.signature(model.forward).parameters)
     out = {"input_ids": ids, "attention_mask": mask, **{k: v for k, v in image_inputs.items() if k in accepted}}
-    if "image_grid_thw" in image_inputs and "mm_token_type_ids" in accepted:
+    # image-token types (1 = image), as the processors of grid-based models return them (Molmo 2's prefill then lets
+    # its image tokens attend to each other both ways)
+    if ("image_grid_thw" in image_inputs or "image_grids" in image_inputs) and "mm_token_type_ids" in accepted:
         out["mm_token_type_ids"] = (ids == img).int()
     return out

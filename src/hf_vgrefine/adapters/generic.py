@@ -254,12 +254,23 @@ class GenericAdapter(FamilyAdapter):
     def per_image_rows(self, key, inputs):
         """Flattened patches of every image in one tensor (the Qwen-VL convention, used by many newer models): a
         ``[t, h, w]`` grid per image in ``image_grid_thw`` gives its ``t*h*w`` rows of ``pixel_values`` (rows of
-        flattened patches, or of ``[channels, patch, patch]`` patches as PaddleOCR-VL's processor makes them)."""
-        thw = inputs.get("image_grid_thw")
+        flattened patches, or of ``[channels, patch, patch]`` patches as PaddleOCR-VL's processor makes them).
+        Molmo 2's crops and pooled tokens: ``image_num_crops`` crops of ``pixel_values`` per image, and per image
+        ``h1*w1 + h2*w2`` rows of ``image_token_pooling`` from its ``image_grids`` row ``[h1, w1, h2, w2]`` (each
+        image's pooling indices count from its own first patch)."""
         val = inputs.get(key)
-        if key != "pixel_values" or thw is None or not torch.is_tensor(val) or val.dim() < 2:
+        if not torch.is_tensor(val) or val.dim() < 2:
             return None
-        counts = torch.as_tensor(thw).prod(-1).tolist()
+        thw, grids, crops = inputs.get("image_grid_thw"), inputs.get("image_grids"), inputs.get("image_num_crops")
+        if key == "pixel_values" and thw is not None:
+            counts = torch.as_tensor(thw).prod(-1).tolist()
+        elif key == "pixel_values" and grids is not None and crops is not None:
+            counts = torch.as_tensor(crops).tolist()
+        elif key == "image_token_pooling" and grids is not None:
+            g = torch.as_tensor(grids)
+            counts = (g[:, 0] * g[:, 1] + g[:, 2] * g[:, 3]).tolist()
+        else:
+            return None
         return counts if sum(counts) == val.shape[0] else None
 
     # ----------------------------------------------------------------- decoder structure
