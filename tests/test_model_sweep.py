@@ -52,8 +52,8 @@ UNSUPPORTED = ("blip", "blip-2", "diffusion_gemma", "dots3_note", "evolla", "flo
                "kosmos-2.5", "minicpm_ocr", "minicpmv4_6", "minicpmv4_7", "mistral4", "mllama", "nemotron_h_omni",
                "pi0", "pi05", "pix2struct", "pp_formulanet", "qwen4_exp", "t5gemma2", "udop",
                "vision-encoder-decoder")
-_TV = "its image processor class needs torchvision (not installed here)"
-_TIMM = "its vision tower needs timm (not installed here)"
+_TIMM = ("its vision tower needs timm, which imports torchvision at import time (PyPI's torchvision does not load "
+         "beside the CPU torch build used here)")
 NOT_TINY = {
     "fast_vlm": _TIMM, "gemma3n": _TIMM, "perception_lm": _TIMM,
 }
