@@ -393,6 +393,10 @@ def _capture(module, query, key, attention_mask, scaling, plan: CapturePlan, sta
     kv = key.shape[2]
     dev = query.device
     off = _q_offset(attention_mask, q, kv)
+    if kw.get("position_bias") is not None:
+        # an additive position bias handed to the attention function (Inkling's relative logits): folded into a
+        # per-head float mask exactly as sdpa_attention_forward folds it (read by the soft-bias path below)
+        attention_mask = _position_bias_mask(module, kw["position_bias"], attention_mask, query, key)
     rows, weights, cols, heads, kv_heads = plan.on(dev, _expand_index(state, B), H // key.shape[1])
     h, r = heads.shape[0], rows.shape[1]
     q_sel = query.gather(2, plan.row_index(rows, off, H, d))                                  # [B, H, r, d]
@@ -421,6 +425,15 @@ def _capture(module, query, key, attention_mask, scaling, plan: CapturePlan, sta
         return
     img = torch.cat([_finish(_scores(q, k), o, a, *extra) for q, k, o, a in parts], -2)
     plan.store([module.layer_idx], img[None], weights)
+
+
+def _position_bias_mask(module, position_bias, attention_mask, query, key):
+    """``[B|1, H, q, kv]`` float mask of ``position_bias`` where ``attention_mask`` allows (its minimum elsewhere),
+    built by transformers' own ``create_position_bias_mask`` (causal when there is no mask, as SDPA runs it)."""
+    from transformers.integrations.sdpa_attention import create_position_bias_mask
+
+    causal = query.shape[2] > 1 and bool(getattr(module, "is_causal", True))
+    return create_position_bias_mask(position_bias[..., :key.shape[2]], attention_mask, causal, query, key)
 
 
 def _scores(q_sel, k_sel, out=None):
@@ -513,8 +526,13 @@ def _split_sdpa(module, query, key, value, head_kv, own_mask, composed, state: _
     T = state.split
     head_mask, tail_mask, keep = _split_masks(own_mask, composed, state, query)
     q_head, q_tail = query.split([T, query.shape[2] - T], 2)
+    bias = kwargs.get("position_bias")           # [.., q, kv]: split like the rows and keys
+    head_kw = kwargs if bias is None else dict(kwargs, position_bias=bias[..., :T, :T])
     out_q, _ = sdpa_attention_forward(module, q_head, head_kv[0], head_kv[1], head_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+                                      scaling=scaling, **head_kw)
+    if bias is not None:
+        bias = bias[..., T:, :]
+        kwargs = dict(kwargs, position_bias=bias if keep is None else bias.index_select(-1, keep))
     if keep is not None:     # drop the hidden key columns: less work per tail row
         key, value = key.index_select(2, keep), value.index_select(2, keep)
     if query.device.type == "cpu" and kwargs.get("position_bias") is None:

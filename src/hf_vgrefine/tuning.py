@@ -384,9 +384,8 @@ def search_knockout(model, processor, dataset, base_config, space=None, head_ran
     timings = {"capture_s": 0.0, "prefix_s": 0.0, "candidates_s": 0.0}
     # prefix-LM models (PaliGemma): the image keys depend on the question text, a cached image prefix is not exact;
     # hybrid models (Qwen 3.5): the linear-attention layers' cache is a running state, not per-token keys/values;
-    # sparse attention (DSA): the indexer keeps its own key cache beside the attention's
-    check = {"done": False, "max_abs_diff": None,
-             "fallback": bool(adapter.prefix_lm or adapter.hybrid or adapter.sparse_attention)}
+    # sparse attention (DSA): the indexer keeps its own key cache; short convolutions: their state (prefix_paths_exact)
+    check = {"done": False, "max_abs_diff": None, "fallback": bool(adapter.prefix_lm or not adapter.prefix_paths_exact)}
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         batch = [examples[i] for i in idx]

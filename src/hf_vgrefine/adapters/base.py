@@ -121,6 +121,25 @@ class FamilyAdapter:
         return cached
 
     @property
+    def short_convolutions(self) -> bool:
+        """True when decoder layers mix neighbouring tokens outside attention (Inkling's short causal convolutions
+        over keys, values and the residual stream): no attention mask reaches them, and their state lives in the
+        cache beside the keys/values."""
+        cached = getattr(self, "_short_convolutions", None)
+        if cached is None:
+            cached = self._short_convolutions = any(isinstance(m, torch.nn.Conv1d)
+                                                    for layer in self.decoder_layers for m in layer.modules())
+        return cached
+
+    @property
+    def prefix_paths_exact(self) -> bool:
+        """Whether VGRefine's prefix paths — the generic tail packed behind the question, the answer prefill resumed
+        from the triage pass, the search's cached prefix — equal full forwards. False for hybrid decoders, sparse
+        attention and short convolutions (see :attr:`hybrid`, :attr:`sparse_attention`, :attr:`short_convolutions`):
+        those models run the plain path, with the same results as ``share_prefix=False``."""
+        return not (self.hybrid or self.sparse_attention or self.short_convolutions)
+
+    @property
     def num_layers(self) -> int:
         return int(self.text_config.num_hidden_layers)
 

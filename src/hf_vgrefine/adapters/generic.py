@@ -129,16 +129,17 @@ def caches_attention_keys(attn_module) -> bool:
 
 
 # keyword arguments an attention module can hand its attention function that add terms to the softmax of the
-# attention logits: per-token attention sinks (an extra logit per query row) and an additive position bias
-_LOGIT_TERMS = {"sinks": "attention sinks, passed as sinks", "s_aux": "attention sinks, passed as s_aux",
-                "position_bias": "an additive position bias, passed as position_bias"}
+# attention logits which the package's attention does not model: per-token attention sinks (an extra logit per
+# query row, ignored by SDPA). An additive ``position_bias`` (Inkling's relative logits) is modelled: SDPA adds it
+# to the mask and the capture folds it in the same way (``hf_vgrefine.attention._position_bias_mask``).
+_LOGIT_TERMS = {"sinks": "attention sinks, passed as sinks", "s_aux": "attention sinks, passed as s_aux"}
 _LOGIT_TERM_ARG = re.compile(r"[(,]\s*(" + "|".join(_LOGIT_TERMS) + r")\s*=(?!=)")
 
 
 def attention_logit_terms(attn_module) -> list:
-    """Descriptions of the extra attention-logit terms the module's forward hands its attention function as
-    keyword arguments (``sinks`` / ``s_aux``: attention sinks; ``position_bias``: an additive bias), read from its
-    source; empty where none (or the source is not available)."""
+    """Descriptions of the attention-logit terms the module's forward hands its attention function as keyword
+    arguments that the package does not model (``sinks`` / ``s_aux``: attention sinks), read from its source; empty
+    where none (or the source is not available)."""
     try:
         src = inspect.getsource(type(attn_module).forward)
     except (OSError, TypeError):
@@ -194,7 +195,7 @@ def token_level_support(model) -> str | None:
     terms = list(dict.fromkeys(t for a in attns for t in attention_logit_terms(a)))
     if terms:
         return (f"{mt}: the decoder's attention adds terms of its own to the attention logits ({'; '.join(terms)}), "
-                "which the package's attention capture does not model")
+                "which the package's SDPA-based attention and capture do not model")
     if isinstance(getattr(text, "indexer_budget", None), int):
         return (f"{mt}: its QSA indexer merges its key-block selection into the attention mask before the attention "
                 "function runs, so a query row need not see its own key, while the package reads query positions "
@@ -255,6 +256,7 @@ class GenericAdapter(FamilyAdapter):
         """Flattened patches of every image in one tensor (the Qwen-VL convention, used by many newer models): a
         ``[t, h, w]`` grid per image in ``image_grid_thw`` gives its ``t*h*w`` rows of ``pixel_values`` (rows of
         flattened patches, or of ``[channels, patch, patch]`` patches as PaddleOCR-VL's processor makes them).
+        One patch row per image token with no grid (Inkling): a sample's rows are its placeholder-token count.
         Molmo 2's crops and pooled tokens: ``image_num_crops`` crops of ``pixel_values`` per image, and per image
         ``h1*w1 + h2*w2`` rows of ``image_token_pooling`` from its ``image_grids`` row ``[h1, w1, h2, w2]`` (each
         image's pooling indices count from its own first patch)."""
@@ -269,6 +271,9 @@ class GenericAdapter(FamilyAdapter):
         elif key == "image_token_pooling" and grids is not None:
             g = torch.as_tensor(grids)
             counts = (g[:, 0] * g[:, 1] + g[:, 2] * g[:, 3]).tolist()
+        elif key == "pixel_values" and "input_ids" in inputs and val.shape[0] != inputs["input_ids"].shape[0]:
+            # one patch row per image token, no grid (Inkling): each sample's rows are its placeholder count
+            counts = (inputs["input_ids"] == self.image_token_id).sum(-1).tolist()
         else:
             return None
         return counts if sum(counts) == val.shape[0] else None

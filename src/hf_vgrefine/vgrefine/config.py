@@ -153,7 +153,8 @@ class VGRefineConfig:
     layers keep a running state instead of per-token keys/values) always take the plain path: full answer prefill,
     generic prompt in its own pass (``FamilyAdapter.hybrid``); their results equal ``share_prefix=False``. So do
     sparse-attention models (DSA: Mistral Large 4, GLM-5), whose indexer chooses each row's keys from the model's own
-    causal mask (``FamilyAdapter.sparse_attention``).
+    causal mask, and decoders with short convolutions over the sequence (Inkling), whose state carries the previous
+    tokens past any mask (``FamilyAdapter.prefix_paths_exact``).
 
     ``percentile``: knock out the image tokens whose triage score is strictly below this percentile
     (linear interpolation); ``magnitude_threshold`` is used only when ``percentile is None``

@@ -260,10 +260,10 @@ class VGRefineWrapper:
                 self._check_same_images(inputs, generic_inputs, q_prints)
                 g_layout = PromptLayout.read(self.adapter, generic_inputs)
             layers = cfg.triage_layers
-            # hybrid models (Qwen 3.5) and sparse attention (DSA): no shared prefix, the generic prompt runs in its
-            # own pass and the answer's prefill in full (FamilyAdapter.hybrid / .sparse_attention); latent-KV
-            # caches (adapter.can_replay_prefix False): the generic tail still packs, no prefix record
-            share = cfg.share_prefix and not self.adapter.hybrid and not self.adapter.sparse_attention
+            # hybrid models (Qwen 3.5), sparse attention (DSA), short convolutions (Inkling): no shared prefix, the
+            # generic prompt runs in its own pass and the answer's prefill in full (FamilyAdapter.prefix_paths_exact);
+            # latent-KV caches (adapter.can_replay_prefix False): the generic tail still packs, no prefix record
+            share = cfg.share_prefix and self.adapter.prefix_paths_exact
             record_n = (min(cfg.masked_layers) if share and self.adapter.can_replay_prefix
                         and min(cfg.masked_layers) > 0 else 0)
             if need_generic:
