@@ -157,7 +157,7 @@ def generate_passes_positions(model) -> bool:
     try:
         out = model.prepare_inputs_for_generation(ids, attention_mask=torch.ones_like(ids), position_ids=marker,
                                                   cache=None, is_first_iteration=True)
-    except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError):
+    except (TypeError, ValueError, RuntimeError, AttributeError, KeyError, IndexError, NotImplementedError):
         return True      # a custom signature that needs real inputs: assume generate's default (positions passed)
     return out.get("position_ids") is not None
 
