@@ -211,6 +211,17 @@ def _ref_attention(module, query, key, value, attention_mask, **kw):
                 if kv - q + r >= v_end:
                     m[bb, 0, r, pos] = float("-inf")
         attention_mask = m
+    bias = kw.pop("position_bias", None)
+    if bias is not None:
+        # an additive position bias (Inkling's relative logits), added to the scaled logits as the model's eager path
+        # adds it: folded into the additive mask
+        B = query.shape[0]
+        if attention_mask is None:
+            causal = torch.ones(q, kv, dtype=torch.bool).tril(kv - q)
+            attention_mask = torch.zeros(B, 1, q, kv).masked_fill(~causal, float("-inf"))
+        if attention_mask.dtype == torch.bool:
+            attention_mask = torch.zeros(attention_mask.shape).masked_fill(~attention_mask, float("-inf"))
+        attention_mask = attention_mask[..., :kv] + bias[..., :kv]
     missing = not hasattr(module, "num_key_value_groups")    # Persimmon (Fuyu) names no KV-head grouping
     if missing:
         module.num_key_value_groups = query.shape[1] // key.shape[1]
