@@ -198,7 +198,7 @@ def _ref_attention(module, query, key, value, attention_mask, **kw):
                 drop = sorted(set(range(kv)) - set(indices[bb, r].tolist()))
                 m[bb, 0, r, drop] = float("-inf")
         attention_mask = m
-    if spec is not None and module.layer_idx in spec["layers"] and (q > 1 or spec["all_steps"]):
+    if spec is not None and getattr(module, "layer_idx", None) in spec["layers"] and (q > 1 or spec["all_steps"]):
         B = query.shape[0]
         rep = B // len(spec["blocked"])
         if attention_mask is None or spec["fresh"]:
@@ -222,6 +222,20 @@ def _ref_attention(module, query, key, value, attention_mask, **kw):
         if attention_mask.dtype == torch.bool:
             attention_mask = torch.zeros(attention_mask.shape).masked_fill(~attention_mask, float("-inf"))
         attention_mask = attention_mask[..., :kv] + bias[..., :kv]
+    sinks = kw.pop("s_aux", None)
+    sinks = kw.pop("sinks", None) if sinks is None else sinks
+    if sinks is not None:
+        # attention sinks (HunYuan V4: one logit per head; Inkling 2: one per query row), as those models' eager
+        # paths apply them: one more logit in each row's softmax, with no value
+        B, H = query.shape[:2]
+        rep = H // key.shape[1]
+        k, v = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+        w = torch.matmul(query, k.transpose(2, 3)) * kw["scaling"]
+        if attention_mask is not None:
+            w = w + attention_mask[..., :kv]
+        s = sinks.reshape(1, H, 1, 1).expand(B, H, q, 1) if sinks.dim() == 1 else sinks
+        p = torch.cat([w, s.to(w.dtype)], -1).float().softmax(-1)[..., :-1].to(query.dtype)
+        return torch.matmul(p, v).transpose(1, 2).contiguous(), p
     missing = not hasattr(module, "num_key_value_groups")    # Persimmon (Fuyu) names no KV-head grouping
     if missing:
         module.num_key_value_groups = query.shape[1] // key.shape[1]

@@ -35,21 +35,20 @@ from hf_vgrefine.vgrefine import VGRefineConfig, VGRefineWrapper
 GENERIC_SWEPT = ("apertus1p5", "aria", "aya_vision", "chameleon", "cohere2_vision", "cohere_compass", "cosmos3_edge",
                  "cosmos3_omni", "deepseek_ocr2", "deepseek_vl", "deepseek_vl_hybrid", "emu3", "ernie4_5_vl_moe",
                  "exaone4_5", "fuyu", "gemma4", "gemma4_unified", "glm46v", "glm4v", "glm4v_moe", "glm5_next",
-                 "glm_ocr", "glmga", "got_ocr2", "granite4_vision", "granite_docling", "hunyuan_vl",
-                 "hyperclovax_vision_v2", "idefics2", "idefics3", "inkling_mm_model", "janus", "kimi_k25", "lfm2_vl",
-                 "lfm3_vl", "lighton_ocr", "llama4", "llava_next_video", "llava_onevision1_5", "minimax_m3_vl",
-                 "mistral_large4", "molmo2", "muse_glimmer", "muse_spark", "ovis2", "ovis2_5", "paddleocr_vl",
-                 "pp_chart2table", "qianfan_ocr", "qwen2_5_omni_thinker", "qwen3_omni_moe_thinker", "qwen3_vl_moe",
-                 "shieldgemma2", "smolvlm", "step3p7", "unlimited_ocr", "video_llama_3", "video_llava", "vipllava")
+                 "glm_ocr", "glmga", "got_ocr2", "granite4_vision", "granite_docling", "hunyuan_vl", "hy_v4_vl",
+                 "hyperclovax_vision_v2", "idefics2", "idefics3", "inkling2", "inkling2_loop", "inkling_mm_model",
+                 "janus", "kimi_k25", "lfm2_vl", "lfm3_vl", "lighton_ocr", "llama4", "llava_next_video",
+                 "llava_onevision1_5", "minimax_m3_vl", "mistral_large4", "molmo2", "muse_glimmer", "muse_spark",
+                 "ovis2", "ovis2_5", "paddleocr_vl", "pp_chart2table", "qianfan_ocr", "qwen2_5_omni_thinker",
+                 "qwen3_omni_moe_thinker", "qwen3_vl_moe", "shieldgemma2", "smolvlm", "step3p7", "unlimited_ocr",
+                 "video_llama_3", "video_llava", "vipllava")
 # unsupported: the image does not enter the decoder's self-attention as placeholder tokens, or the package would get
-# the model wrong: decoder attention that adds terms to its logits (hy_v4_vl's and Inkling 2's attention
-# sinks), diffusion_gemma's bidirectional diffusion decoder (not token by token), dots3_note's
-# layers with different head counts, qwen4_exp's QSA selection merged into the mask the package reads query
-# positions from
-UNSUPPORTED = ("blip", "blip-2", "diffusion_gemma", "dots3_note", "evolla", "florence2", "git", "hy_v4_vl", "idefics",
-               "inkling2", "inkling2_loop", "instructblip", "instructblipvideo", "kosmos-2", "kosmos-2.5",
-               "minicpm_ocr", "minicpmv4_6", "minicpmv4_7", "mistral4", "mllama", "nemotron_h_omni", "pi0", "pi05",
-               "pix2struct", "pp_formulanet", "qwen4_exp", "t5gemma2", "udop", "vision-encoder-decoder")
+# the model wrong: diffusion_gemma's bidirectional diffusion decoder (not token by token), dots3_note's layers with
+# different head counts, qwen4_exp's QSA selection merged into the mask the package reads query positions from
+UNSUPPORTED = ("blip", "blip-2", "diffusion_gemma", "dots3_note", "evolla", "florence2", "git", "idefics",
+               "instructblip", "instructblipvideo", "kosmos-2", "kosmos-2.5", "minicpm_ocr", "minicpmv4_6",
+               "minicpmv4_7", "mistral4", "mllama", "nemotron_h_omni", "pi0", "pi05", "pix2struct", "pp_formulanet",
+               "qwen4_exp", "t5gemma2", "udop", "vision-encoder-decoder")
 _TIMM = ("its vision tower needs timm, which imports torchvision at import time (PyPI's torchvision does not load "
          "beside the CPU torch build used here)")
 NOT_TINY = {
@@ -83,7 +82,7 @@ def test_unsupported_types_raise_a_clear_error(model_type):
     level, reason = support_level(model)
     assert level == "unsupported"
     with pytest.raises(UnsupportedModelError, match=r"not supported, because .*(cross-attention|encoder-decoder|"
-                                                    r"placeholder token|decoder's layer list|attention sinks|"
+                                                    r"placeholder token|decoder's layer list|"
                                                     r"numbers of attention heads|QSA indexer|"
                                                     r"does not generate autoregressively|position bias)"):
         get_adapter(model)
@@ -144,21 +143,31 @@ def test_qsa_selection_merged_into_the_mask_is_unsupported():
     assert "QSA indexer merges its key-block selection" in token_level_support(model)
 
 
-def test_attention_sinks_are_named_and_refused():
-    """A decoder attention that hands its attention function per-token attention sinks (Inkling 2; SDPA and the
-    package's capture ignore them) makes the type unsupported, naming them; an additive position bias alone
-    (Inkling) is modelled, like an attention without extra terms (Llama's): nothing named (Inkling's capture and
-    generate equalities run in the generic sweep; without the bias its capture differed from eager by 2e-3 to
-    5e-3)."""
-    from transformers.models.llama.modeling_llama import LlamaAttention
+@pytest.mark.parametrize("model_type", ["hy_v4_vl", "inkling2"])
+def test_attention_sinks_enter_the_softmax(model_type):
+    """Attention sinks handed to the attention function (HunYuan V4: ``s_aux``, one per head; Inkling 2: ``sinks``,
+    one per query row) take part of each row's probability mass, which SDPA alone would give to the keys: the
+    package's function runs them as one more zero key/value with the sink as its logit, so a plain forward through
+    it equals the model's eager forward (the sweep's capture and generate tests cover the rest)."""
+    model = _tiny(model_type)
+    adapter = get_adapter(model)
+    inputs = tiny_any_inputs(model, [3, 6], seed=1)
+    att = _eager(model, adapter, inputs)
+    real = inputs["attention_mask"].bool()
+    assert max(float(a[:, :, -1].sum(-1).max()) for a in att) < 0.99        # the sinks hold a share of every row
+    before = adapter.text_config._attn_implementation
+    try:
+        model.set_attn_implementation(adapter.text_attn_target("eager"))
+        with torch.no_grad():
+            ref = model(**inputs).logits
+        from hf_vgrefine.attention import register_attention
 
-    from hf_vgrefine.adapters.generic import attention_logit_terms, token_level_support
-
-    assert attention_logit_terms(LlamaAttention.__new__(LlamaAttention)) == []
-    reason = token_level_support(build_tiny("inkling2", MAPPING["inkling2"], device="meta"))
-    assert reason is not None and "(attention sinks, passed as sinks)" in reason, reason
-    assert token_level_support(build_tiny("inkling_mm_model", MAPPING["inkling_mm_model"], device="meta")) is None
-
+        model.set_attn_implementation(adapter.text_attn_target(register_attention()))
+        with torch.no_grad():
+            got = model(**inputs).logits
+    finally:
+        model.set_attn_implementation(adapter.text_attn_target(before))
+    torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=0)
 
 def _eager(model, adapter, inputs):
     """Eager ``output_attentions`` of the decoder's softmax-attention layers (``adapter.attention_layers``: every

@@ -412,6 +412,14 @@ def _capture(module, query, key, attention_mask, scaling, plan: CapturePlan, sta
     else:
         ok, add = plan.row_mask(attention_mask, rows, off, kv, dev)
         deferred = r <= _DEFER_ROWS
+    sinks = _sink_logits(kw, query)
+    sink = None
+    if sinks is not None:      # attention sinks: one more logit per row in the softmax (see _sdpa)
+        if plan.split is not None:
+            raise RuntimeError("a packed generic tail with attention sinks is not supported")
+        ridx = (rows - off)[:, None, :, None]
+        sink = sinks.float().expand(B, H, q, 1).index_select(1, heads).gather(2, ridx.expand(B, h, r, 1))
+        deferred = False
     if plan.split is None:
         parts = [(q_sel, k_sel, ok, add)]
     else:   # packed call: the question rows exactly as unpacked (keys [0, T)), the tail rows over all keys
@@ -423,7 +431,7 @@ def _capture(module, query, key, attention_mask, scaling, plan: CapturePlan, sta
     if deferred:
         plan.defer(module.layer_idx, parts, extra, weights)
         return
-    img = torch.cat([_finish(_scores(q, k), o, a, *extra) for q, k, o, a in parts], -2)
+    img = torch.cat([_finish(_scores(q, k), o, a, *extra, sink=sink) for q, k, o, a in parts], -2)
     plan.store([module.layer_idx], img[None], weights)
 
 
@@ -445,16 +453,22 @@ def _scores(q_sel, k_sel, out=None):
     return torch.matmul(q_sel, k_sel.transpose(-1, -2), out=out)
 
 
-def _finish(scores, ok, add, scaling, softcap, cols):
+def _finish(scores, ok, add, scaling, softcap, cols, sink=None):
     """Probabilities at the image columns ``[..., B, h, r, N]`` from raw logits ``[..., B, h, r, kv]``: scale,
-    soft-cap, additive mask, the allowed mask ``ok`` (``[B|1, 1, r, kv]``), fp32 softmax; fully masked rows
-    (padding) give 0. ``scores`` is overwritten (in-place steps: one transient copy for the softmax)."""
+    soft-cap, additive mask, the allowed mask ``ok`` (``[B|1, 1, r, kv]``), fp32 softmax (with one more logit per
+    row where ``sink`` ``[B, h, r, 1]`` is given: attention sinks); fully masked rows (padding) give 0. ``scores``
+    is overwritten (in-place steps: one transient copy for the softmax)."""
     scores.mul_(scaling)
     if softcap:
         scores.div_(softcap).tanh_().mul_(softcap)
     if add is not None:
         scores.add_(add)
-    probs = scores.masked_fill_(~ok, float("-inf")).softmax(-1).nan_to_num_(0.0)
+    scores = scores.masked_fill_(~ok, float("-inf"))
+    if sink is not None:
+        probs = torch.cat([scores, sink.to(scores.dtype)], -1).softmax(-1)[..., :-1]
+        probs = probs.masked_fill(~ok, 0.0)
+    else:
+        probs = scores.softmax(-1).nan_to_num_(0.0)
     c = cols[:, None, None, :]
     return probs.gather(-1, c.expand(*probs.shape[:-1], c.shape[-1]))
 
@@ -481,13 +495,11 @@ def vgrefine_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if indices is not None:
         attention_mask = sparse_index_mask(attention_mask, indices, query, key)
     if torch.compiler.is_compiling():      # traced graphs are plain SDPA (no context-variable lookup)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     state = _STATE.get()
     layer = getattr(module, "layer_idx", None)
     if state is None or layer is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     q_len, kv = query.shape[2], key.shape[2]
@@ -513,10 +525,56 @@ def vgrefine_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if capture_here and plan.stop_after == layer:
         raise EarlyExit
     if packed:
+        if _sink_logits(kwargs, query) is not None:
+            raise RuntimeError("a packed generic tail with attention sinks is not supported (FamilyAdapter."
+                               "prefix_paths_exact should be False for this model)")
         return _split_sdpa(module, query, key, value, head_kv, own_mask, attention_mask, state, dropout, scaling,
                            kwargs)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
+    return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+
+
+def _sink_logits(kwargs, query):
+    """Attention-sink logits handed to the attention function, ``[B|1, H, q, 1]``, or ``None``: ``s_aux`` (one per
+    head: HunYuan V4) or ``sinks`` (one per head, or one per query row ``[B, H, q, 1]``: Inkling 2). A sink is one
+    more logit in each row's softmax whose value vector is zero: it only absorbs probability mass."""
+    s = kwargs.get("s_aux")
+    s = kwargs.get("sinks") if s is None else s
+    if s is None:
+        return None
+    H, q = query.shape[1], query.shape[2]
+    if s.dim() == 1:
+        return s.view(1, H, 1, 1).expand(1, H, q, 1)
+    return s[..., -q:, :]
+
+
+def _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs):
+    """``sdpa_attention_forward``; with attention sinks (which SDPA ignores), the sink enters as one more key whose
+    key and value vectors are zero and whose additive mask entry is the sink logit (exact: its logit is the sink,
+    its value adds nothing), over a per-head float mask that also carries a ``position_bias``."""
+    sinks = _sink_logits(kwargs, query)
+    if sinks is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    bias = kwargs.get("position_bias")
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("sinks", "s_aux", "position_bias")}
+    B, H, q, _ = query.shape
+    kv = key.shape[2]
+    dtype, neg = query.dtype, torch.finfo(query.dtype).min
+    if attention_mask is None:
+        mask = torch.zeros(1, 1, q, kv, dtype=dtype, device=query.device)
+        if q > 1 and getattr(module, "is_causal", True):
+            mask = mask.masked_fill(~allowed_matrix(None, q, kv, query.device), neg)
+    elif attention_mask.dtype == torch.bool:
+        mask = torch.zeros(attention_mask.shape, dtype=dtype, device=query.device).masked_fill(~attention_mask, neg)
+    else:
+        mask = attention_mask.to(dtype)
+    mask = mask[..., :kv]
+    if bias is not None:
+        mask = (mask + bias[..., :kv].to(dtype)).clamp_min(neg)
+    mask = torch.cat([mask.expand(B, H, q, kv), sinks.to(dtype).expand(B, H, q, 1)], -1)
+    key = torch.cat([key, key.new_zeros(*key.shape[:2], 1, key.shape[-1])], 2)
+    value = torch.cat([value, value.new_zeros(*value.shape[:2], 1, value.shape[-1])], 2)
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def _split_sdpa(module, query, key, value, head_kv, own_mask, composed, state: _State, dropout, scaling, kwargs):

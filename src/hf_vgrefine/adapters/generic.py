@@ -128,25 +128,6 @@ def caches_attention_keys(attn_module) -> bool:
     return bool(updates) and call is not None and all(u == call.groups() for u in updates)
 
 
-# keyword arguments an attention module can hand its attention function that add terms to the softmax of the
-# attention logits which the package's attention does not model: per-token attention sinks (an extra logit per
-# query row, ignored by SDPA). An additive ``position_bias`` (Inkling's relative logits) is modelled: SDPA adds it
-# to the mask and the capture folds it in the same way (``hf_vgrefine.attention._position_bias_mask``).
-_LOGIT_TERMS = {"sinks": "attention sinks, passed as sinks", "s_aux": "attention sinks, passed as s_aux"}
-_LOGIT_TERM_ARG = re.compile(r"[(,]\s*(" + "|".join(_LOGIT_TERMS) + r")\s*=(?!=)")
-
-
-def attention_logit_terms(attn_module) -> list:
-    """Descriptions of the attention-logit terms the module's forward hands its attention function as keyword
-    arguments that the package does not model (``sinks`` / ``s_aux``: attention sinks), read from its source; empty
-    where none (or the source is not available)."""
-    try:
-        src = inspect.getsource(type(attn_module).forward)
-    except (OSError, TypeError):
-        return []
-    return list(dict.fromkeys(_LOGIT_TERMS[k] for k in _LOGIT_TERM_ARG.findall(src)))
-
-
 def generate_passes_positions(model) -> bool:
     """Whether ``generate`` hands its ``position_ids`` (the mask's cumsum) to the model's forward. False where the
     model's ``prepare_inputs_for_generation`` drops them (Ovis2.5 sets them to ``None`` and its language model counts
@@ -189,13 +170,6 @@ def token_level_support(model) -> str | None:
     if not attns:
         return (f"{mt}: the decoder's attention does not go through transformers' attention registry "
                 "(ALL_ATTENTION_FUNCTIONS with module.layer_idx), which the package's capture and knockout use")
-    if any(torch.is_tensor(getattr(a, "sinks", None)) for a in attns):
-        return (f"{mt}: the decoder's attention has attention sinks (module.sinks, passed as s_aux), which the "
-                "package's SDPA-based capture and knockout attention do not model")
-    terms = list(dict.fromkeys(t for a in attns for t in attention_logit_terms(a)))
-    if terms:
-        return (f"{mt}: the decoder's attention adds terms of its own to the attention logits ({'; '.join(terms)}), "
-                "which the package's SDPA-based attention and capture do not model")
     if isinstance(getattr(text, "indexer_budget", None), int):
         return (f"{mt}: its QSA indexer merges its key-block selection into the attention mask before the attention "
                 "function runs, so a query row need not see its own key, while the package reads query positions "
