@@ -175,6 +175,14 @@ def image_positions(model, inputs):
 _REF = {}
 
 
+def _causal_additive(B, q, kv):
+    """Additive causal mask ``[B, 1, q, kv]`` of ``q`` rows ending at key ``kv - 1`` (0 allowed, -inf not)."""
+    import torch
+
+    causal = torch.ones(q, kv, dtype=torch.bool).tril(kv - q)
+    return torch.zeros(B, 1, q, kv).masked_fill(~causal, float("-inf"))
+
+
 def _ref_attention(module, query, key, value, attention_mask, **kw):
     """Eager attention with the reference knockout: in the spec's layers, rows at or after each sample's image
     end get -inf on its blocked key positions (prefill only unless ``all_steps``; ``fresh``: a new causal mask
@@ -190,8 +198,7 @@ def _ref_attention(module, query, key, value, attention_mask, **kw):
         # and pass other attention functions the selected ``indices`` [B, q, top-k]: mask here as their eager path
         B = query.shape[0]
         if attention_mask is None:
-            causal = torch.ones(q, kv, dtype=torch.bool).tril(kv - q)
-            attention_mask = torch.zeros(B, 1, q, kv).masked_fill(~causal, float("-inf"))
+            attention_mask = _causal_additive(B, q, kv)
         m = attention_mask[..., :kv].expand(B, 1, q, kv).clone()
         for bb in range(B):
             for r in range(q):
@@ -202,8 +209,7 @@ def _ref_attention(module, query, key, value, attention_mask, **kw):
         B = query.shape[0]
         rep = B // len(spec["blocked"])
         if attention_mask is None or spec["fresh"]:
-            causal = torch.ones(q, kv, dtype=torch.bool).tril(kv - q)
-            attention_mask = torch.zeros(B, 1, q, kv).masked_fill(~causal, float("-inf"))
+            attention_mask = _causal_additive(B, q, kv)
         m = attention_mask[..., :kv].expand(B, 1, q, kv).clone()
         for bb in range(B):
             pos, v_end = spec["blocked"][bb // rep]
@@ -217,8 +223,7 @@ def _ref_attention(module, query, key, value, attention_mask, **kw):
         # adds it: folded into the additive mask
         B = query.shape[0]
         if attention_mask is None:
-            causal = torch.ones(q, kv, dtype=torch.bool).tril(kv - q)
-            attention_mask = torch.zeros(B, 1, q, kv).masked_fill(~causal, float("-inf"))
+            attention_mask = _causal_additive(B, q, kv)
         if attention_mask.dtype == torch.bool:
             attention_mask = torch.zeros(attention_mask.shape).masked_fill(~attention_mask, float("-inf"))
         attention_mask = attention_mask[..., :kv] + bias[..., :kv]

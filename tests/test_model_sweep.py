@@ -234,22 +234,29 @@ def _reference_knockout(model, inputs, generic, percentile=50.0, eps=1e-10):
     return blocked
 
 
+def _vgrefine_and_reference(model, inputs, generic, **gen_kw):
+    """``VGRefineWrapper.generate`` (last attention layer masked, ``HEADS``, percentile 50) and ``generate`` of the
+    eager reference knockout model, after checking that the wrapper knocked out the reference's tokens."""
+    adapter = get_adapter(model)
+    masked = [adapter.attention_layers[-1]]
+    w = VGRefineWrapper(model, VGRefineConfig(masked_layers=masked, sensitive_heads=_heads(adapter), percentile=50.0))
+    out = w.generate(**inputs, generic_inputs=generic, **gen_kw)
+    blocked = _reference_knockout(model, inputs, generic)
+    for b in range(inputs["input_ids"].shape[0]):
+        assert torch.equal(w.last_triage[b].knocked_out_positions.sort().values, blocked[b][0].sort().values)
+    with RefModel(model, blocked, masked, target=adapter.text_attn_target), torch.no_grad():
+        ref = model.generate(**inputs, **gen_kw)
+    return out, ref
+
+
 @pytest.mark.parametrize("model_type", GENERIC_SWEPT)
 def test_generic_vgrefine_generate_equals_eager_reference(model_type):
     model = _tiny(model_type)
-    adapter = get_adapter(model)
     inputs = tiny_any_inputs(model, [3, 6], seed=2)
     generic = tiny_any_inputs(model, [7, 2], seed=2, image_inputs={k: v for k, v in inputs.items()
                                                                     if k not in ("input_ids", "attention_mask",
                                                                                  "mm_token_type_ids")})
-    masked = [adapter.attention_layers[-1]]
-    w = VGRefineWrapper(model, VGRefineConfig(masked_layers=masked, sensitive_heads=_heads(adapter), percentile=50.0))
-    out = w.generate(**inputs, generic_inputs=generic, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-    blocked = _reference_knockout(model, inputs, generic)
-    for b in range(2):
-        assert torch.equal(w.last_triage[b].knocked_out_positions.sort().values, blocked[b][0].sort().values)
-    with RefModel(model, blocked, masked, target=adapter.text_attn_target), torch.no_grad():
-        ref = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    out, ref = _vgrefine_and_reference(model, inputs, generic, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert torch.equal(out, ref)
 
 
@@ -345,14 +352,7 @@ def test_sparse_attention_generic_prompt_is_not_packed():
     inputs = tiny_any_inputs(model, [14, 20], seed=2)
     generic = _same_prefix_generic(model, inputs, [11, 23, 37, 41, 53])
     assert model.config.get_text_config(decoder=True).index_topk < 14
-    masked = [adapter.attention_layers[-1]]
-    w = VGRefineWrapper(model, VGRefineConfig(masked_layers=masked, sensitive_heads=_heads(adapter), percentile=50.0))
-    out = w.generate(**inputs, generic_inputs=generic, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-    blocked = _reference_knockout(model, inputs, generic)
-    for b in range(2):
-        assert torch.equal(w.last_triage[b].knocked_out_positions.sort().values, blocked[b][0].sort().values)
-    with RefModel(model, blocked, masked, target=adapter.text_attn_target), torch.no_grad():
-        ref = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    out, ref = _vgrefine_and_reference(model, inputs, generic, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert torch.equal(out, ref)
 
 
@@ -368,15 +368,8 @@ def test_short_convolution_models_run_the_plain_path():
     assert get_adapter(_tiny("video_llava")).prefix_paths_exact
     inputs = tiny_any_inputs(model, [14, 20], seed=2)
     generic = _same_prefix_generic(model, inputs, [11, 23, 37, 41, 53])
-    masked = [adapter.attention_layers[-1]]
-    w = VGRefineWrapper(model, VGRefineConfig(masked_layers=masked, sensitive_heads=_heads(adapter), percentile=50.0))
-    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    out = w.generate(**inputs, generic_inputs=generic, **kw)
-    blocked = _reference_knockout(model, inputs, generic)
-    for b in range(2):
-        assert torch.equal(w.last_triage[b].knocked_out_positions.sort().values, blocked[b][0].sort().values)
-    with RefModel(model, blocked, masked, target=adapter.text_attn_target), torch.no_grad():
-        ref = model.generate(**inputs, **kw)
+    out, ref = _vgrefine_and_reference(model, inputs, generic, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                       output_scores=True, return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref.sequences)
     for got, want in zip(out.scores, ref.scores):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -414,9 +414,7 @@ def _capture(module, query, key, attention_mask, scaling, plan: CapturePlan, sta
         deferred = r <= _DEFER_ROWS
     sinks = _sink_logits(kw, query)
     sink = None
-    if sinks is not None:      # attention sinks: one more logit per row in the softmax (see _sdpa)
-        if plan.split is not None:
-            raise RuntimeError("a packed generic tail with attention sinks is not supported")
+    if sinks is not None:      # attention sinks: one more logit per row in the softmax (see _sdpa); never packed
         ridx = (rows - off)[:, None, :, None]
         sink = sinks.float().expand(B, H, q, 1).index_select(1, heads).gather(2, ridx.expand(B, h, r, 1))
         deferred = False
@@ -465,8 +463,7 @@ def _finish(scores, ok, add, scaling, softcap, cols, sink=None):
         scores.add_(add)
     scores = scores.masked_fill_(~ok, float("-inf"))
     if sink is not None:
-        probs = torch.cat([scores, sink.to(scores.dtype)], -1).softmax(-1)[..., :-1]
-        probs = probs.masked_fill(~ok, 0.0)
+        probs = torch.cat([scores, sink.to(scores.dtype)], -1).softmax(-1)[..., :-1]   # finite sink: no NaN rows
     else:
         probs = scores.softmax(-1).nan_to_num_(0.0)
     c = cols[:, None, None, :]
@@ -510,6 +507,9 @@ def vgrefine_attention(module, query, key, value, attention_mask, dropout=0.0, s
     plan = state.capture
     capture_here = plan is not None and q_len > 1 and layer in plan.layers
     packed = state.split is not None and q_len == kv and q_len > state.split
+    if packed and _sink_logits(kwargs, query) is not None:
+        raise RuntimeError("a packed generic tail with attention sinks is not supported (FamilyAdapter."
+                           "prefix_paths_exact should be False for this model)")
     head_kv = (key[:, :, :state.split], value[:, :, :state.split]) if packed else (key, value)  # the question's
     if plan is not None and layer < plan.record_kv_below and q_len > 1:
         plan.kv[layer] = head_kv
@@ -525,9 +525,6 @@ def vgrefine_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if capture_here and plan.stop_after == layer:
         raise EarlyExit
     if packed:
-        if _sink_logits(kwargs, query) is not None:
-            raise RuntimeError("a packed generic tail with attention sinks is not supported (FamilyAdapter."
-                               "prefix_paths_exact should be False for this model)")
         return _split_sdpa(module, query, key, value, head_kv, own_mask, attention_mask, state, dropout, scaling,
                            kwargs)
     return _sdpa(module, query, key, value, attention_mask, dropout, scaling, kwargs)
